@@ -1,0 +1,89 @@
+"""DecodeService: receive a handed-over sequence (start, first token, KV chunks), decode it in the shared batch."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from disagg.decode_engine import DecodeEngine, DecodeSequence, TokenEvent
+from disagg.errors import InvalidRequest, KvIntegrityError, ProtocolError
+from disagg.kv_codec import KvAssembler
+from disagg.model import LoadedModel
+from disagg.output_stream import OutputStream
+from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.prefill_batch import KvLayers
+from disagg.wire import chunk_from_pb, layout_from_pb, sampling_from_pb
+
+
+@dataclass
+class Handoff:
+    start: worker_pb2.SequenceStart
+    first_token: worker_pb2.FirstToken
+    kv: KvLayers | None
+
+
+async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool) -> Handoff:
+    """Read SequenceStart, then FirstToken and KV chunks in any order, until both are complete."""
+    start = first = assembler = None
+    async for message in requests:
+        kind = message.WhichOneof("event")
+        if kind == "start":
+            if start is not None:
+                raise ProtocolError("SequenceStart sent twice")
+            start = message.start
+            if kv_cache:
+                if start.kv_layout.total_bytes == 0:
+                    raise ProtocolError("this decode worker needs the KV cache, the prefill worker sent none "
+                                        "(is one of them running with --no-kv-cache?)")
+                assembler = KvAssembler(layout_from_pb(start.kv_layout), expected_fingerprint=lm.fingerprint)
+                if assembler.layout.total_bytes != start.kv_layout.total_bytes:
+                    raise KvIntegrityError("KV layout's total_bytes does not match its shape")
+        elif start is None:
+            raise ProtocolError(f"{kind} before SequenceStart")
+        elif kind == "kv_chunk":
+            if assembler is None:
+                raise ProtocolError("KV chunk sent to a decode worker running with --no-kv-cache")
+            assembler.add(chunk_from_pb(message.kv_chunk))
+        elif kind == "first_token":
+            first = message.first_token
+        if first is not None and (assembler is None or assembler.complete):
+            return Handoff(start, first, assembler.layers() if assembler else None)
+    if start is None:
+        raise ProtocolError("stream ended before SequenceStart")
+    if first is None:
+        raise ProtocolError("stream ended before FirstToken")
+    raise KvIntegrityError(f"KV cache incomplete: {assembler.received} of {assembler.layout.total_bytes} bytes")
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, lm: LoadedModel, engine: DecodeEngine):
+        self.lm, self.engine = lm, engine
+
+    async def Decode(self, request_iterator, context):
+        handoff = await receive_handoff(request_iterator, self.lm, self.engine.kv_cache)
+        start = handoff.start
+        params = sampling_from_pb(start.sampling)
+        if params.max_new_tokens <= 0:
+            raise InvalidRequest("sampling.max_new_tokens must be resolved (> 0) before decode")
+        output = OutputStream(self.lm.tokenizer, params, self.lm.eos_token_ids)
+        output.replay([*start.generated_token_ids, handoff.first_token.token_id])
+        if output.finish_reason is not None:
+            raise ProtocolError(f"sequence already finished ({output.finish_reason}); nothing to decode")
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        seq = DecodeSequence(start.request_id, [*start.prompt_token_ids, *start.generated_token_ids], output,
+                             handoff.kv, deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        self.engine.submit(seq)
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                finished = event.finish_reason is not None
+                yield worker_pb2.DecodeResponse(token_ids=[event.token], text=event.text,
+                                                finish_reason=event.finish_reason or "")
+        finally:
+            if not finished:  # client gone, deadline passed or a failure: free the sequence's KV now
+                self.engine.cancel(start.request_id)

@@ -1,0 +1,100 @@
+"""`disagg up`: a local cluster of worker and gateway processes on loopback, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    address: str
+    process: subprocess.Popen
+
+
+def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Child:
+    argv = [sys.executable, "-m", "disagg", *command, "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, start_new_session=True)
+    return Child(name, f"127.0.0.1:{port}", process)
+
+
+async def wait_healthy(children: list[Child], timeout: float) -> None:
+    """Until every child answers SERVING; raises if one exits or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    for child in children:
+        async with grpc.aio.insecure_channel(child.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if child.process.poll() is not None:
+                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} not healthy after {timeout:.0f}s")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.2)
+
+
+def stop(children: list[Child], grace: float = 15.0) -> None:
+    """SIGTERM each child in the given order (gateway first), waiting for each; SIGKILL stragglers."""
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", child.name, grace)
+                child.process.kill()
+                child.process.wait()
+
+
+class Cluster:
+    """N prefill workers, M decode workers and a gateway, all children of this process."""
+
+    def __init__(self, worker_args: list[str], gateway_args: list[str], prefill_workers: int = 1,
+                 decode_workers: int = 1, gateway_port: int = 0, prefill_args: list[str] = (),
+                 decode_args: list[str] = (), env: dict[str, str] | None = None):
+        self.prefill = [spawn(f"prefill-{i}", ["prefill", *worker_args, *prefill_args], free_port(), env)
+                        for i in range(prefill_workers)]
+        self.decode = [spawn(f"decode-{i}", ["decode", *worker_args, *decode_args], free_port(), env)
+                       for i in range(decode_workers)]
+        self.gateway: Child | None = None
+        self._gateway_args = [*gateway_args, "--prefill", ",".join(c.address for c in self.prefill),
+                              "--decode", ",".join(c.address for c in self.decode)]
+        self._gateway_port = gateway_port or free_port()
+        self._env = env
+
+    async def start(self, timeout: float = 600.0) -> str:
+        try:
+            await wait_healthy(self.prefill + self.decode, timeout)
+            self.gateway = spawn("gateway", ["gateway", *self._gateway_args], self._gateway_port, self._env)
+            await wait_healthy([self.gateway], timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self.gateway.address
+
+    def stop(self) -> None:
+        stop(([self.gateway] if self.gateway else []) + self.prefill + self.decode)

@@ -1,0 +1,137 @@
+"""Each process's configuration: a frozen dataclass built in one place from flags, with environment fallbacks.
+
+Every flag `--some-name` also reads `DISAGG_SOME_NAME`; a flag given on the command line wins. Nothing is read at
+import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model: str = "distilgpt2"
+    load_format: str = "auto"
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The "size / wait window" of an experiment record, plus the prefill token budget."""
+
+    max_batch_size: int = 64
+    wait_window_ms: float = 0.0
+    token_budget: int = 8192  # prefill only: prompt tokens per forward pass
+    max_queue: int = 256  # waiting requests before RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50061
+    model: ModelOptions = ModelOptions()
+    batch: BatchPolicy = BatchPolicy()
+    kv_cache: bool = True
+    kv_chunk_bytes: int = 1 << 20
+    grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    prefill: tuple[str, ...] = ("127.0.0.1:50061",)
+    decode: tuple[str, ...] = ("127.0.0.1:50071",)
+    default_max_new_tokens: int = 64
+    max_prompt_chars: int = 200_000
+    max_stop_strings: int = 16
+    request_timeout_seconds: float = 600.0
+    grace_seconds: float = 10.0
+
+
+def _env_default(flag: str, default):
+    value = os.environ.get("DISAGG_" + flag.lstrip("-").upper().replace("-", "_"))
+    if value is None:
+        return default
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, tuple):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return type(default)(value)
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, default, help_text: str, **kwargs) -> None:
+    default = _env_default(name, default)
+    if isinstance(default, bool):
+        parser.add_argument(name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+    elif isinstance(default, tuple):
+        parser.add_argument(name, default=default, type=lambda s: tuple(v for v in s.split(",") if v),
+                            help=help_text + " (comma-separated)")
+    else:
+        parser.add_argument(name, default=default, type=type(default), help=help_text, **kwargs)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    d = ModelOptions()
+    _flag(parser, "--model", d.model, "HF model id, local folder, or 'smollm2-135m-instruct' (bundled, real weights)")
+    _flag(parser, "--load-format", d.load_format, "'auto' loads weights; 'dummy' builds seeded random weights",
+          choices=["auto", "dummy"])
+    _flag(parser, "--dtype", d.dtype, "model dtype", choices=["float32", "bfloat16", "float16"])
+    _flag(parser, "--device", d.device, "torch device (cpu, cuda, cuda:1, ...)")
+    _flag(parser, "--seed", d.seed, "seed of dummy weights")
+    _flag(parser, "--threads", d.threads, "torch intra-op threads (0 = all cores)")
+
+
+def add_batch_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
+    d = BatchPolicy(max_batch_size=16 if prefill else 64)
+    _flag(parser, "--max-batch-size", d.max_batch_size, "most sequences in one forward pass")
+    _flag(parser, "--wait-window-ms", d.wait_window_ms, "how long an idle worker waits for more requests to batch")
+    if prefill:
+        _flag(parser, "--token-budget", d.token_budget, "most prompt tokens (padded) in one prefill forward pass")
+    _flag(parser, "--max-queue", d.max_queue, "waiting requests before new ones are refused (RESOURCE_EXHAUSTED)")
+
+
+def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
+    d = WorkerConfig(port=50061 if prefill else 50071)
+    _flag(parser, "--host", d.host, "address to listen on")
+    _flag(parser, "--port", d.port, "port to listen on (0 = any free port)")
+    add_model_flags(parser)
+    add_batch_flags(parser, prefill=prefill)
+    _flag(parser, "--kv-cache", d.kv_cache, "hand over and use the KV cache (--no-kv-cache recomputes every step)")
+    _flag(parser, "--kv-chunk-bytes", d.kv_chunk_bytes, "bytes of KV per streamed chunk")
+    _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight work on SIGTERM")
+
+
+def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    d = GatewayConfig()
+    _flag(parser, "--host", d.host, "address to listen on")
+    _flag(parser, "--port", d.port, "port to listen on (0 = any free port)")
+    _flag(parser, "--prefill", d.prefill, "prefill worker addresses")
+    _flag(parser, "--decode", d.decode, "decode worker addresses")
+    _flag(parser, "--default-max-new-tokens", d.default_max_new_tokens, "max_new_tokens when a request gives 0")
+    _flag(parser, "--max-prompt-chars", d.max_prompt_chars, "longest prompt accepted, in characters")
+    _flag(parser, "--request-timeout-seconds", d.request_timeout_seconds, "server-side limit on one request")
+    _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight streams on SIGTERM")
+
+
+def _pick(cls, args: argparse.Namespace, **overrides):
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    return _pick(ModelOptions, args)
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    return _pick(WorkerConfig, args, model=model_options(args), batch=_pick(BatchPolicy, args))
+
+
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    return _pick(GatewayConfig, args)

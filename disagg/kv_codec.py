@@ -1,0 +1,122 @@
+"""The KV cache on the wire: tensors to ~1 MiB checksummed chunks and back, with explicit dtype and shape.
+
+Layout: layer-major, for each layer K then V, each a C-contiguous [1, kv_heads, seq_len, head_dim] tensor as raw
+little-endian bytes. Nothing here unpickles anything: bytes from the network only ever become tensor storage.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from disagg.errors import KvIntegrityError
+
+CHUNK_BYTES = 1 << 20
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """Shape, dtype and identity of one sequence's KV cache (the domain twin of the proto message)."""
+
+    dtype: str
+    num_layers: int
+    kv_heads: int
+    seq_len: int
+    head_dim: int
+    model_fingerprint: str
+
+    @property
+    def tensor_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.kv_heads, self.seq_len, self.head_dim)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return self.kv_heads * self.seq_len * self.head_dim * WIRE_DTYPES[self.dtype].itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return 2 * self.num_layers * self.tensor_bytes
+
+
+@dataclass(frozen=True)
+class Chunk:
+    tensor_index: int
+    offset: int
+    data: bytes | memoryview
+    crc32: int
+
+
+def tensor_bytes_view(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is already contiguous."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def encode_tensor(tensor_index: int, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """Chunks of one tensor (bfloat16 has no numpy dtype, hence the uint8 view)."""
+    raw = tensor_bytes_view(tensor.cpu())
+    for offset in range(0, len(raw), chunk_bytes):
+        piece = raw[offset:offset + chunk_bytes]
+        yield Chunk(tensor_index, offset, piece, zlib.crc32(piece))
+
+
+def encode_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """Chunks of a whole cache, in layout order."""
+    for layer, (key, value) in enumerate(layers):
+        yield from encode_tensor(2 * layer, key, chunk_bytes)
+        yield from encode_tensor(2 * layer + 1, value, chunk_bytes)
+
+
+class KvAssembler:
+    """Receives chunks in any order and writes them straight into preallocated tensors.
+
+    Each chunk is checked (index, bounds, CRC-32) before it touches memory; the cache is usable once every byte
+    has arrived exactly once.
+    """
+
+    def __init__(self, layout: KvLayout, expected_fingerprint: str | None = None):
+        if layout.dtype not in WIRE_DTYPES:
+            raise KvIntegrityError(f"unknown KV dtype {layout.dtype!r}")
+        if expected_fingerprint is not None and layout.model_fingerprint != expected_fingerprint:
+            raise KvIntegrityError(
+                f"KV cache was made by model {layout.model_fingerprint!r}, this worker serves {expected_fingerprint!r}")
+        if min(layout.num_layers, layout.kv_heads, layout.seq_len, layout.head_dim) <= 0:
+            raise KvIntegrityError(f"bad KV layout {layout}")
+        self.layout = layout
+        dtype = WIRE_DTYPES[layout.dtype]
+        self._tensors = [torch.empty(layout.tensor_shape, dtype=dtype) for _ in range(2 * layout.num_layers)]
+        self._raw = [t.view(-1).view(torch.uint8).numpy() for t in self._tensors]
+        self._seen: set[tuple[int, int]] = set()
+        self.received = 0
+
+    def add(self, chunk: Chunk) -> None:
+        if not 0 <= chunk.tensor_index < len(self._raw):
+            raise KvIntegrityError(f"KV chunk names tensor {chunk.tensor_index}, layout has {len(self._raw)}")
+        target = self._raw[chunk.tensor_index]
+        end = chunk.offset + len(chunk.data)
+        if chunk.offset < 0 or end > target.size:
+            raise KvIntegrityError(f"KV chunk [{chunk.offset}, {end}) outside tensor of {target.size} bytes")
+        if (chunk.tensor_index, chunk.offset) in self._seen:
+            raise KvIntegrityError(f"KV chunk of tensor {chunk.tensor_index} at {chunk.offset} arrived twice")
+        if zlib.crc32(chunk.data) != chunk.crc32:
+            raise KvIntegrityError(f"KV chunk of tensor {chunk.tensor_index} at {chunk.offset} fails its checksum")
+        if self.received + len(chunk.data) > self.layout.total_bytes:
+            raise KvIntegrityError("more KV bytes than the layout announced")
+        target[chunk.offset:end] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self._seen.add((chunk.tensor_index, chunk.offset))
+        self.received += len(chunk.data)
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.layout.total_bytes
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.complete:
+            raise KvIntegrityError(f"KV cache incomplete: {self.received} of {self.layout.total_bytes} bytes")
+        return [(self._tensors[2 * i], self._tensors[2 * i + 1]) for i in range(self.layout.num_layers)]

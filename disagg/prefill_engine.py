@@ -1,0 +1,76 @@
+"""Prefill worker engine: batches prompts that arrive together, runs one forward pass, picks first tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from disagg.config import BatchPolicy
+from disagg.engine_thread import EngineThread
+from disagg.model import LoadedModel
+from disagg.output_stream import OutputStream
+from disagg.prefill_batch import KvLayers, prefill
+from disagg.sampling import sample_token
+
+
+@dataclass
+class PrefillResult:
+    first_token: int
+    text: str
+    finish_reason: str | None
+    kv: KvLayers | None
+    forward_seconds: float
+    batch_size: int
+
+
+@dataclass
+class PrefillJob:
+    """One prompt to prefill; `deliver` is called once, from the engine thread, with a result or an exception."""
+
+    request_id: str
+    input_ids: list[int]  # prompt, plus tokens already generated when resuming a sequence
+    output: OutputStream
+    deliver: Callable[[PrefillResult | BaseException], None]
+    cancelled: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class PrefillEngine(EngineThread[PrefillJob]):
+    name = "prefill"
+
+    def __init__(self, lm: LoadedModel, policy: BatchPolicy, kv_cache: bool = True):
+        super().__init__(policy)
+        self.lm, self.kv_cache = lm, kv_cache
+
+    def _take_batch(self) -> list[PrefillJob]:
+        """Oldest-first jobs while the batch stays within max size and the padded-token budget."""
+        batch: list[PrefillJob] = []
+        with self.lock:
+            while self.waiting and len(batch) < self.policy.max_batch_size:
+                job = self.waiting[0]
+                if job.cancelled:
+                    self.waiting.popleft()
+                    continue
+                longest = max([len(job.input_ids), *(len(j.input_ids) for j in batch)])
+                if batch and longest * (len(batch) + 1) > self.policy.token_budget:
+                    break
+                batch.append(self.waiting.popleft())
+        return batch
+
+    def run_once(self) -> None:
+        batch = self._take_batch()
+        if not batch:
+            return
+        started = time.perf_counter()
+        try:
+            outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache)
+        except Exception as exc:
+            for job in batch:
+                job.deliver(exc)
+            raise
+        seconds = time.perf_counter() - started
+        for job, out in zip(batch, outputs):
+            token = sample_token(out.logits, job.output.params, step=len(job.output.tokens))
+            text = job.output.append(token)
+            job.deliver(PrefillResult(token, text, job.output.finish_reason, out.kv, seconds, len(batch)))

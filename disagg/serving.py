@@ -1,0 +1,135 @@
+"""What every gRPC server of the project shares: limits, the error interceptor, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from disagg.errors import DisaggError
+
+log = logging.getLogger(__name__)
+
+# Deliberate limits: KV travels in ~1 MiB chunks, so no message needs more than a few MiB.
+MAX_MESSAGE_BYTES = 8 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+OWN_SERVICES_PREFIX = "/disagg.v1."
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, DisaggError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns domain exceptions into their gRPC status; anything else is a bug: logged, then INTERNAL."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(OWN_SERVICES_PREFIX):
+            return handler
+        method = handler_call_details.method
+
+        async def abort(context, exc: BaseException):
+            code, message = _status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method, exc_info=exc)
+            await context.abort(code, message)
+
+        if handler.unary_stream or handler.stream_stream:
+            behavior = handler.unary_stream or handler.stream_stream
+
+            async def streaming(request, context):
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except (DisaggError, Exception) as exc:  # noqa: B014 - DisaggError listed for the reader
+                    if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
+                        raise
+                    await abort(context, exc)
+
+            factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                       else grpc.stream_stream_rpc_method_handler)
+            return factory(streaming, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+
+        behavior = handler.unary_unary or handler.stream_unary
+
+        async def unary(request, context):
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort(context, exc)
+
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return factory(unary, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+
+class Server:
+    """A grpc.aio server with health, reflection and the error interceptor; stops gracefully on SIGTERM/SIGINT."""
+
+    def __init__(self, host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()):
+        self.grpc = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        self._service_names: list[str] = []
+        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self._stopping = asyncio.Event()
+
+    def add_service(self, full_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
+        register(self.grpc)
+        self._service_names.append(full_name)
+
+    async def _set_health(self, status) -> None:
+        for name in ["", *self._service_names]:
+            result = self.health.set(name, status)
+            if isinstance(result, Awaitable):
+                await result
+
+    async def start(self) -> None:
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.grpc)
+        await self.grpc.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening on %s", self.address)
+
+    def stop_soon(self) -> None:
+        self._stopping.set()
+
+    async def serve_until_signal(self, grace_seconds: float, on_stop: Callable[[], Awaitable[None]] | None = None):
+        """Serve until SIGTERM/SIGINT (or stop_soon): go NOT_SERVING, let in-flight calls finish, then stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+        log.info("shutting down (grace %.1fs)", grace_seconds)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(grace_seconds)
+        if on_stop is not None:
+            await on_stop()

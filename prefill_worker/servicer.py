@@ -1,0 +1,93 @@
+"""PrefillService: tokenize and validate, queue for the batched forward pass, stream first token and KV cache."""
+
+from __future__ import annotations
+
+import asyncio
+
+from disagg.errors import InvalidRequest
+from disagg.kv_codec import DTYPE_NAMES, KvLayout, encode_kv
+from disagg.model import LoadedModel
+from disagg.output_stream import OutputStream
+from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.prefill_engine import PrefillEngine, PrefillJob, PrefillResult
+from disagg.sampling import SamplingParams
+from disagg.wire import chunk_to_pb, layout_to_pb, sampling_from_pb, sampling_to_pb
+
+
+def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
+    if request.prompt_token_ids:
+        return list(request.prompt_token_ids)
+    if not request.prompt:
+        raise InvalidRequest("prompt must not be empty")
+    if request.apply_chat_template:
+        if not lm.tokenizer.chat_template:
+            raise InvalidRequest(f"apply_chat_template: model {lm.name!r} has no chat template")
+        messages = [{"role": "user", "content": request.prompt}]
+        return list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+    return lm.tokenizer.encode(request.prompt)
+
+
+def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_tokens: int) -> SamplingParams:
+    """Fill in max_new_tokens and check that the request fits the model's context."""
+    params = sampling_from_pb(request.sampling)
+    room = lm.context_length - context_tokens + len(request.generated_token_ids)
+    if room <= 0:
+        raise InvalidRequest(f"prompt of {context_tokens} tokens leaves no room in the model's context of "
+                             f"{lm.context_length} tokens")
+    if params.max_new_tokens == 0:
+        default = request.default_max_new_tokens or 16
+        return SamplingParams(**{**params.__dict__, "max_new_tokens": min(default, room)})
+    if params.max_new_tokens > room:
+        raise InvalidRequest(f"prompt ({context_tokens - len(request.generated_token_ids)} tokens) + max_new_tokens "
+                             f"({params.max_new_tokens}) exceeds the model's context of {lm.context_length} tokens")
+    return params
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int):
+        self.lm, self.engine, self.chunk_bytes = lm, engine, chunk_bytes
+
+    def _layout(self, seq_len: int) -> KvLayout:
+        layers, heads, head_dim = self.lm.kv_shape()
+        return KvLayout(DTYPE_NAMES[self.lm.dtype], layers, heads, seq_len, head_dim, self.lm.fingerprint)
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context):
+        prompt = prompt_token_ids(self.lm, request)
+        generated = list(request.generated_token_ids)
+        input_ids = prompt + generated
+        params = resolve_params(self.lm, request, len(input_ids))
+        output = OutputStream(self.lm.tokenizer, params, self.lm.eos_token_ids)
+        output.replay(generated)
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[PrefillResult] = loop.create_future()
+
+        def deliver(result: PrefillResult | BaseException) -> None:
+            loop.call_soon_threadsafe(_settle, done, result)
+
+        job = PrefillJob(request.request_id, input_ids, output, deliver)
+        self.engine.submit(job)
+        yield worker_pb2.PrefillResponse(start=worker_pb2.SequenceStart(
+            request_id=request.request_id, prompt_token_ids=prompt, generated_token_ids=generated,
+            sampling=sampling_to_pb(params),
+            kv_layout=layout_to_pb(self._layout(len(input_ids)), kv_included=self.engine.kv_cache)))
+        try:
+            result = await done
+        finally:
+            job.cancelled = True  # dropped from the queue if the caller left before the forward pass
+        yield worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
+            token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
+            prefill_seconds=result.forward_seconds))
+        if result.kv is not None and result.finish_reason is None:
+            for chunk in encode_kv(result.kv, self.chunk_bytes):
+                yield worker_pb2.PrefillResponse(kv_chunk=chunk_to_pb(chunk))
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

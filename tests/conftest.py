@@ -1,0 +1,57 @@
+"""Shared fixtures: real clusters of worker and gateway processes on loopback, and reference models in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from disagg.cluster import Cluster
+from disagg.model import BUNDLED_MODEL, LoadedModel, load_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GPT2_ARGS = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
+LLAMA_ARGS = ["--model", BUNDLED_MODEL]
+
+
+@dataclass
+class RunningCluster:
+    address: str
+    cluster: Cluster
+
+
+def start_cluster(worker_args: list[str], **kwargs) -> RunningCluster:
+    cluster = Cluster(worker_args, [], **kwargs)
+    address = asyncio.run(cluster.start(timeout=300))
+    return RunningCluster(address, cluster)
+
+
+@pytest.fixture(scope="session")
+def gpt2_cluster() -> Iterator[RunningCluster]:
+    running = start_cluster(GPT2_ARGS)
+    yield running
+    running.cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_cluster() -> Iterator[RunningCluster]:
+    running = start_cluster(LLAMA_ARGS)
+    yield running
+    running.cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def gpt2_model() -> LoadedModel:
+    """The same seeded dummy weights the GPT-2 cluster's workers build."""
+    return load_model("distilgpt2", load_format="dummy", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama_model() -> LoadedModel:
+    """The bundled real SmolLM2-135M-Instruct (Llama architecture), fp32."""
+    return load_model(BUNDLED_MODEL)
