@@ -13,6 +13,7 @@ from disagg.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.prefill_batch import KvLayers
 from disagg.wire import chunk_from_pb, layout_from_pb, sampling_from_pb
+from disagg.worker_load import KvBudget
 
 
 @dataclass
@@ -55,12 +56,37 @@ async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool) -> Handoff:
     raise KvIntegrityError(f"KV cache incomplete: {assembler.received} of {assembler.layout.total_bytes} bytes")
 
 
+def final_kv_bytes(lm: LoadedModel, start: worker_pb2.SequenceStart) -> int:
+    """KV bytes the sequence holds when it reaches max_new_tokens (what the budget reserves up front)."""
+    layers, heads, head_dim = lm.kv_shape()
+    tokens = len(start.prompt_token_ids) + start.sampling.max_new_tokens
+    return 2 * layers * heads * head_dim * tokens * lm.dtype.itemsize
+
+
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, lm: LoadedModel, engine: DecodeEngine):
-        self.lm, self.engine = lm, engine
+    def __init__(self, lm: LoadedModel, engine: DecodeEngine, budget: KvBudget):
+        self.lm, self.engine, self.budget = lm, engine, budget
+        self.active = 0  # Decode calls in progress: receiving KV, waiting or running
+
+    def load(self) -> dict:
+        return dict(active_sequences=self.active, queued=len(self.engine.waiting),
+                    kv_bytes=self.engine.batch.kv_bytes, kv_budget_bytes=self.budget.limit)
 
     async def Decode(self, request_iterator, context):
-        handoff = await receive_handoff(request_iterator, self.lm, self.engine.kv_cache)
+        self.active += 1
+        reserved = 0
+        try:
+            handoff = await receive_handoff(request_iterator, self.lm, self.engine.kv_cache)
+            if self.engine.kv_cache:
+                reserved = final_kv_bytes(self.lm, handoff.start)
+                self.budget.reserve(reserved)
+            async for response in self._decode(handoff):
+                yield response
+        finally:
+            self.budget.release(reserved)
+            self.active -= 1
+
+    async def _decode(self, handoff: Handoff):
         start = handoff.start
         params = sampling_from_pb(start.sampling)
         if params.max_new_tokens <= 0:

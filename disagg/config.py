@@ -39,6 +39,7 @@ class WorkerConfig:
     batch: BatchPolicy = BatchPolicy()
     kv_cache: bool = True
     kv_chunk_bytes: int = 1 << 20
+    kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     grace_seconds: float = 10.0
 
 
@@ -105,6 +106,9 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
     add_batch_flags(parser, prefill=prefill)
     _flag(parser, "--kv-cache", d.kv_cache, "hand over and use the KV cache (--no-kv-cache recomputes every step)")
     _flag(parser, "--kv-chunk-bytes", d.kv_chunk_bytes, "bytes of KV per streamed chunk")
+    if not prefill:
+        _flag(parser, "--kv-budget-mb", d.kv_budget_mb,
+              "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited")
     _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight work on SIGTERM")
 
 

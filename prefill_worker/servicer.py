@@ -47,12 +47,24 @@ def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int):
         self.lm, self.engine, self.chunk_bytes = lm, engine, chunk_bytes
+        self.active = 0  # Prefill calls in progress
+
+    def load(self) -> dict:
+        return dict(active_sequences=self.active, queued=len(self.engine.waiting))
 
     def _layout(self, seq_len: int) -> KvLayout:
         layers, heads, head_dim = self.lm.kv_shape()
         return KvLayout(DTYPE_NAMES[self.lm.dtype], layers, heads, seq_len, head_dim, self.lm.fingerprint)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context):
+        self.active += 1
+        try:
+            async for response in self._prefill(request):
+                yield response
+        finally:
+            self.active -= 1
+
+    async def _prefill(self, request: worker_pb2.PrefillRequest):
         prompt = prompt_token_ids(self.lm, request)
         generated = list(request.generated_token_ids)
         input_ids = prompt + generated

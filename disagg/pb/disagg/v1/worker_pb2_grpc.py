@@ -177,3 +177,81 @@ class DecodeService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerLoadServiceStub:
+    """Both workers serve it: what the gateway needs to pick the least-loaded worker, and what tests and operators
+    read to see that cancelled work and its memory are gone.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetLoad = channel.unary_unary(
+                '/disagg.v1.WorkerLoadService/GetLoad',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.GetLoadResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerLoadServiceServicer:
+    """Both workers serve it: what the gateway needs to pick the least-loaded worker, and what tests and operators
+    read to see that cancelled work and its memory are gone.
+    """
+
+    def GetLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerLoadServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.GetLoadRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.GetLoadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'disagg.v1.WorkerLoadService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('disagg.v1.WorkerLoadService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerLoadService:
+    """Both workers serve it: what the gateway needs to pick the least-loaded worker, and what tests and operators
+    read to see that cancelled work and its memory are gone.
+    """
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.WorkerLoadService/GetLoad',
+            disagg_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
