@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from disagg.config import TlsOptions
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
-from disagg.serving import CHANNEL_OPTIONS
+from disagg.serving import open_channel
 
 
 @dataclass
@@ -79,5 +80,5 @@ async def wait_serving(ch: grpc.aio.Channel, timeout: float) -> None:
         await asyncio.sleep(0.25)
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, tls: TlsOptions | None = None) -> grpc.aio.Channel:
+    return open_channel(address, tls)

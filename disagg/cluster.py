@@ -29,12 +29,21 @@ class Child:
     name: str
     address: str
     process: subprocess.Popen
+    argv: list[str]
+    env: dict[str, str]
+
+    def restart(self) -> None:
+        """Start the same command again on the same port (after it died or was killed)."""
+        if self.process.poll() is None:
+            raise RuntimeError(f"{self.name} is still running")
+        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
 
 
 def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Child:
     argv = [sys.executable, "-m", "disagg", *command, "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, start_new_session=True)
-    return Child(name, f"127.0.0.1:{port}", process)
+    full_env = {**os.environ, **(env or {})}
+    return Child(name, f"127.0.0.1:{port}", subprocess.Popen(argv, env=full_env, start_new_session=True), argv,
+                 full_env)
 
 
 async def wait_healthy(children: list[Child], timeout: float) -> None:

@@ -32,6 +32,22 @@ class BatchPolicy:
 
 
 @dataclass(frozen=True)
+class TlsOptions:
+    """TLS for a component: its own certificate (server side, and client side for mutual TLS) and the CA that
+    peers' certificates must chain to. All empty: plaintext (loopback and trusted networks only)."""
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_require_client_cert: bool = False
+    tls_server_name: str = ""  # expected name in the workers' certificates, when it differs from the address
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tls_cert or self.tls_ca)
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 50061
@@ -41,6 +57,7 @@ class WorkerConfig:
     kv_chunk_bytes: int = 1 << 20
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     grace_seconds: float = 10.0
+    tls: TlsOptions = TlsOptions()
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,11 @@ class GatewayConfig:
     max_stop_strings: int = 16
     request_timeout_seconds: float = 600.0
     grace_seconds: float = 10.0
+    max_inflight: int = 1024  # concurrent requests before RESOURCE_EXHAUSTED
+    max_attempts: int = 3  # worker failures survived by one request (retry / migration)
+    health_interval_seconds: float = 1.0
+    auth_token: str = ""
+    tls: TlsOptions = TlsOptions()
 
 
 def _env_default(flag: str, default):
@@ -98,6 +120,16 @@ def add_batch_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
     _flag(parser, "--max-queue", d.max_queue, "waiting requests before new ones are refused (RESOURCE_EXHAUSTED)")
 
 
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    d = TlsOptions()
+    _flag(parser, "--tls-cert", d.tls_cert, "PEM certificate of this component (enables TLS on its port)")
+    _flag(parser, "--tls-key", d.tls_key, "PEM private key of --tls-cert")
+    _flag(parser, "--tls-ca", d.tls_ca, "PEM CA that peers' certificates must chain to")
+    _flag(parser, "--tls-require-client-cert", d.tls_require_client_cert, "mutual TLS: refuse clients without a "
+          "certificate signed by --tls-ca")
+    _flag(parser, "--tls-server-name", d.tls_server_name, "name the workers' certificates carry (gateway)")
+
+
 def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
     d = WorkerConfig(port=50061 if prefill else 50071)
     _flag(parser, "--host", d.host, "address to listen on")
@@ -110,6 +142,7 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
         _flag(parser, "--kv-budget-mb", d.kv_budget_mb,
               "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited")
     _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight work on SIGTERM")
+    add_tls_flags(parser)
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +155,11 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--max-prompt-chars", d.max_prompt_chars, "longest prompt accepted, in characters")
     _flag(parser, "--request-timeout-seconds", d.request_timeout_seconds, "server-side limit on one request")
     _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight streams on SIGTERM")
+    _flag(parser, "--max-inflight", d.max_inflight, "concurrent requests before RESOURCE_EXHAUSTED")
+    _flag(parser, "--max-attempts", d.max_attempts, "worker failures one request survives (retry, migration)")
+    _flag(parser, "--health-interval-seconds", d.health_interval_seconds, "how often worker health is checked")
+    _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
+    add_tls_flags(parser)
 
 
 def _pick(cls, args: argparse.Namespace, **overrides):
@@ -134,8 +172,9 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    return _pick(WorkerConfig, args, model=model_options(args), batch=_pick(BatchPolicy, args))
+    return _pick(WorkerConfig, args, model=model_options(args), batch=_pick(BatchPolicy, args),
+                 tls=_pick(TlsOptions, args))
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    return _pick(GatewayConfig, args)
+    return _pick(GatewayConfig, args, tls=_pick(TlsOptions, args))

@@ -41,3 +41,7 @@ class UpstreamError(DisaggError):
     def __init__(self, code, message: str):
         super().__init__(message)
         self.code = code
+
+
+class DeadlineExceeded(DisaggError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

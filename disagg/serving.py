@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import pathlib
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -11,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from disagg.config import TlsOptions
 from disagg.errors import DisaggError
 
 log = logging.getLogger(__name__)
@@ -87,15 +90,76 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
 
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless the call carries `authorization: Bearer <token>` (health and reflection are open)."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if not handler_call_details.method.startswith(OWN_SERVICES_PREFIX):
+            return await continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        async def refuse_stream(request, context):
+            await refuse(request, context)
+            yield  # pragma: no cover - makes this an async generator
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return factory(refuse, handler.request_deserializer, handler.response_serializer)
+
+
+def _read(path: str) -> bytes | None:
+    return pathlib.Path(path).read_bytes() if path else None
+
+
+def server_credentials(tls: TlsOptions) -> grpc.ServerCredentials | None:
+    if not tls.tls_cert:
+        return None
+    if not tls.tls_key:
+        raise ValueError("--tls-cert needs --tls-key")
+    if tls.tls_require_client_cert and not tls.tls_ca:
+        raise ValueError("--tls-require-client-cert needs --tls-ca")
+    return grpc.ssl_server_credentials([(_read(tls.tls_key), _read(tls.tls_cert))], root_certificates=_read(tls.tls_ca),
+                                       require_client_auth=tls.tls_require_client_cert)
+
+
+def open_channel(address: str, tls: TlsOptions | None = None) -> grpc.aio.Channel:
+    """A channel with the project's limits; TLS (and a client certificate, for mutual TLS) when configured."""
+    if tls is None or not tls.enabled:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls.tls_ca), private_key=_read(tls.tls_key),
+                                               certificate_chain=_read(tls.tls_cert))
+    options = [*CHANNEL_OPTIONS]
+    if tls.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls.tls_server_name))
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
 class Server:
     """A grpc.aio server with health, reflection and the error interceptor; stops gracefully on SIGTERM/SIGINT."""
 
-    def __init__(self, host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()):
+    def __init__(self, host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+                 tls: TlsOptions | None = None):
         self.grpc = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self._service_names: list[str] = []
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        credentials = server_credentials(tls) if tls else None
+        self.port = (self.grpc.add_secure_port(f"{host}:{port}", credentials) if credentials
+                     else self.grpc.add_insecure_port(f"{host}:{port}"))
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"

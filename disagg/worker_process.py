@@ -28,7 +28,7 @@ async def serve_worker(config: WorkerConfig, service: str, add_servicer: Callabl
     engine = make_engine(lm)
     engine.start()
 
-    server = Server(config.host, config.port)
+    server = Server(config.host, config.port, tls=config.tls)
     servicer = make_servicer(lm, engine)
     server.add_service(worker_pb2.DESCRIPTOR.services_by_name[service].full_name,
                        lambda s: add_servicer(servicer, s))

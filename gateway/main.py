@@ -1,4 +1,4 @@
-"""The gateway process: connect to the workers, serve the public Gateway service until SIGTERM."""
+"""The gateway process: connect to the workers, watch their health, serve the public Gateway service."""
 
 from __future__ import annotations
 
@@ -6,26 +6,31 @@ import asyncio
 
 from disagg.config import GatewayConfig
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
-from disagg.serving import Server
+from disagg.serving import BearerTokenInterceptor, Server
 from gateway.servicer import GatewayServicer
 from gateway.worker_pool import WorkerPool
 
 
 async def serve(config: GatewayConfig) -> None:
-    prefill = WorkerPool.connect("prefill", config.prefill, worker_pb2_grpc.PrefillServiceStub)
-    decode = WorkerPool.connect("decode", config.decode, worker_pb2_grpc.DecodeServiceStub)
-    server = Server(config.host, config.port)
+    prefill = WorkerPool("prefill", config.prefill, worker_pb2_grpc.PrefillServiceStub, config.tls)
+    decode = WorkerPool("decode", config.decode, worker_pb2_grpc.DecodeServiceStub, config.tls)
+    monitors = [asyncio.create_task(pool.monitor(config.health_interval_seconds)) for pool in (prefill, decode)]
+
+    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    server = Server(config.host, config.port, interceptors, tls=config.tls)
     servicer = GatewayServicer(config, prefill, decode)
     server.add_service(gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
                        lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s))
     await server.start()
     print(f"gateway listening on {server.address}", flush=True)
 
-    async def close_channels() -> None:
+    async def stop_monitoring_and_close() -> None:
+        for task in monitors:
+            task.cancel()
         await prefill.close()
         await decode.close()
 
-    await server.serve_until_signal(config.grace_seconds, on_stop=close_channels)
+    await server.serve_until_signal(config.grace_seconds, on_stop=stop_monitoring_and_close)
 
 
 def main(config: GatewayConfig) -> None:

@@ -1,84 +1,166 @@
-"""Gateway.Generate: prefill on one worker, relay its KV chunk by chunk to a decode worker, stream tokens back."""
+"""Gateway.Generate: prefill on one worker, relay its KV chunk by chunk to a decode worker, stream tokens back.
+
+When a worker fails (UNAVAILABLE, or it cancelled the call while shutting down) the request resumes elsewhere: a
+prefill worker recomputes prompt + the tokens already sent, a decode worker continues from there, and the client's
+stream goes on with no token lost or repeated.
+"""
 
 from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
 
 import grpc
 
 from disagg.config import GatewayConfig
-from disagg.errors import ProtocolError, UpstreamError
+from disagg.errors import DeadlineExceeded, NoWorkerAvailable, Overloaded, ProtocolError, UpstreamError
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
 from gateway.validation import to_prefill_request
-from gateway.worker_pool import WorkerPool
+from gateway.worker_pool import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+# Status codes that mean "this worker is gone or going", not "this request is wrong": try elsewhere.
+RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
-def _upstream(kind: str, address: str, error: grpc.aio.AioRpcError) -> UpstreamError:
-    return UpstreamError(error.code(), f"{kind} worker {address}: {error.details()}")
+class WorkerFailed(Exception):
+    def __init__(self, worker: Worker, reason: str):
+        super().__init__(f"{worker.kind} worker {worker.address}: {reason}")
+        self.worker = worker
+
+
+def _failure(worker: Worker, error: grpc.aio.AioRpcError) -> Exception:
+    if error.code() in RESUMABLE:
+        return WorkerFailed(worker, f"{error.code().name}: {error.details()}")
+    return UpstreamError(error.code(), f"{worker.kind} worker {worker.address}: {error.details()}")
+
+
+async def _receive(worker: Worker, call):
+    """The call's messages; a worker's failure surfaces as WorkerFailed or UpstreamError."""
+    try:
+        async for message in call:
+            yield message
+    except grpc.aio.AioRpcError as error:
+        raise _failure(worker, error) from error
+
+
+async def _send(worker: Worker, call, message=None) -> None:
+    """Write one message (None: half-close) to a client-streaming call."""
+    try:
+        await (call.done_writing() if message is None else call.write(message))
+    except grpc.aio.AioRpcError as error:
+        raise _failure(worker, error) from error
+
+
+@dataclass
+class Progress:
+    """What the client has been sent so far: exactly what a resumed attempt needs."""
+
+    request: worker_pb2.PrefillRequest
+    prompt_token_ids: list[int] | None = None
+    sampling: worker_pb2.SamplingParams | None = None
+    generated: list[int] = field(default_factory=list)
+    sent_any: bool = False
+
+    def prefill_request(self) -> worker_pb2.PrefillRequest:
+        """The original request, or (after a failure) prompt + generated tokens with the resolved sampling."""
+        if self.prompt_token_ids is None:
+            return self.request
+        resumed = worker_pb2.PrefillRequest()
+        resumed.CopyFrom(self.request)
+        resumed.prompt_token_ids[:] = self.prompt_token_ids
+        resumed.generated_token_ids[:] = self.generated
+        resumed.sampling.CopyFrom(self.sampling)
+        return resumed
+
+    def response(self, text: str, token_ids, finish_reason: str = "") -> gateway_pb2.GenerateResponse:
+        self.generated.extend(token_ids)
+        response = gateway_pb2.GenerateResponse(text=text, token_ids=token_ids, finish_reason=finish_reason)
+        if not self.sent_any:
+            response.request_id, self.sent_any = self.request.request_id, True
+        if finish_reason:
+            response.usage.prompt_tokens = len(self.prompt_token_ids or ())
+            response.usage.completion_tokens = len(self.generated)
+        return response
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, prefill: WorkerPool, decode: WorkerPool):
         self.config, self.prefill, self.decode = config, prefill, decode
-
-    def _timeout(self, context) -> float:
-        remaining = context.time_remaining()
-        limit = self.config.request_timeout_seconds
-        return limit if remaining is None else min(limit, remaining)
+        self.in_flight = 0
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context):
-        prefill_request = to_prefill_request(request, self.config)
-        request_id = prefill_request.request_id
-        metadata = (("x-request-id", request_id),)
-        prefill_worker = self.prefill.pick()
-        prefill_worker.in_flight += 1
-        prefill_call = prefill_worker.stub.Prefill(prefill_request, timeout=self._timeout(context), metadata=metadata)
-        decode_call = decode_worker = None
-        prompt_tokens = completion_tokens = 0
+        if self.in_flight >= self.config.max_inflight:
+            raise Overloaded(f"gateway has {self.in_flight} requests in flight (--max-inflight); retry later")
+        progress = Progress(to_prefill_request(request, self.config))
+        deadline = time.monotonic() + self.config.request_timeout_seconds
+        self.in_flight += 1
         try:
-            try:
-                async for message in prefill_call:
-                    kind = message.WhichOneof("event")
-                    if kind == "start":
-                        prompt_tokens = len(message.start.prompt_token_ids)
-                        decode_worker = self.decode.pick()
-                        decode_worker.in_flight += 1
-                        decode_call = decode_worker.stub.Decode(timeout=self._timeout(context), metadata=metadata)
-                    elif decode_call is None:
-                        raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")
-                    if kind == "first_token":
-                        first = message.first_token
-                        completion_tokens = 1
-                        yield gateway_pb2.GenerateResponse(text=first.text, token_ids=[first.token_id],
-                                                           request_id=request_id)
-                        if first.finish_reason:
-                            decode_call.cancel()
-                            yield self._last(first.finish_reason, prompt_tokens, completion_tokens)
-                            return
-                    await decode_call.write(worker_pb2.DecodeRequest(**{kind: getattr(message, kind)}))
-            except grpc.aio.AioRpcError as error:
-                raise _upstream("prefill", prefill_worker.address, error) from error
-            finally:
-                prefill_worker.in_flight -= 1
-            try:
-                await decode_call.done_writing()
-                async for out in decode_call:
-                    completion_tokens += len(out.token_ids)
-                    if out.finish_reason:
-                        yield gateway_pb2.GenerateResponse(
-                            text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason,
-                            usage=gateway_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+            for attempt in itertools.count(1):
+                try:
+                    async for response in self._attempt(progress, context, deadline):
+                        yield response
+                    return
+                except WorkerFailed as failure:
+                    (self.prefill if failure.worker.kind == "prefill" else self.decode).mark_failed(failure.worker)
+                    if attempt >= self.config.max_attempts:
+                        raise NoWorkerAvailable(f"request failed on {attempt} workers; last: {failure}") from failure
+                    log.warning("request %s: %s; resuming after %d tokens", progress.request.request_id, failure,
+                                len(progress.generated))
+        finally:
+            self.in_flight -= 1
+
+    def _timeout(self, context, deadline: float) -> float:
+        """Seconds left for worker calls: the client's deadline or the server's limit, whichever comes first."""
+        left = deadline - time.monotonic()
+        client_left = context.time_remaining()
+        left = left if client_left is None else min(left, client_left)
+        if left <= 0:
+            raise DeadlineExceeded("request deadline exceeded")
+        return left
+
+    async def _attempt(self, progress: Progress, context, deadline: float):
+        request = progress.prefill_request()
+        metadata = (("x-request-id", request.request_id),)
+        prefill_worker = self.prefill.pick()
+        decode_worker = decode_call = None
+        prefill_worker.in_flight += 1
+        prefill_call = prefill_worker.stub.Prefill(request, timeout=self._timeout(context, deadline),
+                                                   metadata=metadata)
+        try:
+            async for message in _receive(prefill_worker, prefill_call):
+                kind = message.WhichOneof("event")
+                if kind == "start":
+                    progress.prompt_token_ids = list(message.start.prompt_token_ids)
+                    progress.sampling = message.start.sampling
+                    decode_worker = self.decode.pick()
+                    decode_worker.in_flight += 1
+                    decode_call = decode_worker.stub.Decode(timeout=self._timeout(context, deadline),
+                                                            metadata=metadata)
+                elif decode_call is None:
+                    raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")
+                if kind == "first_token":
+                    first = message.first_token
+                    yield progress.response(first.text, [first.token_id], first.finish_reason)
+                    if first.finish_reason:
                         return
-                    yield gateway_pb2.GenerateResponse(text=out.text, token_ids=out.token_ids)
-            except grpc.aio.AioRpcError as error:
-                raise _upstream("decode", decode_worker.address, error) from error
-            raise ProtocolError(f"decode worker {decode_worker.address} ended the stream without a finish reason")
+                await _send(decode_worker, decode_call, worker_pb2.DecodeRequest(**{kind: getattr(message, kind)}))
+            prefill_worker.in_flight -= 1
+            prefill_worker = None
+            if decode_call is None:
+                raise ProtocolError("prefill worker ended the stream without SequenceStart")
+            await _send(decode_worker, decode_call)
+            async for out in _receive(decode_worker, decode_call):
+                yield progress.response(out.text, out.token_ids, out.finish_reason)
+                if out.finish_reason:
+                    return
+            raise WorkerFailed(decode_worker, "stream ended without a finish reason")
         finally:
             prefill_call.cancel()
+            if prefill_worker is not None:
+                prefill_worker.in_flight -= 1
             if decode_call is not None:
                 decode_call.cancel()
                 decode_worker.in_flight -= 1
-
-    @staticmethod
-    def _last(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> gateway_pb2.GenerateResponse:
-        return gateway_pb2.GenerateResponse(
-            finish_reason=finish_reason,
-            usage=gateway_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
