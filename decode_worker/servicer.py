@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from disagg.decode_engine import DecodeEngine, DecodeSequence, TokenEvent
-from disagg.errors import InvalidRequest, KvIntegrityError, ProtocolError
+from disagg.errors import DisaggError, InvalidRequest, KvIntegrityError, ProtocolError
 from disagg.kv_codec import KvAssembler
 from disagg.model import LoadedModel
 from disagg.output_stream import OutputStream
@@ -63,6 +64,23 @@ def final_kv_bytes(lm: LoadedModel, start: worker_pb2.SequenceStart) -> int:
     return 2 * layers * heads * head_dim * tokens * lm.dtype.itemsize
 
 
+async def drain(requests, max_messages: int = 256, seconds: float = 5.0) -> None:
+    """Read and drop what the client is still sending before refusing its handoff.
+
+    A gRPC client whose write races with the server's early abort sees a local INTERNAL error instead of the
+    server's status; letting it finish writing (within bounds) lets it see why the handoff was refused.
+    """
+    async def consume() -> None:
+        count = 0
+        async for _ in requests:
+            count += 1
+            if count >= max_messages:
+                return
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consume(), seconds)
+
+
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     def __init__(self, lm: LoadedModel, engine: DecodeEngine, budget: KvBudget):
         self.lm, self.engine, self.budget = lm, engine, budget
@@ -76,7 +94,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.active += 1
         reserved = 0
         try:
-            handoff = await receive_handoff(request_iterator, self.lm, self.engine.kv_cache)
+            try:
+                handoff = await receive_handoff(request_iterator, self.lm, self.engine.kv_cache)
+            except DisaggError:
+                await drain(request_iterator)
+                raise
             if self.engine.kv_cache:
                 reserved = final_kv_bytes(self.lm, handoff.start)
                 self.budget.reserve(reserved)

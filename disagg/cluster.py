@@ -11,9 +11,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import grpc
-
 from disagg.client import wait_serving
+from disagg.config import TlsOptions
+from disagg.serving import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None =
                  full_env)
 
 
-async def wait_healthy(children: list[Child], timeout: float) -> None:
+async def wait_healthy(children: list[Child], timeout: float, tls: TlsOptions | None = None) -> None:
     """Until every child answers SERVING; raises if one exits first or the timeout passes."""
     for child in children:
-        async with grpc.aio.insecure_channel(child.address) as ch:
+        async with open_channel(child.address, tls) as ch:
             waiter = asyncio.ensure_future(wait_serving(ch, timeout))
             while not waiter.done():
                 if child.process.poll() is not None:
@@ -77,7 +77,7 @@ class Cluster:
 
     def __init__(self, worker_args: list[str], gateway_args: list[str], prefill_workers: int = 1,
                  decode_workers: int = 1, gateway_port: int = 0, prefill_args: list[str] = (),
-                 decode_args: list[str] = (), env: dict[str, str] | None = None):
+                 decode_args: list[str] = (), env: dict[str, str] | None = None, tls: TlsOptions | None = None):
         self.prefill = [spawn(f"prefill-{i}", ["prefill", *worker_args, *prefill_args], free_port(), env)
                         for i in range(prefill_workers)]
         self.decode = [spawn(f"decode-{i}", ["decode", *worker_args, *decode_args], free_port(), env)
@@ -87,12 +87,13 @@ class Cluster:
                               "--decode", ",".join(c.address for c in self.decode)]
         self._gateway_port = gateway_port or free_port()
         self._env = env
+        self.tls = tls  # how to reach the children for health checks, when they serve TLS
 
     async def start(self, timeout: float = 600.0) -> str:
         try:
-            await wait_healthy(self.prefill + self.decode, timeout)
+            await wait_healthy(self.prefill + self.decode, timeout, self.tls)
             self.gateway = spawn("gateway", ["gateway", *self._gateway_args], self._gateway_port, self._env)
-            await wait_healthy([self.gateway], timeout)
+            await wait_healthy([self.gateway], timeout, self.tls)
         except BaseException:
             self.stop()
             raise

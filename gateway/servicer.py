@@ -31,10 +31,10 @@ class WorkerFailed(Exception):
         self.worker = worker
 
 
-def _failure(worker: Worker, error: grpc.aio.AioRpcError) -> Exception:
-    if error.code() in RESUMABLE:
-        return WorkerFailed(worker, f"{error.code().name}: {error.details()}")
-    return UpstreamError(error.code(), f"{worker.kind} worker {worker.address}: {error.details()}")
+def _failure(worker: Worker, code: grpc.StatusCode, details: str) -> Exception:
+    if code in RESUMABLE:
+        return WorkerFailed(worker, f"{code.name}: {details}")
+    return UpstreamError(code, f"{worker.kind} worker {worker.address}: {details}")
 
 
 async def _receive(worker: Worker, call):
@@ -43,15 +43,22 @@ async def _receive(worker: Worker, call):
         async for message in call:
             yield message
     except grpc.aio.AioRpcError as error:
-        raise _failure(worker, error) from error
+        raise _failure(worker, error.code(), error.details()) from error
 
 
 async def _send(worker: Worker, call, message=None) -> None:
-    """Write one message (None: half-close) to a client-streaming call."""
+    """Write one message (None: half-close) to a client-streaming call.
+
+    A write that fails because the worker already ended the call reports the worker's own status (for example
+    DATA_LOSS for a KV cache it refused), not the local write error.
+    """
     try:
         await (call.done_writing() if message is None else call.write(message))
     except grpc.aio.AioRpcError as error:
-        raise _failure(worker, error) from error
+        code, details = await call.code(), await call.details()
+        if code == grpc.StatusCode.OK:
+            code, details = error.code(), error.details()
+        raise _failure(worker, code, details) from error
 
 
 @dataclass

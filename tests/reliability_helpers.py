@@ -1,0 +1,35 @@
+"""Helpers shared by the reliability and soak tests: worker load, waiting for idle, extra processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from disagg.cluster import Child, spawn, wait_healthy
+from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.serving import open_channel
+
+
+async def worker_load(address: str, tls=None) -> worker_pb2.GetLoadResponse:
+    async with open_channel(address, tls) as ch:
+        return await worker_pb2_grpc.WorkerLoadServiceStub(ch).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+
+
+async def wait_idle(children: list[Child], timeout: float = 15.0) -> list[worker_pb2.GetLoadResponse]:
+    """Poll every live worker until none holds a sequence or KV bytes; returns their last loads."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [c for c in children if c.process.poll() is None]
+        loads = [await worker_load(c.address) for c in alive]
+        if all(load.active_sequences == 0 and load.kv_bytes == 0 for load in loads):
+            return loads
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers not idle after {timeout}s: {loads}")
+        await asyncio.sleep(0.2)
+
+
+async def start_extra(name: str, command: list[str], port: int, timeout: float = 300) -> Child:
+    """One more component process (a gateway with other limits, a worker with a small budget)."""
+    child = spawn(name, command, port)
+    await wait_healthy([child], timeout)
+    return child
