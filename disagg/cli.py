@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shlex
 import sys
 
@@ -47,6 +48,7 @@ def _generate(args: argparse.Namespace) -> None:
     import grpc
 
     from disagg.client import channel, stream, wait_serving
+    from disagg.config import TlsOptions
     from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 
     request = gateway_pb2.GenerateRequest(
@@ -59,11 +61,14 @@ def _generate(args: argparse.Namespace) -> None:
 
     async def run() -> int:
         tokens, first, last, finish = 0, None, 0.0, ""
-        async with channel(args.address) as ch:
+        tls = TlsOptions(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+                         tls_server_name=args.tls_server_name)
+        async with channel(args.address, tls) as ch:
             if args.wait_ready:
                 await wait_serving(ch, args.wait_ready)
             try:
-                async for response, at in stream(gateway_pb2_grpc.GatewayStub(ch), request, args.timeout):
+                async for response, at in stream(gateway_pb2_grpc.GatewayStub(ch), request, args.timeout,
+                                                 args.auth_token):
                     sys.stdout.write(response.text)
                     sys.stdout.flush()
                     tokens += len(response.token_ids)
@@ -78,6 +83,18 @@ def _generate(args: argparse.Namespace) -> None:
         return 0
 
     sys.exit(asyncio.run(run()))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from disagg.bench_cmd import bench_main
+
+    bench_main(args)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from disagg.inspect_cmd import inspect_main
+
+    inspect_main(args)
 
 
 def _component(name: str):
@@ -132,7 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.add_argument("--wait-ready", type=float, default=0.0, metavar="SECONDS",
                      help="first wait up to SECONDS for the gateway to report healthy")
+    gen.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN", ""), help="gateway bearer token")
+    gen.add_argument("--tls-ca", default="", help="PEM CA to verify the gateway (enables TLS)")
+    gen.add_argument("--tls-cert", default="", help="client certificate, for mutual TLS")
+    gen.add_argument("--tls-key", default="", help="key of --tls-cert")
+    gen.add_argument("--tls-server-name", default="", help="name in the gateway's certificate, if not the address")
     gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="load-test a gateway (or a local cluster it starts) against in-process "
+                                         "generate() baselines")
+    from disagg.bench_cmd import add_bench_flags
+
+    add_bench_flags(bench)
+    bench.set_defaults(func=_bench)
+
+    inspect = sub.add_parser("inspect", help="walk through prefill and decode of one prompt, step by step")
+    from disagg.inspect_cmd import add_inspect_flags
+
+    add_inspect_flags(inspect)
+    inspect.set_defaults(func=_inspect)
 
     for name, help_text in (("gateway", "run the gateway"), ("prefill", "run a prefill worker"),
                             ("decode", "run a decode worker")):

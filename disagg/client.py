@@ -39,18 +39,24 @@ class Completion:
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else float("nan")
 
 
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the gateway's bearer token (none when empty)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 async def stream(stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.GenerateRequest,
-                 timeout: float | None = None) -> AsyncIterator[tuple[gateway_pb2.GenerateResponse, float]]:
+                 timeout: float | None = None, auth_token: str = "",
+                 ) -> AsyncIterator[tuple[gateway_pb2.GenerateResponse, float]]:
     """Responses with their arrival time (seconds since the call started)."""
     started = time.perf_counter()
-    async for response in stub.Generate(request, timeout=timeout):
+    async for response in stub.Generate(request, timeout=timeout, metadata=bearer(auth_token)):
         yield response, time.perf_counter() - started
 
 
 async def complete(stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.GenerateRequest,
-                   timeout: float | None = None) -> Completion:
+                   timeout: float | None = None, auth_token: str = "") -> Completion:
     result = Completion()
-    async for response, at in stream(stub, request, timeout):
+    async for response, at in stream(stub, request, timeout, auth_token):
         result.request_id = result.request_id or response.request_id
         result.text += response.text
         result.token_ids.extend(response.token_ids)

@@ -25,8 +25,8 @@ class RunningCluster:
     cluster: Cluster
 
 
-def start_cluster(worker_args: list[str], **kwargs) -> RunningCluster:
-    cluster = Cluster(worker_args, [], **kwargs)
+def start_cluster(worker_args: list[str], gateway_args: list[str] = (), **kwargs) -> RunningCluster:
+    cluster = Cluster(worker_args, list(gateway_args), **kwargs)
     address = asyncio.run(cluster.start(timeout=300))
     return RunningCluster(address, cluster)
 
