@@ -26,6 +26,8 @@ def _up(args: argparse.Namespace) -> None:
         address = await cluster.start(args.start_timeout)
         print(f"disagg cluster ready: gateway on {address} "
               f"({args.prefill_workers} prefill, {args.decode_workers} decode, model {args.model})", flush=True)
+        for child in [cluster.gateway, *cluster.prefill, *cluster.decode]:
+            print(f"  {child.name} metrics: http://{child.metrics_address}/metrics", flush=True)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (2, 15):  # SIGINT, SIGTERM

@@ -67,6 +67,10 @@ class DecodeBatch:
         """Bytes held by the slab (capacity, not just use)."""
         return sum(t.numel() * t.element_size() for t in self._keys + self._values)
 
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """[batch, heads, seq_len, head_dim] of each layer's keys (and values) in use, not the slab's capacity."""
+        return len(self.seq_ids), self.kv_heads, self.length, self.head_dim
+
     def _capacity(self) -> tuple[int, int]:
         return (self._keys[0].shape[0], self._keys[0].shape[2]) if self._keys else (0, 0)
 
