@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from decode_worker.servicer import DecodeServicer
+from disagg import telemetry
 from disagg.config import WorkerConfig
 from disagg.decode_engine import DecodeEngine
 from disagg.pb.disagg.v1 import worker_pb2_grpc
@@ -13,6 +14,7 @@ from disagg.worker_process import serve_worker
 
 
 def main(config: WorkerConfig) -> None:
+    telemetry.setup("decode", config.host, config.metrics_port)
     asyncio.run(serve_worker(
         config, "DecodeService", worker_pb2_grpc.add_DecodeServiceServicer_to_server,
         make_engine=lambda lm: DecodeEngine(lm, config.batch, kv_cache=config.kv_cache),

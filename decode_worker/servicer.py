@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+from disagg import telemetry
 from disagg.decode_engine import DecodeEngine, DecodeSequence, TokenEvent
 from disagg.errors import DisaggError, InvalidRequest, KvIntegrityError, ProtocolError
 from disagg.kv_codec import KvAssembler
@@ -95,7 +96,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         reserved = 0
         try:
             try:
-                handoff = await receive_handoff(request_iterator, self.lm, self.engine.kv_cache)
+                handoff = await receive_handoff(telemetry.observe_kv_transfer(request_iterator), self.lm,
+                                                self.engine.kv_cache)
             except DisaggError:
                 await drain(request_iterator)
                 raise
@@ -135,3 +137,4 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         finally:
             if not finished:  # client gone, deadline passed or a failure: free the sequence's KV now
                 self.engine.cancel(start.request_id)
+            telemetry.record_decode(seq)

@@ -31,6 +31,7 @@ class Child:
     process: subprocess.Popen
     argv: list[str]
     env: dict[str, str]
+    metrics_address: str = ""  # host:port of its Prometheus /metrics endpoint ("" when off)
 
     def restart(self) -> None:
         """Start the same command again on the same port (after it died or was killed)."""
@@ -39,11 +40,13 @@ class Child:
         self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
 
 
-def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Child:
-    argv = [sys.executable, "-m", "disagg", *command, "--host", "127.0.0.1", "--port", str(port)]
+def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None = None,
+          metrics_port: int = 0) -> Child:
+    argv = [sys.executable, "-m", "disagg", *command, "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(metrics_port)]
     full_env = {**os.environ, **(env or {})}
     return Child(name, f"127.0.0.1:{port}", subprocess.Popen(argv, env=full_env, start_new_session=True), argv,
-                 full_env)
+                 full_env, f"127.0.0.1:{metrics_port}" if metrics_port else "")
 
 
 async def wait_healthy(children: list[Child], timeout: float, tls: TlsOptions | None = None) -> None:
@@ -77,11 +80,13 @@ class Cluster:
 
     def __init__(self, worker_args: list[str], gateway_args: list[str], prefill_workers: int = 1,
                  decode_workers: int = 1, gateway_port: int = 0, prefill_args: list[str] = (),
-                 decode_args: list[str] = (), env: dict[str, str] | None = None, tls: TlsOptions | None = None):
-        self.prefill = [spawn(f"prefill-{i}", ["prefill", *worker_args, *prefill_args], free_port(), env)
-                        for i in range(prefill_workers)]
-        self.decode = [spawn(f"decode-{i}", ["decode", *worker_args, *decode_args], free_port(), env)
-                       for i in range(decode_workers)]
+                 decode_args: list[str] = (), env: dict[str, str] | None = None, tls: TlsOptions | None = None,
+                 metrics: bool = True):
+        self._metrics_port = free_port if metrics else (lambda: 0)  # each child serves /metrics on its own port
+        self.prefill = [spawn(f"prefill-{i}", ["prefill", *worker_args, *prefill_args], free_port(), env,
+                              self._metrics_port()) for i in range(prefill_workers)]
+        self.decode = [spawn(f"decode-{i}", ["decode", *worker_args, *decode_args], free_port(), env,
+                             self._metrics_port()) for i in range(decode_workers)]
         self.gateway: Child | None = None
         self._gateway_args = [*gateway_args, "--prefill", ",".join(c.address for c in self.prefill),
                               "--decode", ",".join(c.address for c in self.decode)]
@@ -92,7 +97,8 @@ class Cluster:
     async def start(self, timeout: float = 600.0) -> str:
         try:
             await wait_healthy(self.prefill + self.decode, timeout, self.tls)
-            self.gateway = spawn("gateway", ["gateway", *self._gateway_args], self._gateway_port, self._env)
+            self.gateway = spawn("gateway", ["gateway", *self._gateway_args], self._gateway_port, self._env,
+                                 self._metrics_port())
             await wait_healthy([self.gateway], timeout, self.tls)
         except BaseException:
             self.stop()

@@ -58,6 +58,7 @@ class WorkerConfig:
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     grace_seconds: float = 10.0
     tls: TlsOptions = TlsOptions()
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class GatewayConfig:
     health_interval_seconds: float = 1.0
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
 
 
 def _env_default(flag: str, default):
@@ -134,6 +136,7 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
     d = WorkerConfig(port=50061 if prefill else 50071)
     _flag(parser, "--host", d.host, "address to listen on")
     _flag(parser, "--port", d.port, "port to listen on (0 = any free port)")
+    _flag(parser, "--metrics-port", d.metrics_port, "serve Prometheus metrics on this HTTP port (0 = off)")
     add_model_flags(parser)
     add_batch_flags(parser, prefill=prefill)
     _flag(parser, "--kv-cache", d.kv_cache, "hand over and use the KV cache (--no-kv-cache recomputes every step)")
@@ -149,6 +152,7 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     d = GatewayConfig()
     _flag(parser, "--host", d.host, "address to listen on")
     _flag(parser, "--port", d.port, "port to listen on (0 = any free port)")
+    _flag(parser, "--metrics-port", d.metrics_port, "serve Prometheus metrics on this HTTP port (0 = off)")
     _flag(parser, "--prefill", d.prefill, "prefill worker addresses")
     _flag(parser, "--decode", d.decode, "decode worker addresses")
     _flag(parser, "--default-max-new-tokens", d.default_max_new_tokens, "max_new_tokens when a request gives 0")

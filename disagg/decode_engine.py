@@ -37,6 +37,11 @@ class DecodeSequence:
     kv: KvLayers | None
     deliver: Callable[[TokenEvent | BaseException], None]
     enqueued_at: float = field(default_factory=time.monotonic)
+    # time.monotonic() stamps and step batch sizes, read by disagg.telemetry once the request ends.
+    admitted_at: float = 0.0  # left the queue for the running batch
+    kv_loaded_at: float = 0.0  # its KV cache was copied into the batch
+    last_token_at: float = 0.0  # its latest token was sampled
+    batch_sizes: list[int] = field(default_factory=list)  # running batch size at each step it took part in
 
 
 @dataclass
@@ -91,12 +96,14 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         with self.lock:
             while self.waiting and len(self.running) < self.policy.max_batch_size:
                 seq = self.waiting.popleft()
+                seq.admitted_at = time.monotonic()
                 last = seq.output.tokens[-1]
                 if self.kv_cache:
                     self.batch.add(seq.request_id, seq.kv, last)
                 else:
                     self.batch.add(seq.request_id, seq.context, last)
                 seq.kv = None  # the batch holds the only copy now
+                seq.kv_loaded_at = time.monotonic()
                 self.running[seq.request_id] = seq
                 joined += 1
         return joined
@@ -124,6 +131,8 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         finished = []
         for seq, token in zip(seqs, tokens):
             text = seq.output.append(token)
+            seq.batch_sizes.append(len(seqs))
+            seq.last_token_at = time.monotonic()
             seq.deliver(TokenEvent(token, text, seq.output.finish_reason))
             if seq.output.finish_reason is not None:
                 finished.append(seq.request_id)

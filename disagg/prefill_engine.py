@@ -22,6 +22,7 @@ class PrefillResult:
     kv: KvLayers | None
     forward_seconds: float
     batch_size: int
+    forward_started: float = 0.0  # time.monotonic() when the batch's forward pass began (for trace spans)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class PrefillEngine(EngineThread[PrefillJob]):
         batch = self._take_batch()
         if not batch:
             return
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.monotonic()
         try:
             outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache)
         except Exception as exc:
@@ -73,4 +74,4 @@ class PrefillEngine(EngineThread[PrefillJob]):
         for job, out in zip(batch, outputs):
             token = sample_token(out.logits, job.output.params, step=len(job.output.tokens))
             text = job.output.append(token)
-            job.deliver(PrefillResult(token, text, job.output.finish_reason, out.kv, seconds, len(batch)))
+            job.deliver(PrefillResult(token, text, job.output.finish_reason, out.kv, seconds, len(batch), started_at))

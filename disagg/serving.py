@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from disagg import telemetry
 from disagg.config import TlsOptions
 from disagg.errors import DisaggError
 
@@ -54,6 +55,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def abort(context, exc: BaseException):
             code, message = _status_of(exc)
+            telemetry.count_error(method, code)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method, exc_info=exc)
             await context.abort(code, message)
@@ -139,13 +141,13 @@ def server_credentials(tls: TlsOptions) -> grpc.ServerCredentials | None:
 def open_channel(address: str, tls: TlsOptions | None = None) -> grpc.aio.Channel:
     """A channel with the project's limits; TLS (and a client certificate, for mutual TLS) when configured."""
     if tls is None or not tls.enabled:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors())
     credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls.tls_ca), private_key=_read(tls.tls_key),
                                                certificate_chain=_read(tls.tls_cert))
     options = [*CHANNEL_OPTIONS]
     if tls.tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls.tls_server_name))
-    return grpc.aio.secure_channel(address, credentials, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=telemetry.client_interceptors())
 
 
 class Server:
@@ -153,7 +155,8 @@ class Server:
 
     def __init__(self, host: str, port: int, interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
                  tls: TlsOptions | None = None):
-        self.grpc = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=SERVER_OPTIONS)
+        self.grpc = grpc.aio.server(interceptors=[*telemetry.server_interceptors(), *interceptors, ErrorInterceptor()],
+                                    options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self._service_names: list[str] = []

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from disagg import telemetry
 from disagg.config import WorkerConfig
 from disagg.engine_thread import EngineThread
 from disagg.model import LoadedModel, load_model
@@ -27,6 +28,7 @@ async def serve_worker(config: WorkerConfig, service: str, add_servicer: Callabl
     log.info("loaded %s (%s) in %.2fs", lm.name, config.model.dtype, lm.load_model_seconds)
     engine = make_engine(lm)
     engine.start()
+    telemetry.watch_engine(engine)
 
     server = Server(config.host, config.port, tls=config.tls)
     servicer = make_servicer(lm, engine)

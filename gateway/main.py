@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from disagg import telemetry
 from disagg.config import GatewayConfig
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
 from disagg.serving import BearerTokenInterceptor, Server
@@ -19,6 +20,7 @@ async def serve(config: GatewayConfig) -> None:
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     server = Server(config.host, config.port, interceptors, tls=config.tls)
     servicer = GatewayServicer(config, prefill, decode)
+    servicer.Generate = telemetry.instrument_generate(servicer.Generate)  # root span and latency metrics
     server.add_service(gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
                        lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s))
     await server.start()
@@ -34,4 +36,5 @@ async def serve(config: GatewayConfig) -> None:
 
 
 def main(config: GatewayConfig) -> None:
+    telemetry.setup("gateway", config.host, config.metrics_port)
     asyncio.run(serve(config))

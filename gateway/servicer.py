@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from disagg import telemetry
 from disagg.config import GatewayConfig
 from disagg.errors import DeadlineExceeded, NoWorkerAvailable, Overloaded, ProtocolError, UpstreamError
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
@@ -142,6 +143,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if kind == "start":
                     progress.prompt_token_ids = list(message.start.prompt_token_ids)
                     progress.sampling = message.start.sampling
+                    telemetry.note_model(message.start.model)
                     decode_worker = self.decode.pick()
                     decode_worker.in_flight += 1
                     decode_call = decode_worker.stub.Decode(timeout=self._timeout(context, deadline),

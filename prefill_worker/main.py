@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from disagg import telemetry
 from disagg.config import WorkerConfig
 from disagg.pb.disagg.v1 import worker_pb2_grpc
 from disagg.prefill_engine import PrefillEngine
@@ -12,6 +13,7 @@ from prefill_worker.servicer import PrefillServicer
 
 
 def main(config: WorkerConfig) -> None:
+    telemetry.setup("prefill", config.host, config.metrics_port)
     asyncio.run(serve_worker(
         config, "PrefillService", worker_pb2_grpc.add_PrefillServiceServicer_to_server,
         make_engine=lambda lm: PrefillEngine(lm, config.batch, kv_cache=config.kv_cache),

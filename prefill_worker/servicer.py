@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from disagg import telemetry
 from disagg.errors import InvalidRequest
 from disagg.kv_codec import DTYPE_NAMES, KvLayout, encode_kv
 from disagg.model import LoadedModel
@@ -82,17 +83,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         self.engine.submit(job)
         yield worker_pb2.PrefillResponse(start=worker_pb2.SequenceStart(
             request_id=request.request_id, prompt_token_ids=prompt, generated_token_ids=generated,
-            sampling=sampling_to_pb(params),
+            sampling=sampling_to_pb(params), model=self.lm.name,
             kv_layout=layout_to_pb(self._layout(len(input_ids)), kv_included=self.engine.kv_cache)))
         try:
             result = await done
         finally:
             job.cancelled = True  # dropped from the queue if the caller left before the forward pass
+        telemetry.record_prefill(job, result)
         yield worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
             token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
             prefill_seconds=result.forward_seconds))
         if result.kv is not None and result.finish_reason is None:
-            for chunk in encode_kv(result.kv, self.chunk_bytes):
+            for chunk in telemetry.observe_kv_serialize(encode_kv(result.kv, self.chunk_bytes)):
                 yield worker_pb2.PrefillResponse(kv_chunk=chunk_to_pb(chunk))
 
 
