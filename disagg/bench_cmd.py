@@ -210,8 +210,7 @@ def bench_main(args: argparse.Namespace) -> None:
     from disagg.model import load_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    command = shlex.join(["disagg", *sys.argv[1:]]) if sys.argv[0].endswith(("disagg", "__main__.py")) \
-        else shlex.join(sys.argv)
+    command = shlex.join(["disagg", *getattr(args, "argv", sys.argv[1:])])
     load_before = os.getloadavg()
     torch.set_num_threads(args.baseline_threads or os.cpu_count() or 1)
     lm = load_model(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, seed=args.seed)

@@ -1,0 +1,96 @@
+"""`disagg bench`: its statistics on known inputs, and a tiny run end to end against a real cluster."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from disagg.bench import RequestRecord, RunResult, Workload, arrival_delays, comparison, make_prompts, summarize
+from disagg.cli import main
+from disagg.experiment_record import FIELDS
+
+
+def test_summarize_known_values():
+    stats = summarize(list(range(1, 101)))
+    assert stats == pytest.approx({"mean": 50.5, "p50": 50.5, "p90": 90.1, "p99": 99.01})
+    assert summarize([3.0]) == {"mean": 3.0, "p50": 3.0, "p90": 3.0, "p99": 3.0}
+    assert all(np.isnan(v) for v in summarize([]).values())
+
+
+def test_request_metrics_from_token_times():
+    record = RequestRecord(token_times=[0.5, 0.7, 1.0, 1.6])
+    assert record.ttft == 0.5 and record.e2e == 1.6
+    assert record.tpot == pytest.approx((1.6 - 0.5) / 3)
+    assert record.itl == pytest.approx([0.2, 0.3, 0.6])
+    assert RequestRecord(token_times=[0.4]).tpot is None
+
+
+def test_run_stats_count_tokens_and_exclude_failures():
+    records = [RequestRecord(token_times=[0.1, 0.2, 0.4]), RequestRecord(token_times=[0.3, 0.6]),
+               RequestRecord(error="UNAVAILABLE: gone")]
+    stats = RunResult("cluster", 2.0, records).stats()
+    assert (stats["completed"], stats["failed"], stats["output_tokens"]) == (2, 1, 5)
+    assert stats["output_token_throughput"] == 2.5 and stats["request_throughput"] == 1.0
+    assert stats["ttft_s"]["mean"] == pytest.approx(0.2)
+    assert stats["tpot_s"]["mean"] == pytest.approx((0.15 + 0.3) / 2)
+    assert stats["itl_s"]["p50"] == pytest.approx(0.2)
+    assert stats["e2e_s"]["mean"] == pytest.approx(0.5)
+    assert stats["errors"] == ["UNAVAILABLE: gone"]
+
+
+def test_comparison_ratios():
+    def stats(tokens_per_s: float, e2e: float) -> dict:
+        return {"output_token_throughput": tokens_per_s, "e2e_s": {"mean": e2e}, "ttft_s": {"mean": e2e / 10}}
+
+    ratios = comparison({"cluster": stats(80, 2.0), "generate_static_batch": stats(100, 4.0),
+                         "generate_sequential": stats(20, 1.0)})
+    assert ratios["throughput_vs_generate_static_batch"] == pytest.approx(0.8)
+    assert ratios["throughput_vs_generate_sequential"] == pytest.approx(4.0)
+    assert ratios["e2e_mean_vs_generate_sequential"] == pytest.approx(2.0)
+
+
+def test_prompts_have_exactly_the_asked_tokens_after_a_text_round_trip(gpt2_model):
+    tok = gpt2_model.tokenizer
+    prompts = make_prompts(tok, 5, 37, seed=3)
+    assert len({tuple(p) for p in prompts}) == 5
+    for ids in prompts:
+        assert len(ids) == 37 and tok.encode(tok.decode(ids)) == ids
+
+
+def test_poisson_arrivals_have_the_asked_rate():
+    gaps = arrival_delays(Workload(4000, 8, 8, concurrency=10, request_rate=20.0, seed=1))
+    assert np.mean(gaps) == pytest.approx(1 / 20, rel=0.05)
+    assert arrival_delays(Workload(3, 8, 8)) == [0.0, 0.0, 0.0]
+
+
+def test_tiny_bench_against_a_cluster_writes_json_markdown_and_plot(gpt2_cluster, tmp_path, capsys):
+    prefix = tmp_path / "tiny"
+    main(["bench", "--address", gpt2_cluster.address, "--model", "distilgpt2", "--load-format", "dummy",
+          "--num-requests", "4", "--concurrency", "2", "--prompt-tokens", "12", "--output-tokens", "3",
+          "--baseline-requests", "2", "--warmup-requests", "1", "--output", str(prefix), "--name", "tiny"])
+    printed = capsys.readouterr().out
+    assert "throughput_vs_generate_static_batch" in printed
+
+    report = json.loads(prefix.with_suffix(".json").read_text())
+    results = report["results"]
+    assert set(results) == {"generate_sequential", "generate_static_batch", "cluster"}
+    assert (results["cluster"]["completed"], results["cluster"]["failed"]) == (4, 0)
+    assert results["cluster"]["output_tokens"] == 4 * 3
+    assert results["generate_static_batch"]["output_tokens"] == 4 * 3
+    assert results["generate_sequential"]["completed"] == 2
+    for name in results:
+        assert 0 < results[name]["ttft_s"]["p50"] <= results[name]["e2e_s"]["p99"]
+    assert report["ratios"]["throughput_vs_generate_static_batch"] > 0
+
+    record = prefix.with_suffix(".md").read_text()
+    assert record.count("## Experiment: tiny: ") == 3
+    for line in ("Date: ", "Hardware: ", "Model: distilgpt2 (dummy seeded weights) @ float32", 'Prompt: "',
+                 "Batch policy: ", "KV Cache: on", "Metrics\n-------"):
+        assert line in record
+    for name in FIELDS:
+        assert f"\n{name.ljust(17)}: " in record
+    assert "GPU Utilization  : N/A (CPU only)" in record
+    assert "disagg bench --address" in record
+    assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
