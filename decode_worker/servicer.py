@@ -132,9 +132,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 if isinstance(event, BaseException):
                     raise event
                 finished = event.finish_reason is not None
+                if finished:  # record now: a stream the client closes is finalized later, maybe much later
+                    telemetry.record_decode(seq)
                 yield worker_pb2.DecodeResponse(token_ids=[event.token], text=event.text,
                                                 finish_reason=event.finish_reason or "")
         finally:
             if not finished:  # client gone, deadline passed or a failure: free the sequence's KV now
                 self.engine.cancel(start.request_id)
-            telemetry.record_decode(seq)
+                telemetry.record_decode(seq)

@@ -447,11 +447,15 @@ def observe_kv_transfer(messages) -> AsyncIterator:
 def record_decode(seq, finish_reason: str | None = None) -> None:
     """When a decode request ends: spans kv.transfer, decode.queue_wait, kv.load, decode; and their metrics.
 
+    Once per request: a second call finds nothing left to record.
+
     `seq` is the DecodeSequence (enqueued_at, admitted_at, kv_loaded_at, last_token_at, batch_sizes, output).
     """
     now = time.monotonic()
     transfer = _transfers.pop(seq.request_id, None)
-    parent = transfer.parent if transfer is not None else None
+    if transfer is None:  # recorded already (or its handoff was not observed)
+        return
+    parent = transfer.parent
     admitted, loaded = getattr(seq, "admitted_at", 0.0), getattr(seq, "kv_loaded_at", 0.0)
     steps = list(getattr(seq, "batch_sizes", ()))
     finish_reason = finish_reason or getattr(seq.output, "finish_reason", None) or ""
@@ -460,7 +464,7 @@ def record_decode(seq, finish_reason: str | None = None) -> None:
     tpot = decode_seconds / len(steps) if steps else 0.0
     m = _metrics if _metrics is not None and hasattr(_metrics, "kv_load") else None
     if m is not None:
-        if transfer is not None and transfer.first is not None:
+        if transfer.first is not None:
             m.kv_bytes.inc(transfer.bytes)
             m.kv_seconds.observe(transfer.last - transfer.first)
             m.kv_request_bytes.observe(transfer.bytes)
@@ -475,7 +479,7 @@ def record_decode(seq, finish_reason: str | None = None) -> None:
     if not trace.get_current_span(parent).is_recording():
         return
     clock = _Clock()
-    if transfer is not None and transfer.first is not None:
+    if transfer.first is not None:
         seconds = transfer.last - transfer.first
         _span(clock, "kv.transfer", transfer.first, transfer.last,
               {"disagg.kv.bytes": transfer.bytes, "disagg.kv.chunks": transfer.chunks,

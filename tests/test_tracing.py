@@ -1,0 +1,159 @@
+"""One connected trace per request across gateway, prefill and decode, exported over OTLP to a real receiver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from disagg.client import channel, complete
+from disagg.cluster import Cluster
+from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+
+GPT2_ARGS = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
+SERVICES = {"disagg-gateway", "disagg-prefill", "disagg-decode"}
+# The request's time line: each phase starts when the previous one ended, on one clock.
+PHASES = ["prefill.queue_wait", "prefill.forward", "kv.transfer", "decode.queue_wait", "kv.load", "decode"]
+SERVER = 2  # SpanKind.SERVER in OTLP
+PROMPT = "Disaggregated serving splits the prompt's forward pass from token generation, so each phase can run on"
+MAX_NEW_TOKENS = 8
+# Time of a request outside every phase: the gateway's validation and its two worker calls' set-up, tokenizing,
+# the first token's relay to decode, replaying it there, the last token's way back. Milliseconds on loopback; the
+# bound leaves room for a shared 2-core machine.
+UNCOVERED_SECONDS = 0.06
+UNCOVERED_FRACTION = 0.15
+
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[tuple[str, OtlpReceiver]]:
+    receiver = OtlpReceiver().start()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    cluster = Cluster(GPT2_ARGS, [], env=env)
+    address = asyncio.run(cluster.start(timeout=300))
+    yield address, receiver
+    cluster.stop()
+    receiver.stop()
+
+
+async def _generate(address: str, request_id: str, **fields):
+    async with channel(address) as ch:
+        return await complete(gateway_pb2_grpc.GatewayStub(ch),
+                              gateway_pb2.GenerateRequest(request_id=request_id, **fields), timeout=300)
+
+
+def _root(spans: list[ReceivedSpan], request_id: str) -> ReceivedSpan | None:
+    roots = [s for s in spans if s.service == "disagg-gateway" and s.attributes.get("gen_ai.response.id") == request_id]
+    return roots[0] if len(roots) == 1 else None
+
+
+def _complete_trace(spans: list[ReceivedSpan], request_id: str) -> bool:
+    root = _root(spans, request_id)
+    return root is not None and {s.name for s in spans if s.trace_id == root.trace_id} >= {*PHASES, "kv.serialize"}
+
+
+async def _send_requests(address: str) -> list[str]:
+    """Two requests alone, then three at once (they share forward passes)."""
+    ids = ["trace-a", "trace-b"]
+    for request_id in ids:
+        got = await _generate(address, request_id, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True,
+                              temperature=0.7, top_p=0.9, seed=1)
+        assert got.completion_tokens == MAX_NEW_TOKENS
+    together = [f"trace-c{i}" for i in range(3)]
+    await asyncio.gather(*(_generate(address, rid, prompt=PROMPT * (i + 1), max_new_tokens=MAX_NEW_TOKENS,
+                                     ignore_eos=True) for i, rid in enumerate(together)))
+    return ids + together
+
+
+@pytest.fixture(scope="module")
+def traces(traced) -> tuple[list[str], list[ReceivedSpan]]:
+    address, receiver = traced
+    ids = asyncio.run(_send_requests(address))
+    spans = receiver.wait_for(lambda spans: all(_complete_trace(spans, rid) for rid in ids))
+    return ids, spans
+
+
+def test_one_trace_per_request_across_three_services(traces):
+    ids, spans = traces
+    for request_id in ids:
+        root = _root(spans, request_id)
+        assert root is not None, f"no single gateway root span for {request_id}"
+        tagged = [s for s in spans if s.attributes.get("disagg.request_id") == request_id]
+        assert {s.service for s in tagged} == {"disagg-prefill", "disagg-decode"}
+        assert {s.trace_id for s in tagged} == {root.trace_id}
+        in_trace = [s for s in spans if s.trace_id == root.trace_id]
+        assert {s.service for s in in_trace} == SERVICES
+        assert [s for s in in_trace if not s.parent_span_id] == [root]
+    assert len({_root(spans, rid).trace_id for rid in ids}) == len(ids)
+
+
+def test_parent_child_structure(traces):
+    ids, spans = traces
+    for request_id in ids:
+        root = _root(spans, request_id)
+        in_trace = {s.span_id: s for s in spans if s.trace_id == root.trace_id}
+        assert root.kind == SERVER and root.name == "text_completion distilgpt2"
+        prefill_rpc = [s for s in in_trace.values() if s.name == "disagg.v1.PrefillService/Prefill"]
+        decode_rpc = [s for s in in_trace.values() if s.name == "disagg.v1.DecodeService/Decode"]
+        assert len(prefill_rpc) == 1 and len(decode_rpc) == 1
+        assert prefill_rpc[0].parent_span_id == decode_rpc[0].parent_span_id == root.span_id
+        assert prefill_rpc[0].service == "disagg-prefill" and decode_rpc[0].service == "disagg-decode"
+        parent_of = {s.name: in_trace[s.parent_span_id].name for s in in_trace.values() if s.parent_span_id}
+        for name in ("prefill.queue_wait", "prefill.forward", "kv.serialize"):
+            assert parent_of[name] == "disagg.v1.PrefillService/Prefill"
+        for name in ("kv.transfer", "decode.queue_wait", "kv.load", "decode"):
+            assert parent_of[name] == "disagg.v1.DecodeService/Decode"
+        for span in in_trace.values():
+            assert root.start_ns <= span.start_ns <= span.end_ns, span.name
+            if span.name in PHASES:  # (a worker's RPC span may end just after: the gateway closes the call last)
+                assert span.end_ns <= root.end_ns, span.name
+
+
+def test_attributes(traces):
+    ids, spans = traces
+    root = _root(spans, "trace-a")
+    by_name = {s.name: s for s in spans if s.trace_id == root.trace_id}
+    a = root.attributes
+    assert a["gen_ai.operation.name"] == "text_completion"
+    assert a["gen_ai.request.model"] == "distilgpt2"
+    assert a["gen_ai.request.max_tokens"] == MAX_NEW_TOKENS
+    assert a["gen_ai.request.temperature"] == pytest.approx(0.7)
+    assert a["gen_ai.request.top_p"] == pytest.approx(0.9)
+    assert a["gen_ai.usage.output_tokens"] == MAX_NEW_TOKENS
+    assert a["gen_ai.usage.input_tokens"] == by_name["prefill.forward"].attributes["disagg.prefill.tokens"] > 10
+    assert a["gen_ai.response.finish_reasons"] == ["length"]
+    assert [e[0] for e in root.events] == ["gen_ai.first_token"]
+    assert root.events[0][2]["gen_ai.server.time_to_first_token"] > 0
+
+    forward = by_name["prefill.forward"].attributes
+    assert forward["disagg.batch.size"] == 1
+    assert [e[0] for e in by_name["prefill.forward"].events] == ["first_token"]
+    serialize, transfer = by_name["kv.serialize"].attributes, by_name["kv.transfer"].attributes
+    kv_bytes = 2 * 6 * forward["disagg.prefill.tokens"] * 768 * 4  # distilgpt2, fp32
+    assert serialize["disagg.kv.bytes"] == transfer["disagg.kv.bytes"] == kv_bytes
+    assert serialize["disagg.kv.chunks"] == transfer["disagg.kv.chunks"] >= 12
+    assert transfer["disagg.kv.mb_per_s"] > 0
+    decode = by_name["decode"].attributes
+    assert decode["disagg.decode.steps"] == decode["disagg.decode.tokens"] == MAX_NEW_TOKENS - 1
+    assert decode["disagg.decode.time_per_output_token_seconds"] > 0
+    assert decode["disagg.decode.batch_sizes_seen"] == [1]
+
+    together = [by_name for rid in ids if rid.startswith("trace-c")
+                for by_name in [{s.name: s for s in spans if s.trace_id == _root(spans, rid).trace_id}]]
+    assert max(max(t["decode"].attributes["disagg.decode.batch_sizes_seen"]) for t in together) > 1
+
+
+def test_phases_add_up_to_the_gateway_span(traces):
+    ids, spans = traces
+    for request_id in ids:
+        root = _root(spans, request_id)
+        by_name = {s.name: s for s in spans if s.trace_id == root.trace_id}
+        phases = [by_name[name] for name in PHASES]
+        for before, after in zip(phases, phases[1:]):  # one time line: no phase starts before the previous ended
+            assert after.start_ns >= before.end_ns - 1_000_000, (before.name, after.name)
+        covered = sum(p.seconds for p in phases)
+        uncovered = root.seconds - covered
+        assert 0 <= uncovered <= max(UNCOVERED_SECONDS, UNCOVERED_FRACTION * root.seconds), (
+            request_id, root.seconds, {p.name: round(p.seconds, 4) for p in phases})
