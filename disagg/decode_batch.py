@@ -14,6 +14,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from disagg.prefill_batch import KvLayers, left_padded
 
 _GROW_COLUMNS = 64
+# Every step's attention reads all `length` columns of every row, so columns that are padding in every row are
+# dropped as soon as they are worth one copy of the slab (an eighth of it), not left until they are half of it.
+_MIN_TRIM_COLUMNS = 16
 
 
 class _SlabLayer(DynamicLayer):
@@ -120,7 +123,7 @@ class DecodeBatch:
         self._pad, self._last = self._pad[:last], self._last[:last]
         if not self.seq_ids:
             self._keys, self._values, self.length = [], [], 0
-        elif (trim := int(self._pad.min())) > self.length // 2:
+        elif (trim := int(self._pad.min())) >= max(_MIN_TRIM_COLUMNS, self.length // 8):
             self._trim_left(trim)
 
     def _trim_left(self, columns: int) -> None:

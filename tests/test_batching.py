@@ -95,10 +95,15 @@ def test_staggered_batch_gives_each_sequence_its_alone_output_exactly(llama_mode
 
 def test_staggered_batch_logits_match_alone_within_tolerance(gpt2_model):
     """Random weights can tie, so compare logits with every row fed the reference tokens."""
-    prompts = [gpt2_model.tokenizer.encode(t) for t in TEXTS]
-    steps, join_at = [7, 3, 5, 4], [0, 1, 1, 3]
+    prompts = [gpt2_model.tokenizer.encode(t) for t in TEXTS]  # 1, 18, 5 and 20 tokens
+    # The 20-token row leaves early (its padding columns are trimmed away), then an 18-token row joins a batch
+    # shorter than itself (every other row shifts right).
+    steps, join_at = [7, 3, 5, 2], [0, 3, 1, 0]
     alone = [decode_alone(gpt2_model, ids, steps[i]) for i, ids in enumerate(prompts)]
-    _, tokens, logits = run_staggered(gpt2_model, prompts, steps, join_at, forced=[a[0] for a in alone])
+    lengths: list[int] = []
+    _, tokens, logits = run_staggered(gpt2_model, prompts, steps, join_at, forced=[a[0] for a in alone],
+                                      on_step=lambda b: lengths.append(b.length))
+    assert lengths[2] < min(lengths[1], lengths[3])  # trimmed after the long row left, grown when another joined
     for i, (ref_tokens, ref_logits) in enumerate(alone):
         assert tokens[str(i)] == ref_tokens
         for got, want in zip(logits[str(i)], ref_logits, strict=True):
