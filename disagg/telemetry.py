@@ -289,6 +289,7 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
                     yield item
             except GeneratorExit:  # the caller stopped reading (the gateway does, once it has the last token)
                 closed = True
+                span.set_attribute("disagg.closed_by_caller", True)
                 raise
             except BaseException as exc:
                 _mark_error(span, exc, _grpc_code(exc, context))

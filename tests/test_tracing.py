@@ -157,3 +157,39 @@ def test_phases_add_up_to_the_gateway_span(traces):
         uncovered = root.seconds - covered
         assert 0 <= uncovered <= max(UNCOVERED_SECONDS, UNCOVERED_FRACTION * root.seconds), (
             request_id, root.seconds, {p.name: round(p.seconds, 4) for p in phases})
+
+
+async def _generate_under(address: str, traceparent: str, request_id: str) -> None:
+    async with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        request = gateway_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=2, ignore_eos=True, request_id=request_id)
+        async for _ in stub.Generate(request, timeout=300, metadata=(("traceparent", traceparent),)):
+            pass
+
+
+def test_a_callers_trace_context_is_continued(traced, traces):
+    address, receiver = traced
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    asyncio.run(_generate_under(address, f"00-{trace_id}-{parent_id}-01", "trace-caller"))
+    spans = receiver.wait_for(lambda spans: _complete_trace(spans, "trace-caller"))
+    root = _root(spans, "trace-caller")
+    assert root.trace_id == trace_id and root.parent_span_id == parent_id
+    assert {s.service for s in spans if s.trace_id == trace_id} == SERVICES
+
+
+def test_tracing_switches(monkeypatch):
+    """OTEL_SDK_DISABLED removes every interceptor; with no endpoint they stay (propagation) but nothing exports."""
+    from disagg import telemetry
+
+    saved = (telemetry._state.tracing, telemetry._state.exporting)
+    try:
+        monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+        assert telemetry.setup_tracing("disagg-test") is False
+        assert telemetry.client_interceptors() == [] and telemetry.server_interceptors() == []
+        monkeypatch.delenv("OTEL_SDK_DISABLED")
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+        assert telemetry.setup_tracing("disagg-test") is False
+        assert len(telemetry.client_interceptors()) == 2 and len(telemetry.server_interceptors()) == 1
+    finally:
+        telemetry._state.tracing, telemetry._state.exporting = saved
