@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import os
 import shlex
@@ -236,7 +237,8 @@ def bench_main(args: argparse.Namespace) -> None:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         prompt_text = prompts[0][:80].replace('"', "'").replace("\n", " ") + f"... ({args.prompt_tokens} tokens)"
         payload = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(),
-                   "workload": workload, "model": args.model, "load_format": args.load_format, "dtype": args.dtype,
+                   "workload": {**dataclasses.asdict(workload), "request_rate": str(workload.request_rate)},
+                   "model": args.model, "load_format": args.load_format, "dtype": args.dtype,
                    "threads": {"workers": args.threads, "prefill_args": args.prefill_args,
                                "decode_args": args.decode_args,
                                "baseline": args.baseline_threads or os.cpu_count()},
