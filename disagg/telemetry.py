@@ -586,7 +586,7 @@ def instrument_generate(generate: Callable) -> Callable:
     """Wraps Gateway.Generate: the request's root span (`text_completion <model>`) and the client-side metrics."""
 
     async def traced_generate(request, context):
-        state = _GatewayRequest(request)
+        state = _GatewayRequest(request, request_id=request.request_id)  # (or the one the gateway makes, later)
         token = None
         if _state.tracing:
             parent = propagate.extract(_carrier(context.invocation_metadata()))

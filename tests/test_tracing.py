@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from disagg.client import channel, complete
@@ -193,3 +194,27 @@ def test_tracing_switches(monkeypatch):
         assert len(telemetry.client_interceptors()) == 2 and len(telemetry.server_interceptors()) == 1
     finally:
         telemetry._state.tracing, telemetry._state.exporting = saved
+
+
+def test_a_refused_handoff_keeps_its_status_and_marks_the_trace():
+    """Decode holds other weights, so it refuses the KV cache mid-stream: through the instrumented channels the
+    client still sees DATA_LOSS, and the trace records the failure on the gateway and decode spans."""
+    receiver = OtlpReceiver().start()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    cluster = Cluster(GPT2_ARGS, [], decode_args=["--seed", "1"], env=env)
+    try:
+        address = asyncio.run(cluster.start(timeout=300))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            asyncio.run(_generate(address, "trace-refused", prompt=PROMPT * 4, max_new_tokens=4))
+        assert caught.value.code() == grpc.StatusCode.DATA_LOSS, caught.value.details()
+        spans = receiver.wait_for(lambda spans: any(
+            s.name == "disagg.v1.DecodeService/Decode" for s in spans) and _root(spans, "trace-refused") is not None)
+    finally:
+        cluster.stop()
+        receiver.stop()
+    root = _root(spans, "trace-refused")
+    assert root is not None, [(s.service, s.name, s.attributes) for s in spans]
+    assert root.status_code == 2 and root.attributes["error.type"] == "DATA_LOSS"  # STATUS_CODE_ERROR
+    decode = [s for s in spans if s.name == "disagg.v1.DecodeService/Decode"]
+    assert [(s.trace_id, s.status_code, s.attributes["error.type"]) for s in decode] == [
+        (root.trace_id, 2, "DATA_LOSS")]
