@@ -7,6 +7,7 @@ stream goes on with no token lost or repeated.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -55,10 +56,11 @@ async def _send(worker: Worker, call, message=None) -> None:
     """
     try:
         await (call.done_writing() if message is None else call.write(message))
-    except grpc.aio.AioRpcError as error:
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:  # InvalidStateError: the call had ended
         code, details = await call.code(), await call.details()
         if code == grpc.StatusCode.OK:
-            code, details = error.code(), error.details()
+            code, details = ((error.code(), error.details()) if isinstance(error, grpc.aio.AioRpcError)
+                             else (grpc.StatusCode.UNAVAILABLE, "call ended before the handoff was sent"))
         raise _failure(worker, code, details) from error
 
 

@@ -27,7 +27,11 @@ class RunningCluster:
 
 def start_cluster(worker_args: list[str], gateway_args: list[str] = (), **kwargs) -> RunningCluster:
     cluster = Cluster(worker_args, list(gateway_args), **kwargs)
-    address = asyncio.run(cluster.start(timeout=300))
+    try:
+        address = asyncio.run(cluster.start(timeout=300))
+    except BaseException:
+        cluster.stop()
+        raise
     return RunningCluster(address, cluster)
 
 
