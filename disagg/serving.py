@@ -141,13 +141,13 @@ def server_credentials(tls: TlsOptions) -> grpc.ServerCredentials | None:
 def open_channel(address: str, tls: TlsOptions | None = None) -> grpc.aio.Channel:
     """A channel with the project's limits; TLS (and a client certificate, for mutual TLS) when configured."""
     if tls is None or not tls.enabled:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors())
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(root_certificates=_read(tls.tls_ca), private_key=_read(tls.tls_key),
                                                certificate_chain=_read(tls.tls_cert))
     options = [*CHANNEL_OPTIONS]
     if tls.tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls.tls_server_name))
-    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=telemetry.client_interceptors())
+    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 class Server:

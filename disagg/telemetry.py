@@ -217,31 +217,17 @@ def _carrier(metadata) -> dict[str, str]:
     return {key: value for key, value in (metadata or ()) if isinstance(value, str)}
 
 
-def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The current trace context (traceparent, tracestate) as gRPC metadata, for an outgoing call's `metadata=`.
+
+    Added where the call is made rather than by a channel interceptor: grpc.aio's intercepted stream-stream calls
+    behave differently (a write after the call ended raises asyncio.InvalidStateError, not AioRpcError).
+    """
+    if not _state.tracing:
+        return ()
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    if not carrier:
-        return details
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
-    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                      details.wait_for_ready)
-
-
-# grpc.aio files an interceptor under the first interceptor type it is an instance of: one class per call type.
-class _UnaryStreamPropagation(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(_with_trace_context(client_call_details), request)
-
-
-class _StreamStreamPropagation(grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(_with_trace_context(client_call_details), request_iterator)
-
-
-def client_interceptors() -> list:
-    """For grpc.aio channels: the current trace context (traceparent, tracestate) on every outgoing streaming call;
-    nothing when tracing is disabled."""
-    return [_UnaryStreamPropagation(), _StreamStreamPropagation()] if _state.tracing else []
+    return tuple(carrier.items())
 
 
 def _grpc_code(exc: BaseException, context) -> grpc.StatusCode:

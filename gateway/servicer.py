@@ -133,7 +133,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _attempt(self, progress: Progress, context, deadline: float):
         request = progress.prefill_request()
-        metadata = (("x-request-id", request.request_id),)
+        metadata = (("x-request-id", request.request_id), *telemetry.trace_metadata())
         prefill_worker = self.prefill.pick()
         decode_worker = decode_call = None
         prefill_worker.in_flight += 1

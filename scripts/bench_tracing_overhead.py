@@ -129,7 +129,6 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
     handoff = [worker_pb2.DecodeRequest(start=worker_pb2.SequenceStart(request_id="bench")),
                worker_pb2.DecodeRequest(first_token=worker_pb2.FirstToken(token_id=7)),
                *(worker_pb2.DecodeRequest(kv_chunk=worker_pb2.KvChunk(tensor_index=i)) for i in range(12))]
-    details = grpc.aio.ClientCallDetails("/disagg.v1.DecodeService/Decode", 1.0, None, None, None)
 
     async def generate(request, context):
         for r in responses:
@@ -139,13 +138,12 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
         for m in handoff:
             yield m
 
-    async def one_request(traced_generate, server, inject: bool) -> None:
+    async def one_request(traced_generate, server) -> None:
         context = _FakeContext()
         async for _ in traced_generate(gateway_pb2.GenerateRequest(prompt="x"), context):
             pass
-        if inject:  # what the client interceptors do for the two worker calls
-            telemetry._with_trace_context(details)
-            telemetry._with_trace_context(details)
+        telemetry.trace_metadata()  # the gateway's two worker calls
+        telemetry.trace_metadata()
         for name in ("Prefill", "Decode"):
             handler = await server(name)
             if handler is not None:
@@ -166,7 +164,7 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
 
     async def measure() -> float:
         traced_generate = telemetry.instrument_generate(generate)
-        interceptors, inject = telemetry.server_interceptors(), bool(telemetry.client_interceptors())
+        interceptors = telemetry.server_interceptors()
 
         async def server(name):
             Details.method = f"/disagg.v1.{name}Service/{name}"
@@ -179,10 +177,10 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
             return await interceptors[0].intercept_service(continuation, Details)
 
         for _ in range(50):
-            await one_request(traced_generate, server, inject)
+            await one_request(traced_generate, server)
         started = time.process_time()
         for _ in range(iterations):
-            await one_request(traced_generate, server, inject)
+            await one_request(traced_generate, server)
         return (time.process_time() - started) / iterations * 1e6
 
     saved_metrics, telemetry._metrics = telemetry._metrics, None

@@ -179,19 +179,19 @@ def test_a_callers_trace_context_is_continued(traced, traces):
 
 
 def test_tracing_switches(monkeypatch):
-    """OTEL_SDK_DISABLED removes every interceptor; with no endpoint they stay (propagation) but nothing exports."""
+    """OTEL_SDK_DISABLED removes the interceptor and propagation; with no endpoint they stay but nothing exports."""
     from disagg import telemetry
 
     saved = (telemetry._state.tracing, telemetry._state.exporting)
     try:
         monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
         assert telemetry.setup_tracing("disagg-test") is False
-        assert telemetry.client_interceptors() == [] and telemetry.server_interceptors() == []
+        assert telemetry.trace_metadata() == () and telemetry.server_interceptors() == []
         monkeypatch.delenv("OTEL_SDK_DISABLED")
         monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
         monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
         assert telemetry.setup_tracing("disagg-test") is False
-        assert len(telemetry.client_interceptors()) == 2 and len(telemetry.server_interceptors()) == 1
+        assert len(telemetry.server_interceptors()) == 1
     finally:
         telemetry._state.tracing, telemetry._state.exporting = saved
 
