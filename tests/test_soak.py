@@ -38,7 +38,10 @@ async def test_soak_with_cancellations_and_killed_workers(llama_model):
         address = await cluster.start(timeout=300)
         async with channel(address) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
-            await complete(stub, gateway_pb2.GenerateRequest(prompt=prompts[0], max_new_tokens=MAX_NEW_TOKENS))
+            # Warm up at full concurrency first: the allocator's high-water mark for a batch of CONCURRENCY is the
+            # idle level to come back to (what must not happen is growth with the number of requests served).
+            await asyncio.gather(*(complete(stub, gateway_pb2.GenerateRequest(
+                prompt=prompts[i % len(prompts)], max_new_tokens=MAX_NEW_TOKENS)) for i in range(2 * CONCURRENCY)))
             idle_rss = {c.name: (await worker_load(c.address)).rss_bytes for c in cluster.decode}
 
             outcomes: list[str] = []
