@@ -55,6 +55,7 @@ class WorkerConfig:
     batch: BatchPolicy = BatchPolicy()
     kv_cache: bool = True
     kv_chunk_bytes: int = 1 << 20
+    kv_wire_dtype: str = "auto"  # prefill only: KV format on the wire ("auto" = the model's dtype, lossless)
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     grace_seconds: float = 10.0
     tls: TlsOptions = TlsOptions()
@@ -141,6 +142,10 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
     add_batch_flags(parser, prefill=prefill)
     _flag(parser, "--kv-cache", d.kv_cache, "hand over and use the KV cache (--no-kv-cache recomputes every step)")
     _flag(parser, "--kv-chunk-bytes", d.kv_chunk_bytes, "bytes of KV per streamed chunk")
+    if prefill:
+        _flag(parser, "--kv-wire-dtype", d.kv_wire_dtype, "KV cache format on the wire: 'auto' (the model's dtype, "
+              "lossless) or lossy float16, bfloat16, int8 (per-channel scaled)",
+              choices=["auto", "float32", "float16", "bfloat16", "int8"])
     if not prefill:
         _flag(parser, "--kv-budget-mb", d.kv_budget_mb,
               "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited")

@@ -2,6 +2,11 @@
 
 Layout: layer-major, for each layer K then V, each a C-contiguous [1, kv_heads, seq_len, head_dim] tensor as raw
 little-endian bytes. Nothing here unpickles anything: bytes from the network only ever become tensor storage.
+
+Wire formats (`KvLayout.wire_dtype`; empty = the model's own dtype, lossless): `float16` and `bfloat16` send each
+tensor cast to that dtype; `int8` sends, per tensor, kv_heads * head_dim float32 scales (one per head and channel,
+the channel's max |x| over the sequence / 127) followed by the int8 values round(x / scale). The receiver converts
+back to the model's dtype (`layout.dtype`) once the tensor is complete.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from disagg.errors import KvIntegrityError
 CHUNK_BYTES = 1 << 20
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+WIRE_FORMATS = ("float32", "float16", "bfloat16", "int8")  # what --kv-wire-dtype may name besides "auto"
+INT8_MAX = 127
 
 
 @dataclass(frozen=True)
@@ -30,14 +37,22 @@ class KvLayout:
     seq_len: int
     head_dim: int
     model_fingerprint: str
+    wire_dtype: str = ""  # "" = dtype (lossless); else one of WIRE_FORMATS
 
     @property
     def tensor_shape(self) -> tuple[int, int, int, int]:
         return (1, self.kv_heads, self.seq_len, self.head_dim)
 
     @property
+    def wire(self) -> str:
+        return self.wire_dtype or self.dtype
+
+    @property
     def tensor_bytes(self) -> int:
-        return self.kv_heads * self.seq_len * self.head_dim * WIRE_DTYPES[self.dtype].itemsize
+        """Bytes of one tensor on the wire (int8: its float32 scales, then its values)."""
+        if self.wire == "int8":
+            return self.kv_heads * self.head_dim * (4 + self.seq_len)
+        return self.kv_heads * self.seq_len * self.head_dim * WIRE_DTYPES[self.wire].itemsize
 
     @property
     def total_bytes(self) -> int:
@@ -58,19 +73,43 @@ def tensor_bytes_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def encode_tensor(tensor_index: int, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-    """Chunks of one tensor (bfloat16 has no numpy dtype, hence the uint8 view)."""
-    raw = tensor_bytes_view(tensor.cpu())
+def quantize_int8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales [1, heads, 1, head_dim] float32, values int8) of a [1, heads, seq, head_dim] tensor."""
+    x = tensor.float()
+    amax = x.abs().amax(dim=2, keepdim=True)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    return scale, torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def dequantize_int8(scale: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (values.float() * scale).to(dtype)
+
+
+def wire_bytes(tensor: torch.Tensor, wire: str) -> memoryview:
+    """The bytes of one tensor in wire format `wire` (a dtype name, or "int8")."""
+    tensor = tensor.detach().cpu()
+    if wire == "int8":
+        scale, values = quantize_int8(tensor)
+        return memoryview(torch.cat([scale.reshape(-1).view(torch.uint8), values.reshape(-1).view(torch.uint8)])
+                          .numpy()).cast("B")
+    return tensor_bytes_view(tensor.to(WIRE_DTYPES[wire]))
+
+
+def encode_tensor(tensor_index: int, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES,
+                  wire: str | None = None) -> Iterator[Chunk]:
+    """Chunks of one tensor (bfloat16 has no numpy dtype, hence the uint8 view); `wire` None = its own dtype."""
+    raw = tensor_bytes_view(tensor.cpu()) if wire is None else wire_bytes(tensor, wire)
     for offset in range(0, len(raw), chunk_bytes):
         piece = raw[offset:offset + chunk_bytes]
         yield Chunk(tensor_index, offset, piece, zlib.crc32(piece))
 
 
-def encode_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-    """Chunks of a whole cache, in layout order."""
+def encode_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES,
+              wire: str | None = None) -> Iterator[Chunk]:
+    """Chunks of a whole cache, in layout order; `wire` names the wire format (None = the tensors' own dtype)."""
     for layer, (key, value) in enumerate(layers):
-        yield from encode_tensor(2 * layer, key, chunk_bytes)
-        yield from encode_tensor(2 * layer + 1, value, chunk_bytes)
+        yield from encode_tensor(2 * layer, key, chunk_bytes, wire)
+        yield from encode_tensor(2 * layer + 1, value, chunk_bytes, wire)
 
 
 class KvAssembler:
@@ -83,14 +122,19 @@ class KvAssembler:
     def __init__(self, layout: KvLayout, expected_fingerprint: str | None = None):
         if layout.dtype not in WIRE_DTYPES:
             raise KvIntegrityError(f"unknown KV dtype {layout.dtype!r}")
+        if layout.wire not in WIRE_FORMATS:
+            raise KvIntegrityError(f"unknown KV wire dtype {layout.wire_dtype!r}")
         if expected_fingerprint is not None and layout.model_fingerprint != expected_fingerprint:
             raise KvIntegrityError(
                 f"KV cache was made by model {layout.model_fingerprint!r}, this worker serves {expected_fingerprint!r}")
         if min(layout.num_layers, layout.kv_heads, layout.seq_len, layout.head_dim) <= 0:
             raise KvIntegrityError(f"bad KV layout {layout}")
         self.layout = layout
-        dtype = WIRE_DTYPES[layout.dtype]
-        self._tensors = [torch.empty(layout.tensor_shape, dtype=dtype) for _ in range(2 * layout.num_layers)]
+        if layout.wire == "int8":  # scales + values per tensor, converted in layers()
+            self._tensors = [torch.empty(layout.tensor_bytes, dtype=torch.uint8) for _ in range(2 * layout.num_layers)]
+        else:
+            dtype = WIRE_DTYPES[layout.wire]
+            self._tensors = [torch.empty(layout.tensor_shape, dtype=dtype) for _ in range(2 * layout.num_layers)]
         self._raw = [t.view(-1).view(torch.uint8).numpy() for t in self._tensors]
         self._seen: set[tuple[int, int]] = set()
         self.received = 0
@@ -119,4 +163,14 @@ class KvAssembler:
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.complete:
             raise KvIntegrityError(f"KV cache incomplete: {self.received} of {self.layout.total_bytes} bytes")
-        return [(self._tensors[2 * i], self._tensors[2 * i + 1]) for i in range(self.layout.num_layers)]
+        tensors = [self._to_model_dtype(t) for t in self._tensors]
+        return [(tensors[2 * i], tensors[2 * i + 1]) for i in range(self.layout.num_layers)]
+
+    def _to_model_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
+        layout, dtype = self.layout, WIRE_DTYPES[self.layout.dtype]
+        if layout.wire != "int8":
+            return tensor if tensor.dtype == dtype else tensor.to(dtype)
+        split = 4 * layout.kv_heads * layout.head_dim
+        scale = tensor[:split].view(torch.float32).reshape(1, layout.kv_heads, 1, layout.head_dim)
+        values = tensor[split:].view(torch.int8).reshape(layout.tensor_shape)
+        return dequantize_int8(scale, values, dtype)

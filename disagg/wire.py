@@ -22,12 +22,12 @@ def layout_to_pb(layout: KvLayout, kv_included: bool) -> worker_pb2.KvLayout:
     return worker_pb2.KvLayout(dtype=layout.dtype, num_layers=layout.num_layers, kv_heads=layout.kv_heads,
                                seq_len=layout.seq_len, head_dim=layout.head_dim,
                                model_fingerprint=layout.model_fingerprint,
-                               total_bytes=layout.total_bytes if kv_included else 0)
+                               total_bytes=layout.total_bytes if kv_included else 0, wire_dtype=layout.wire_dtype)
 
 
 def layout_from_pb(pb: worker_pb2.KvLayout) -> KvLayout:
     return KvLayout(dtype=pb.dtype, num_layers=pb.num_layers, kv_heads=pb.kv_heads, seq_len=pb.seq_len,
-                    head_dim=pb.head_dim, model_fingerprint=pb.model_fingerprint)
+                    head_dim=pb.head_dim, model_fingerprint=pb.model_fingerprint, wire_dtype=pb.wire_dtype)
 
 
 def chunk_to_pb(chunk: Chunk) -> worker_pb2.KvChunk:

@@ -46,8 +46,10 @@ def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int):
+    def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int, wire_dtype: str = "auto"):
         self.lm, self.engine, self.chunk_bytes = lm, engine, chunk_bytes
+        # "" on the wire = the model's dtype (lossless, no conversion); naming the model's dtype is the same
+        self.wire_dtype = "" if wire_dtype in ("auto", "", DTYPE_NAMES[lm.dtype]) else wire_dtype
         self.active = 0  # Prefill calls in progress
 
     def load(self) -> dict:
@@ -55,7 +57,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     def _layout(self, seq_len: int) -> KvLayout:
         layers, heads, head_dim = self.lm.kv_shape()
-        return KvLayout(DTYPE_NAMES[self.lm.dtype], layers, heads, seq_len, head_dim, self.lm.fingerprint)
+        return KvLayout(DTYPE_NAMES[self.lm.dtype], layers, heads, seq_len, head_dim, self.lm.fingerprint,
+                        self.wire_dtype)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context):
         self.active += 1
@@ -94,7 +97,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
             prefill_seconds=result.forward_seconds))
         if result.kv is not None and result.finish_reason is None:
-            for chunk in telemetry.observe_kv_serialize(encode_kv(result.kv, self.chunk_bytes)):
+            chunks = encode_kv(result.kv, self.chunk_bytes, self.wire_dtype or None)
+            for chunk in telemetry.observe_kv_serialize(chunks):
                 yield worker_pb2.PrefillResponse(kv_chunk=chunk_to_pb(chunk))
 
 

@@ -61,7 +61,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., default_max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class KvLayout(_message.Message):
-    __slots__ = ("dtype", "num_layers", "kv_heads", "seq_len", "head_dim", "model_fingerprint", "total_bytes")
+    __slots__ = ("dtype", "num_layers", "kv_heads", "seq_len", "head_dim", "model_fingerprint", "total_bytes", "wire_dtype")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class KvLayout(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     num_layers: int
     kv_heads: int
@@ -76,7 +77,8 @@ class KvLayout(_message.Message):
     head_dim: int
     model_fingerprint: str
     total_bytes: int
-    def __init__(self, dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., head_dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    wire_dtype: str
+    def __init__(self, dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., head_dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., total_bytes: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
 
 class SequenceStart(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "sampling", "kv_layout", "model")

@@ -1,0 +1,143 @@
+"""KV wire formats: lossless model dtype, float16, bfloat16 and per-channel int8, through codec, proto and a cluster."""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import pytest
+import torch
+
+from disagg import config as cfg
+from disagg.errors import KvIntegrityError
+from disagg.kv_codec import KvAssembler, KvLayout, encode_kv
+from disagg.wire import chunk_from_pb, chunk_to_pb, layout_from_pb, layout_to_pb
+from tests.conftest import GPT2_ARGS, start_cluster
+from tests.test_e2e import generate, prompt_of, reference
+
+LAYERS, HEADS, SEQ, HEAD_DIM = 3, 4, 37, 16
+
+
+def cache(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, HEADS, SEQ, HEAD_DIM)
+    # channels of very different magnitudes, as real K/V have: per-channel scales must cope
+    spread = torch.logspace(-2, 1, HEAD_DIM).reshape(1, 1, 1, HEAD_DIM)
+    return [((torch.randn(shape, generator=g) * spread).to(dtype), (torch.randn(shape, generator=g) * spread).to(dtype))
+            for _ in range(LAYERS)]
+
+
+def round_trip(layers, wire: str, model_dtype: str = "float32", chunk_bytes: int = 333, shuffle: bool = True):
+    layout = KvLayout(model_dtype, LAYERS, HEADS, SEQ, HEAD_DIM, "fp-model", "" if wire == model_dtype else wire)
+    chunks = list(encode_kv(layers, chunk_bytes, None if wire == model_dtype else wire))
+    assert sum(len(c.data) for c in chunks) == layout.total_bytes
+    if shuffle:
+        random.Random(1).shuffle(chunks)
+    pb_layout = layout_to_pb(layout, kv_included=True)
+    assembler = KvAssembler(layout_from_pb(pb_layout), expected_fingerprint="fp-model")
+    assert assembler.layout.total_bytes == pb_layout.total_bytes
+    for chunk in chunks:
+        assembler.add(chunk_from_pb(chunk_to_pb(chunk)))
+    assert assembler.complete
+    return layout, assembler.layers()
+
+
+def test_lossless_default_is_bit_exact():
+    layers = cache()
+    layout, got = round_trip(layers, "float32")
+    assert layout.wire == "float32" and layout.total_bytes == 2 * LAYERS * HEADS * SEQ * HEAD_DIM * 4
+    for (k, v), (gk, gv) in zip(layers, got, strict=True):
+        assert gk.dtype == torch.float32 and torch.equal(k, gk) and torch.equal(v, gv)
+
+
+@pytest.mark.parametrize(("wire", "itemsize", "rel_tol"), [("float16", 2, 1e-3), ("bfloat16", 2, 8e-3)])
+def test_half_formats_round_trip_within_their_precision(wire, itemsize, rel_tol):
+    layers = cache()
+    layout, got = round_trip(layers, wire)
+    assert layout.total_bytes == 2 * LAYERS * HEADS * SEQ * HEAD_DIM * itemsize
+    for (k, v), (gk, gv) in zip(layers, got, strict=True):
+        for want, have in ((k, gk), (v, gv)):
+            assert have.dtype == torch.float32 and have.shape == want.shape
+            assert torch.all((have - want).abs() <= rel_tol * want.abs() + 1e-6)
+            assert torch.equal(have, want.to(getattr(torch, wire)).float())  # exactly a cast, nothing else
+
+
+def test_int8_round_trip_error_is_bounded_per_channel():
+    layers = cache()
+    layout, got = round_trip(layers, "int8")
+    # one float32 scale per (head, channel) + one byte per value, per tensor: under 30% of fp32
+    assert layout.total_bytes == 2 * LAYERS * HEADS * HEAD_DIM * (4 + SEQ)
+    for (k, v), (gk, gv) in zip(layers, got, strict=True):
+        for want, have in ((k, gk), (v, gv)):
+            assert have.dtype == torch.float32 and have.shape == want.shape
+            channel_max = want.abs().amax(dim=2, keepdim=True)
+            # rounding to the nearest of 255 levels: at most half a step (max / 127 / 2) off, per channel
+            assert torch.all((have - want).abs() <= channel_max / 127 / 2 * (1 + 1e-5) + 1e-7)
+            # a channel's largest value survives exactly up to float rounding
+            rel = (have - want).norm() / want.norm()
+            assert rel < 0.01
+
+
+def test_int8_all_zero_and_constant_channels():
+    zeros = torch.zeros(1, HEADS, SEQ, HEAD_DIM)
+    const = torch.full((1, HEADS, SEQ, HEAD_DIM), -3.5)
+    layers = [(zeros, const)] * LAYERS
+    _, got = round_trip(layers, "int8", shuffle=False)
+    for gk, gv in got:
+        assert torch.equal(gk, zeros)
+        assert torch.allclose(gv, const, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("wire", ["float16", "int8"])
+def test_wire_format_converts_back_to_a_half_model_dtype(wire):
+    layers = cache(torch.bfloat16)
+    _, got = round_trip(layers, wire, model_dtype="bfloat16")
+    for (k, _), (gk, _) in zip(layers, got, strict=True):
+        assert gk.dtype == torch.bfloat16
+        assert (gk.float() - k.float()).abs().max() <= 0.02 * k.float().abs().max()
+
+
+def test_fingerprint_still_checked_and_unknown_wire_refused():
+    layout = KvLayout("float32", LAYERS, HEADS, SEQ, HEAD_DIM, "fp-model", "int8")
+    with pytest.raises(KvIntegrityError, match="made by model"):
+        KvAssembler(layout, expected_fingerprint="another-model")
+    KvAssembler(layout, expected_fingerprint="fp-model")  # the wire dtype is not part of the fingerprint
+    with pytest.raises(KvIntegrityError, match="wire dtype"):
+        KvAssembler(KvLayout("float32", LAYERS, HEADS, SEQ, HEAD_DIM, "fp-model", "int4"))
+
+
+def test_corrupted_int8_chunk_is_refused():
+    layout = KvLayout("float32", LAYERS, HEADS, SEQ, HEAD_DIM, "fp", "int8")
+    chunk = next(iter(encode_kv(cache(), 256, "int8")))
+    bad = bytearray(chunk.data)
+    bad[0] ^= 1
+    with pytest.raises(KvIntegrityError, match="checksum"):
+        KvAssembler(layout).add(type(chunk)(chunk.tensor_index, chunk.offset, bytes(bad), chunk.crc32))
+
+
+def test_flag_and_environment(monkeypatch):
+    def parse(argv):
+        parser = argparse.ArgumentParser()
+        cfg.add_worker_flags(parser, prefill=True)
+        return cfg.worker_config(parser.parse_args(argv))
+
+    assert parse([]).kv_wire_dtype == "auto"
+    assert parse(["--kv-wire-dtype", "bfloat16"]).kv_wire_dtype == "bfloat16"
+    monkeypatch.setenv("DISAGG_KV_WIRE_DTYPE", "int8")
+    assert parse([]).kv_wire_dtype == "int8"
+    assert parse(["--kv-wire-dtype", "float16"]).kv_wire_dtype == "float16"
+
+
+@pytest.fixture(scope="module", params=["int8", "bfloat16"])
+def lossy_cluster(request):
+    running = start_cluster(GPT2_ARGS, prefill_args=["--kv-wire-dtype", request.param])
+    yield running
+    running.cluster.stop()
+
+
+async def test_cluster_with_lossy_wire_dtype_serves(lossy_cluster, gpt2_model):
+    prompt = prompt_of(gpt2_model.tokenizer, 300)  # 300 tokens: ~10 MB fp32, several chunks per tensor
+    expected = reference(gpt2_model, prompt, 12)
+    got = await generate(lossy_cluster.address, prompt=prompt, max_new_tokens=12, ignore_eos=True)
+    assert got.finish_reason == "length" and got.completion_tokens == 12 and len(got.token_ids) == 12
+    assert got.token_ids[0] == expected[0]  # the first token comes from prefill, before any conversion
