@@ -93,6 +93,12 @@ def _bench(args: argparse.Namespace) -> None:
     bench_main(args)
 
 
+def _bench_handoff(args: argparse.Namespace) -> None:
+    from disagg.handoff_bench import handoff_main
+
+    handoff_main(args)
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from disagg.inspect_cmd import inspect_main
 
@@ -164,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_flags(bench)
     bench.set_defaults(func=_bench)
+
+    handoff = sub.add_parser("bench-handoff", help="KV handoff cost per prompt length and wire format, and greedy "
+                                                   "agreement of lossy wire formats on the bundled model")
+    from disagg.handoff_bench import add_handoff_flags
+
+    add_handoff_flags(handoff)
+    handoff.set_defaults(func=_bench_handoff)
 
     inspect = sub.add_parser("inspect", help="walk through prefill and decode of one prompt, step by step")
     from disagg.inspect_cmd import add_inspect_flags

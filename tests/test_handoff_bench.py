@@ -1,0 +1,29 @@
+"""`disagg bench-handoff` end to end at a small size: real prefill servicer and decode receiver over loopback gRPC."""
+
+from __future__ import annotations
+
+import json
+
+from disagg.cli import main
+
+
+def test_bench_handoff_writes_a_record(tmp_path):
+    out = tmp_path / "handoff"
+    main(["bench-handoff", "--lengths", "16,40", "--formats", "auto,float16,int8", "--repeats", "1",
+          "--agreement-tokens", "3", "--out", str(out)])
+    record = json.loads((tmp_path / "handoff.json").read_text())
+    assert record["command"].startswith("disagg bench-handoff --lengths 16,40")
+    rows = {(r["prompt_tokens"], r["wire"]): r for r in record["handoff"]}
+    assert set(rows) == {(n, w) for n in (16, 40) for w in ("auto", "float16", "int8")}
+    per_token_fp32 = 2 * 6 * 12 * 64 * 4  # distilgpt2: 6 layers, K and V, 12 heads x 64, fp32
+    assert rows[(40, "auto")]["bytes"] == 40 * per_token_fp32
+    assert rows[(40, "float16")]["bytes"] == 40 * per_token_fp32 // 2
+    assert rows[(40, "int8")]["bytes"] == 2 * 6 * 12 * 64 * (4 + 40)
+    for row in rows.values():
+        assert row["prefill_seconds"] > 0 and row["exposed_seconds"] > 0 and row["gb_per_s"] > 0
+    agreement = record["agreement"]
+    assert agreement["model"] == "smollm2-135m-instruct" and set(agreement["formats"]) == {"float16", "int8"}
+    for entry in agreement["formats"].values():
+        assert entry["total"] == 3 * agreement["prompts"] and 0 <= entry["agreement"] <= 1
+    markdown = (tmp_path / "handoff.md").read_text()
+    assert "| 40 | int8 |" in markdown and "direct prefill-to-decode path" in markdown
