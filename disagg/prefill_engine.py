@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from disagg.config import BatchPolicy
 from disagg.engine_thread import EngineThread
 from disagg.model import LoadedModel
@@ -35,6 +37,8 @@ class PrefillJob:
     deliver: Callable[[PrefillResult | BaseException], None]
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
+    # layer-wise streaming: called from the engine thread with (layer, keys, values) during the forward pass
+    on_kv_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
 
 class PrefillEngine(EngineThread[PrefillJob]):
@@ -65,7 +69,14 @@ class PrefillEngine(EngineThread[PrefillJob]):
             return
         started, started_at = time.perf_counter(), time.monotonic()
         try:
-            outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache)
+            layer_sinks = [job.on_kv_layer for job in batch]
+            on_layer = None
+            if any(layer_sinks):
+                def on_layer(row, layer, keys, values):
+                    if layer_sinks[row] is not None:
+                        layer_sinks[row](layer, keys, values)
+            outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache,
+                              on_layer=on_layer)
         except Exception as exc:
             for job in batch:
                 job.deliver(exc)

@@ -17,4 +17,5 @@ def main(config: WorkerConfig) -> None:
     asyncio.run(serve_worker(
         config, "PrefillService", worker_pb2_grpc.add_PrefillServiceServicer_to_server,
         make_engine=lambda lm: PrefillEngine(lm, config.batch, kv_cache=config.kv_cache),
-        make_servicer=lambda lm, engine: PrefillServicer(lm, engine, config.kv_chunk_bytes, config.kv_wire_dtype)))
+        make_servicer=lambda lm, engine: PrefillServicer(lm, engine, config.kv_chunk_bytes, config.kv_wire_dtype,
+                                                         config.kv_layerwise)))

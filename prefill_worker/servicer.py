@@ -6,7 +6,7 @@ import asyncio
 
 from disagg import telemetry
 from disagg.errors import InvalidRequest
-from disagg.kv_codec import DTYPE_NAMES, KvLayout, encode_kv
+from disagg.kv_codec import DTYPE_NAMES, KvLayout, encode_kv, encode_tensor
 from disagg.model import LoadedModel
 from disagg.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
@@ -46,8 +46,9 @@ def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int, wire_dtype: str = "auto"):
-        self.lm, self.engine, self.chunk_bytes = lm, engine, chunk_bytes
+    def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int, wire_dtype: str = "auto",
+                 layerwise: bool = False):
+        self.lm, self.engine, self.chunk_bytes, self.layerwise = lm, engine, chunk_bytes, layerwise
         # "" on the wire = the model's dtype (lossless, no conversion); naming the model's dtype is the same
         self.wire_dtype = "" if wire_dtype in ("auto", "", DTYPE_NAMES[lm.dtype]) else wire_dtype
         self.active = 0  # Prefill calls in progress
@@ -83,12 +84,22 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             loop.call_soon_threadsafe(_settle, done, result)
 
         job = PrefillJob(request.request_id, input_ids, output, deliver)
+        layers: asyncio.Queue | None = None
+        if self.layerwise and self.engine.kv_cache:  # K/V of each layer as the forward pass computes it, then None
+            layers = asyncio.Queue()
+            job.on_kv_layer = lambda *item: loop.call_soon_threadsafe(layers.put_nowait, item)
+            job.deliver = lambda result: (deliver(result), loop.call_soon_threadsafe(layers.put_nowait, None))
         self.engine.submit(job)
         yield worker_pb2.PrefillResponse(start=worker_pb2.SequenceStart(
             request_id=request.request_id, prompt_token_ids=prompt, generated_token_ids=generated,
             sampling=sampling_to_pb(params), model=self.lm.name,
             kv_layout=layout_to_pb(self._layout(len(input_ids)), kv_included=self.engine.kv_cache)))
         try:
+            while layers is not None and (item := await layers.get()) is not None:
+                layer, keys, values = item
+                for index, tensor in ((2 * layer, keys), (2 * layer + 1, values)):
+                    for chunk in encode_tensor(index, tensor, self.chunk_bytes, self.wire_dtype or None):
+                        yield worker_pb2.PrefillResponse(kv_chunk=chunk_to_pb(chunk))
             result = await done
         finally:
             job.cancelled = True  # dropped from the queue if the caller left before the forward pass
@@ -96,7 +107,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         yield worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
             token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
             prefill_seconds=result.forward_seconds))
-        if result.kv is not None and result.finish_reason is None:
+        if result.kv is not None and result.finish_reason is None and layers is None:
             chunks = encode_kv(result.kv, self.chunk_bytes, self.wire_dtype or None)
             for chunk in telemetry.observe_kv_serialize(chunks):
                 yield worker_pb2.PrefillResponse(kv_chunk=chunk_to_pb(chunk))

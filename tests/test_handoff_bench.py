@@ -9,12 +9,13 @@ from disagg.cli import main
 
 def test_bench_handoff_writes_a_record(tmp_path):
     out = tmp_path / "handoff"
-    main(["bench-handoff", "--lengths", "16,40", "--formats", "auto,float16,int8", "--repeats", "1",
+    main(["bench-handoff", "--lengths", "16,40", "--formats", "auto,float16,int8,auto:layerwise", "--repeats", "1",
           "--agreement-tokens", "3", "--out", str(out)])
     record = json.loads((tmp_path / "handoff.json").read_text())
     assert record["command"].startswith("disagg bench-handoff --lengths 16,40")
     rows = {(r["prompt_tokens"], r["wire"]): r for r in record["handoff"]}
-    assert set(rows) == {(n, w) for n in (16, 40) for w in ("auto", "float16", "int8")}
+    assert set(rows) == {(n, w) for n in (16, 40) for w in ("auto", "float16", "int8", "auto:layerwise")}
+    assert rows[(40, "auto:layerwise")]["bytes"] == rows[(40, "auto")]["bytes"]
     per_token_fp32 = 2 * 6 * 12 * 64 * 4  # distilgpt2: 6 layers, K and V, 12 heads x 64, fp32
     assert rows[(40, "auto")]["bytes"] == 40 * per_token_fp32
     assert rows[(40, "float16")]["bytes"] == 40 * per_token_fp32 // 2

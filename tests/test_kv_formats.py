@@ -128,11 +128,26 @@ def test_flag_and_environment(monkeypatch):
     assert parse(["--kv-wire-dtype", "float16"]).kv_wire_dtype == "float16"
 
 
-@pytest.fixture(scope="module", params=["int8", "bfloat16"])
+@pytest.fixture(scope="module", params=[["--kv-wire-dtype", "int8"], ["--kv-wire-dtype", "bfloat16", "--kv-layerwise"]])
 def lossy_cluster(request):
-    running = start_cluster(GPT2_ARGS, prefill_args=["--kv-wire-dtype", request.param])
+    running = start_cluster(GPT2_ARGS, prefill_args=request.param)
     yield running
     running.cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def layerwise_cluster():
+    running = start_cluster(GPT2_ARGS, prefill_args=["--kv-layerwise"])
+    yield running
+    running.cluster.stop()
+
+
+@pytest.mark.parametrize("n_tokens", [1, 13, 700])
+async def test_layerwise_streaming_keeps_greedy_output_identical(layerwise_cluster, gpt2_model, n_tokens):
+    prompt = prompt_of(gpt2_model.tokenizer, n_tokens)
+    expected = reference(gpt2_model, prompt, 12)
+    got = await generate(layerwise_cluster.address, prompt=prompt, max_new_tokens=12, ignore_eos=True)
+    assert got.token_ids == expected and got.finish_reason == "length"
 
 
 async def test_cluster_with_lossy_wire_dtype_serves(lossy_cluster, gpt2_model):
