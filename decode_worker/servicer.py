@@ -10,6 +10,7 @@ from disagg import telemetry
 from disagg.decode_engine import DecodeEngine, DecodeSequence, TokenEvent
 from disagg.errors import DisaggError, InvalidRequest, KvIntegrityError, ProtocolError
 from disagg.kv_codec import KvAssembler
+from disagg.kv_transport import DIRECT, KvInbox, adopt_shared_memory
 from disagg.model import LoadedModel
 from disagg.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
@@ -25,8 +26,13 @@ class Handoff:
     kv: KvLayers | None
 
 
-async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool) -> Handoff:
-    """Read SequenceStart, then FirstToken and KV chunks in any order, until both are complete."""
+async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool, inbox: KvInbox | None = None,
+                          timeout: float = 60.0) -> Handoff:
+    """Read SequenceStart, then FirstToken and the KV cache in any order, until both are complete.
+
+    The cache comes as KvChunk messages in this stream (relayed), as one KvSharedMemory message (co-located
+    workers), or pushed by the prefill worker to `inbox` under the layout's handle (direct).
+    """
     start = first = assembler = None
     async for message in requests:
         kind = message.WhichOneof("event")
@@ -38,18 +44,29 @@ async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool) -> Handoff:
                 if start.kv_layout.total_bytes == 0:
                     raise ProtocolError("this decode worker needs the KV cache, the prefill worker sent none "
                                         "(is one of them running with --no-kv-cache?)")
-                assembler = KvAssembler(layout_from_pb(start.kv_layout), expected_fingerprint=lm.fingerprint)
-                if assembler.layout.total_bytes != start.kv_layout.total_bytes:
-                    raise KvIntegrityError("KV layout's total_bytes does not match its shape")
+                if start.kv_layout.transport != DIRECT:
+                    assembler = KvAssembler(layout_from_pb(start.kv_layout), expected_fingerprint=lm.fingerprint)
+                    if assembler.layout.total_bytes != start.kv_layout.total_bytes:
+                        raise KvIntegrityError("KV layout's total_bytes does not match its shape")
+                elif inbox is None or not start.kv_layout.handle:
+                    raise ProtocolError("a directly pushed KV cache needs a handle and a decode worker that takes "
+                                        "pushes")
         elif start is None:
             raise ProtocolError(f"{kind} before SequenceStart")
-        elif kind == "kv_chunk":
+        elif kind in ("kv_chunk", "shared_memory"):
             if assembler is None:
-                raise ProtocolError("KV chunk sent to a decode worker running with --no-kv-cache")
-            assembler.add(chunk_from_pb(message.kv_chunk))
+                raise ProtocolError(f"{kind} sent to a decode worker running with --no-kv-cache, or with a "
+                                    "directly pushed KV cache")
+            if kind == "kv_chunk":
+                assembler.add(chunk_from_pb(message.kv_chunk))
+            else:
+                adopt_shared_memory(message.shared_memory, assembler)
         elif kind == "first_token":
             first = message.first_token
         if first is not None and (assembler is None or assembler.complete):
+            if kv_cache and assembler is None:  # direct: the prefill worker pushes the cache to the inbox
+                layers = await inbox.claim(start.kv_layout.handle, layout_from_pb(start.kv_layout), timeout)
+                return Handoff(start, first, layers)
             return Handoff(start, first, assembler.layers() if assembler else None)
     if start is None:
         raise ProtocolError("stream ended before SequenceStart")
@@ -85,11 +102,21 @@ async def drain(requests, max_messages: int = 256, seconds: float = 5.0) -> None
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     def __init__(self, lm: LoadedModel, engine: DecodeEngine, budget: KvBudget):
         self.lm, self.engine, self.budget = lm, engine, budget
+        self.inbox = KvInbox(lm.fingerprint, max_bytes=budget.limit)
         self.active = 0  # Decode calls in progress: receiving KV, waiting or running
 
     def load(self) -> dict:
         return dict(active_sequences=self.active, queued=len(self.engine.waiting),
-                    kv_bytes=self.engine.batch.kv_bytes, kv_budget_bytes=self.budget.limit)
+                    kv_bytes=self.engine.batch.kv_bytes + self.inbox.bytes_held, kv_budget_bytes=self.budget.limit)
+
+    async def PushKv(self, request_iterator, context):
+        """The direct transport: a prefill worker's push of one cache, kept until its Decode call claims it."""
+        observed = telemetry.observe_kv_push(request_iterator)
+        try:
+            received = await self.inbox.receive(observed)
+        finally:
+            telemetry.record_kv_push(observed)
+        return worker_pb2.PushKvResponse(received_bytes=received)
 
     async def Decode(self, request_iterator, context):
         self.active += 1
@@ -97,7 +124,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         try:
             try:
                 handoff = await receive_handoff(telemetry.observe_kv_transfer(request_iterator), self.lm,
-                                                self.engine.kv_cache)
+                                                self.engine.kv_cache, self.inbox, context.time_remaining() or 60.0)
             except DisaggError:
                 await drain(request_iterator)
                 raise

@@ -38,6 +38,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--address", default="", help="benchmark this gateway instead of starting a local cluster")
     c.add_argument("--kv-cache", default="on", choices=["on", "off", "both"],
                    help="'both' runs the cluster twice (KV cache on, then off) for the comparison")
+    c.add_argument("--kv-transport", default="relayed", choices=["relayed", "direct", "shared-memory"],
+                   help="how the local cluster's KV cache reaches the decode worker")
     c.add_argument("--prefill-args", default="", help="extra flags for the prefill worker, e.g. '--threads 2'")
     c.add_argument("--decode-args", default="", help="extra flags for the decode worker")
     c.add_argument("--start-timeout", type=float, default=300.0)
@@ -69,7 +71,8 @@ def _worker_args(args: argparse.Namespace, kv_on: bool) -> list[str]:
 async def _start_cluster(args: argparse.Namespace, kv_on: bool):
     from disagg.cluster import Cluster
 
-    cluster = Cluster(_worker_args(args, kv_on), [], prefill_args=shlex.split(args.prefill_args),
+    cluster = Cluster(_worker_args(args, kv_on), ["--kv-transport", args.kv_transport],
+                      prefill_args=shlex.split(args.prefill_args),
                       decode_args=shlex.split(args.decode_args))
     return cluster, await cluster.start(args.start_timeout)
 
@@ -158,8 +161,10 @@ def _records(args, lm, workload: Workload, prompt: str, results: dict[str, dict]
     from disagg.bench import format_table
     from disagg.experiment_record import ExperimentRecord, gpu_utilization, hardware, stats_line
 
+    transport = "as the gateway is configured" if args.address else args.kv_transport
     threads = (f"cluster workers --threads {args.threads} each (extra: prefill '{args.prefill_args}', decode "
-               f"'{args.decode_args}'); baseline torch threads {args.baseline_threads or os.cpu_count()}")
+               f"'{args.decode_args}'), KV transport {transport}; "
+               f"baseline torch threads {args.baseline_threads or os.cpu_count()}")
     busy = (f"load average before the run {load_before[0]:.2f} (1 min) on {os.cpu_count()} cores"
             + ("; the machine was shared with other work, timings are noisy" if load_before[0] > 0.5 else ""))
     ratio_text = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())

@@ -18,7 +18,8 @@ def _up(args: argparse.Namespace) -> None:
     worker_args = ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
                    "--device", args.device, "--seed", str(args.seed), "--threads", str(args.threads),
                    "--kv-cache" if args.kv_cache else "--no-kv-cache"]
-    cluster = Cluster(worker_args, shlex.split(args.gateway_args), args.prefill_workers, args.decode_workers,
+    gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
+    cluster = Cluster(worker_args, gateway_args, args.prefill_workers, args.decode_workers,
                       gateway_port=args.port, prefill_args=shlex.split(args.prefill_args),
                       decode_args=shlex.split(args.decode_args))
 
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill-workers", type=int, default=1)
     up.add_argument("--decode-workers", type=int, default=1)
     up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)
+    up.add_argument("--kv-transport", default="relayed", choices=["relayed", "direct", "shared-memory"],
+                    help="how the KV cache reaches the decode workers (see disagg gateway --help)")
     up.add_argument("--prefill-args", default="", help="extra flags for each prefill worker, e.g. '--max-batch-size 8'")
     up.add_argument("--decode-args", default="", help="extra flags for each decode worker")
     up.add_argument("--gateway-args", default="", help="extra flags for the gateway")

@@ -56,7 +56,7 @@ class WorkerConfig:
     kv_cache: bool = True
     kv_chunk_bytes: int = 1 << 20
     kv_wire_dtype: str = "auto"  # prefill only: KV format on the wire ("auto" = the model's dtype, lossless)
-    kv_layerwise: bool = False  # prefill only: stream each layer's K/V while later layers compute
+    kv_layerwise: bool = True  # prefill only: stream each layer's K/V while later layers compute
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     grace_seconds: float = 10.0
     tls: TlsOptions = TlsOptions()
@@ -76,6 +76,7 @@ class GatewayConfig:
     grace_seconds: float = 10.0
     max_inflight: int = 1024  # concurrent requests before RESOURCE_EXHAUSTED
     max_attempts: int = 3  # worker failures survived by one request (retry / migration)
+    kv_transport: str = "relayed"  # how KV reaches decode: relayed (through here), direct, shared-memory
     health_interval_seconds: float = 1.0
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
@@ -148,7 +149,8 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
               "lossless) or lossy float16, bfloat16, int8 (per-channel scaled)",
               choices=["auto", "float32", "float16", "bfloat16", "int8"])
         _flag(parser, "--kv-layerwise", d.kv_layerwise, "stream each layer's KV as soon as the forward pass has "
-              "computed it, overlapping the handoff with the later layers")
+              "computed it, overlapping the handoff with the later layers (--no-kv-layerwise: the whole cache "
+              "after the forward pass)")
     if not prefill:
         _flag(parser, "--kv-budget-mb", d.kv_budget_mb,
               "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited")
@@ -169,6 +171,9 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight streams on SIGTERM")
     _flag(parser, "--max-inflight", d.max_inflight, "concurrent requests before RESOURCE_EXHAUSTED")
     _flag(parser, "--max-attempts", d.max_attempts, "worker failures one request survives (retry, migration)")
+    _flag(parser, "--kv-transport", d.kv_transport, "how the KV cache reaches the decode worker: 'relayed' "
+          "through the gateway, 'direct' (prefill pushes it to the decode worker the gateway chose), or "
+          "'shared-memory' (co-located workers sharing /dev/shm)", choices=["relayed", "direct", "shared-memory"])
     _flag(parser, "--health-interval-seconds", d.health_interval_seconds, "how often worker health is checked")
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     add_tls_flags(parser)

@@ -20,11 +20,12 @@ Metrics live in one registry per process, served over HTTP on --metrics-port (0 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -258,17 +259,21 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(TRACED_METHODS):
             return handler
-        behavior = handler.unary_stream or handler.stream_stream
+        streaming = handler.unary_stream or handler.stream_stream
+        behavior = streaming or handler.stream_unary
         if behavior is None:
             return handler
         carrier = _carrier(handler_call_details.invocation_metadata)
         service, _, rpc = method[1:].rpartition("/")
 
-        async def traced(request, context):
+        def start_span():
             span = _tracer.start_span(method[1:], context=propagate.extract(carrier), kind=SpanKind.SERVER,
                                       attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc,
                                                   "disagg.request_id": carrier.get("x-request-id", "")})
-            token = otel_context.attach(trace.set_span_in_context(span))
+            return span, otel_context.attach(trace.set_span_in_context(span))
+
+        async def traced(request, context):
+            span, token = start_span()
             closed = False
             try:
                 async for item in behavior(request, context):
@@ -285,9 +290,21 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
                 if not closed:  # a closed generator is finalized from another task, whose context is not ours
                     otel_context.detach(token)
 
+        async def traced_unary(request_iterator, context):  # stream-unary: PushKv
+            span, token = start_span()
+            try:
+                return await behavior(request_iterator, context)
+            except BaseException as exc:
+                _mark_error(span, exc, _grpc_code(exc, context))
+                raise
+            finally:
+                span.end()
+                otel_context.detach(token)
+
         factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-                   else grpc.stream_stream_rpc_method_handler)
-        return factory(traced, request_deserializer=handler.request_deserializer,
+                   else grpc.stream_stream_rpc_method_handler if handler.stream_stream
+                   else grpc.stream_unary_rpc_method_handler)
+        return factory(traced if streaming else traced_unary, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
 
 
@@ -345,34 +362,45 @@ def record_prefill(job, result) -> None:
                                           "disagg.finish_reason": result.finish_reason or ""})])
 
 
-def observe_kv_serialize(chunks: Iterable) -> Iterator:
-    """Passes KV chunks through, then records the `kv.serialize` span (bytes, chunks, encode time) and metrics.
+class KvSerialize:
+    """The prefill side of one handoff: what each layer's encoding cost, then the `kv.serialize` span and metrics.
 
-    The cache streams while it is encoded, so the span runs from the first chunk's encoding to the last chunk
-    handed to gRPC; `disagg.kv.encode_seconds` is the part spent encoding.
+    The cache may stream while the forward pass still runs (layer-wise), so the span runs from the first layer's
+    encoding to the last message handed over; `disagg.kv.encode_seconds` is the part spent encoding.
     """
-    begin, encode, size, count = time.monotonic(), 0.0, 0, 0
-    iterator = iter(chunks)
-    try:
-        while True:
-            before = time.perf_counter()
-            chunk = next(iterator, None)
-            encode += time.perf_counter() - before
-            if chunk is None:
-                break
-            size += len(chunk.data)
-            count += 1
-            yield chunk
-    finally:
-        end = time.monotonic()
+
+    def __init__(self, transport: str):
+        self.transport, self.parent = transport, otel_context.get_current()
+        self.begin: float | None = None
+        self.encode_seconds, self.bytes, self.chunks, self.ended = 0.0, 0, 0, False
+
+    @contextlib.contextmanager
+    def encoding(self):
+        if self.begin is None:
+            self.begin = time.monotonic()
+        started = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.encode_seconds += time.perf_counter() - started
+
+    def add(self, size: int, chunks: int) -> None:
+        self.bytes, self.chunks = self.bytes + size, self.chunks + chunks
+
+    def end(self) -> None:
+        """Once every byte is handed over (the transport's `finish`)."""
+        if self.ended or self.begin is None:
+            return
+        self.ended, end = True, time.monotonic()
         if _metrics is not None and hasattr(_metrics, "kv_bytes"):
-            _metrics.kv_bytes.inc(size)
-            _metrics.kv_seconds.observe(end - begin)
-            _metrics.kv_request_bytes.observe(size)
-        if _recording():
-            _span(_Clock(), "kv.serialize", begin, end,
-                  {"disagg.kv.bytes": size, "disagg.kv.chunks": count, "disagg.kv.encode_seconds": encode,
-                   "disagg.kv.mb_per_s": _mb_per_s(size, end - begin)})
+            _metrics.kv_bytes.inc(self.bytes)
+            _metrics.kv_seconds.observe(end - self.begin)
+            _metrics.kv_request_bytes.observe(self.bytes)
+        if trace.get_current_span(self.parent).is_recording():
+            _span(_Clock(), "kv.serialize", self.begin, end,
+                  {"disagg.kv.bytes": self.bytes, "disagg.kv.chunks": self.chunks,
+                   "disagg.kv.encode_seconds": self.encode_seconds, "disagg.kv.transport": self.transport,
+                   "disagg.kv.mb_per_s": _mb_per_s(self.bytes, end - self.begin)}, parent=self.parent)
 
 
 def _mb_per_s(size: int, seconds: float) -> float:
@@ -383,12 +411,13 @@ def _mb_per_s(size: int, seconds: float) -> float:
 class KvTransfer:
     """What the decode side saw of a handoff stream: when payload started and ended, how much KV came."""
 
-    parent: object  # the Decode call's trace context (record_decode may run in another task, at the stream's close)
-    started: float | None = None  # SequenceStart arrived
-    first: float | None = None  # first FirstToken or KvChunk (prefill's forward pass is done by then)
+    parent: object  # the call's trace context (record_decode may run in another task, at the stream's close)
+    started: float | None = None  # SequenceStart (or a push's header) arrived
+    first: float | None = None  # first FirstToken or KV message (prefill's forward pass is done by then)
     last: float | None = None  # last message read
     bytes: int = 0
     chunks: int = 0
+    transport: str = "relayed"
 
 
 # Handoffs in progress on this decode worker, by request id, until record_decode takes them. The servicer's
@@ -396,10 +425,11 @@ class KvTransfer:
 # variables of the call are gone: hence a dict, and the call's trace context kept in the KvTransfer.
 _transfers: dict[str, KvTransfer] = {}
 MAX_PENDING_TRANSFERS = 4096
+TRANSPORTS = {0: "relayed", 1: "relayed", 2: "direct", 3: "shared-memory"}  # worker.proto's KvTransport
 
 
 class _ObservedHandoff:
-    """An async iterator over the handoff messages that notes their arrival times in a KvTransfer."""
+    """An async iterator over handoff messages (a Decode or PushKv stream) that notes them in a KvTransfer."""
 
     def __init__(self, messages, transfer: KvTransfer):
         self._messages, self.transfer = messages.__aiter__(), transfer
@@ -411,16 +441,21 @@ class _ObservedHandoff:
         message = await self._messages.__anext__()
         now, transfer = time.monotonic(), self.transfer
         kind = message.WhichOneof("event")
-        if kind == "start":
+        if kind in ("start", "header"):
             transfer.started = now
-            if len(_transfers) >= MAX_PENDING_TRANSFERS:  # handoffs refused before decoding are never taken
-                _transfers.pop(next(iter(_transfers)))
-            _transfers[message.start.request_id] = transfer
+            if kind == "start":
+                transfer.transport = TRANSPORTS.get(message.start.kv_layout.transport, "relayed")
+                if len(_transfers) >= MAX_PENDING_TRANSFERS:  # handoffs refused before decoding are never taken
+                    _transfers.pop(next(iter(_transfers)))
+                _transfers[message.start.request_id] = transfer
         else:
             if transfer.first is None:
                 transfer.first = now
             if kind == "kv_chunk":
                 transfer.bytes += len(message.kv_chunk.data)
+                transfer.chunks += 1
+            elif kind == "shared_memory":
+                transfer.bytes += message.shared_memory.size
                 transfer.chunks += 1
         transfer.last = now
         return message
@@ -429,6 +464,31 @@ class _ObservedHandoff:
 def observe_kv_transfer(messages) -> AsyncIterator:
     """Wraps a Decode call's request stream; `record_decode` later turns what it saw into the `kv.transfer` span."""
     return _ObservedHandoff(messages, KvTransfer(parent=otel_context.get_current()))
+
+
+def observe_kv_push(messages) -> _ObservedHandoff:
+    """Wraps a PushKv stream (direct transport); `record_kv_push` records its `kv.transfer` span at its end."""
+    return _ObservedHandoff(messages, KvTransfer(parent=otel_context.get_current(), transport="direct"))
+
+
+def record_kv_push(observed: _ObservedHandoff) -> None:
+    _record_transfer(observed.transfer, _Clock())
+
+
+def _record_transfer(transfer: KvTransfer, clock: _Clock) -> None:
+    """The `kv.transfer` span and metrics: first to last KV message received on this worker."""
+    if transfer.first is None:
+        return
+    seconds = transfer.last - transfer.first
+    if _metrics is not None and hasattr(_metrics, "kv_load"):
+        _metrics.kv_bytes.inc(transfer.bytes)
+        _metrics.kv_seconds.observe(seconds)
+        _metrics.kv_request_bytes.observe(transfer.bytes)
+    if trace.get_current_span(transfer.parent).is_recording():
+        _span(clock, "kv.transfer", transfer.first, transfer.last,
+              {"disagg.kv.bytes": transfer.bytes, "disagg.kv.chunks": transfer.chunks,
+               "disagg.kv.transport": transfer.transport, "disagg.kv.transfer_seconds": seconds,
+               "disagg.kv.mb_per_s": _mb_per_s(transfer.bytes, seconds)}, parent=transfer.parent)
 
 
 def record_decode(seq, finish_reason: str | None = None) -> None:
@@ -450,11 +510,10 @@ def record_decode(seq, finish_reason: str | None = None) -> None:
     decode_seconds = end - loaded if loaded else 0.0
     tpot = decode_seconds / len(steps) if steps else 0.0
     m = _metrics if _metrics is not None and hasattr(_metrics, "kv_load") else None
+    clock = _Clock()
+    if transfer.transport != "direct":  # a direct push records its own transfer
+        _record_transfer(transfer, clock)
     if m is not None:
-        if transfer.first is not None:
-            m.kv_bytes.inc(transfer.bytes)
-            m.kv_seconds.observe(transfer.last - transfer.first)
-            m.kv_request_bytes.observe(transfer.bytes)
         if admitted:
             m.queue_wait.observe(max(0.0, admitted - seq.enqueued_at))
             m.kv_load.observe(max(0.0, loaded - admitted))
@@ -465,13 +524,6 @@ def record_decode(seq, finish_reason: str | None = None) -> None:
             m.generation_tokens.inc(len(steps))
     if not trace.get_current_span(parent).is_recording():
         return
-    clock = _Clock()
-    if transfer.first is not None:
-        seconds = transfer.last - transfer.first
-        _span(clock, "kv.transfer", transfer.first, transfer.last,
-              {"disagg.kv.bytes": transfer.bytes, "disagg.kv.chunks": transfer.chunks,
-               "disagg.kv.transfer_seconds": seconds, "disagg.kv.mb_per_s": _mb_per_s(transfer.bytes, seconds)},
-              parent=parent)
     if not admitted:  # cancelled or failed before it joined the batch
         _span(clock, "decode.queue_wait", seq.enqueued_at, now, {"disagg.admitted": False}, parent=parent)
         return

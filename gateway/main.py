@@ -6,15 +6,15 @@ import asyncio
 
 from disagg import telemetry
 from disagg.config import GatewayConfig
-from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
+from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.serving import BearerTokenInterceptor, Server
-from gateway.servicer import GatewayServicer
+from gateway.servicer import GatewayServicer, RelayDecodeStub, RelayPrefillStub
 from gateway.worker_pool import WorkerPool
 
 
 async def serve(config: GatewayConfig) -> None:
-    prefill = WorkerPool("prefill", config.prefill, worker_pb2_grpc.PrefillServiceStub, config.tls)
-    decode = WorkerPool("decode", config.decode, worker_pb2_grpc.DecodeServiceStub, config.tls)
+    prefill = WorkerPool("prefill", config.prefill, RelayPrefillStub, config.tls)
+    decode = WorkerPool("decode", config.decode, RelayDecodeStub, config.tls)
     monitors = [asyncio.create_task(pool.monitor(config.health_interval_seconds)) for pool in (prefill, decode)]
 
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []

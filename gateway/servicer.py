@@ -7,10 +7,10 @@ stream goes on with no token lost or repeated.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,13 +18,19 @@ import grpc
 from disagg import telemetry
 from disagg.config import GatewayConfig
 from disagg.errors import DeadlineExceeded, NoWorkerAvailable, Overloaded, ProtocolError, UpstreamError
+from disagg.kv_transport import DIRECT, TRANSPORT_NAMES
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
+from disagg.serving import CallEnded, send
 from gateway.validation import to_prefill_request
 from gateway.worker_pool import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 # Status codes that mean "this worker is gone or going", not "this request is wrong": try elsewhere.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
+# The first byte of a serialized PrefillResponse holding a KvChunk: its one field's tag (field 2, length-delimited).
+KV_CHUNK_TAG = bytes([worker_pb2.PrefillResponse.DESCRIPTOR.fields_by_name["kv_chunk"].number << 3 | 2])
 
 
 class WorkerFailed(Exception):
@@ -39,29 +45,45 @@ def _failure(worker: Worker, code: grpc.StatusCode, details: str) -> Exception:
     return UpstreamError(code, f"{worker.kind} worker {worker.address}: {details}")
 
 
-async def _receive(worker: Worker, call):
-    """The call's messages; a worker's failure surfaces as WorkerFailed or UpstreamError."""
+async def _receive(worker: Worker, call, pushes_to: Worker | None = None):
+    """The call's messages; a worker's failure surfaces as WorkerFailed or UpstreamError.
+
+    `pushes_to`: the decode worker a prefill call pushes its KV cache to; ABORTED from the prefill worker means
+    that one failed.
+    """
     try:
         async for message in call:
             yield message
     except grpc.aio.AioRpcError as error:
+        if pushes_to is not None and error.code() == grpc.StatusCode.ABORTED:
+            raise WorkerFailed(pushes_to, f"prefill worker {worker.address}: {error.details()}") from error
         raise _failure(worker, error.code(), error.details()) from error
 
 
 async def _send(worker: Worker, call, message=None) -> None:
-    """Write one message (None: half-close) to a client-streaming call.
-
-    A write that fails because the worker already ended the call reports the worker's own status (for example
-    DATA_LOSS for a KV cache it refused), not the local write error.
-    """
+    """Write one message (None: half-close) to a client-streaming call; a failure names the worker's status."""
     try:
-        await (call.done_writing() if message is None else call.write(message))
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:  # InvalidStateError: the call had ended
-        code, details = await call.code(), await call.details()
-        if code == grpc.StatusCode.OK:
-            code, details = ((error.code(), error.details()) if isinstance(error, grpc.aio.AioRpcError)
-                             else (grpc.StatusCode.UNAVAILABLE, "call ended before the handoff was sent"))
-        raise _failure(worker, code, details) from error
+        await send(call, message)
+    except CallEnded as ended:
+        raise _failure(worker, ended.code, ended.details) from ended
+
+
+class RelayPrefillStub:
+    """PrefillService as the gateway calls it: responses stay serialized, to go on to decode byte for byte."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.Prefill = channel.unary_stream("/disagg.v1.PrefillService/Prefill",
+                                            request_serializer=worker_pb2.PrefillRequest.SerializeToString)
+
+
+class RelayDecodeStub:
+    """DecodeService as the gateway calls it: requests are the prefill worker's serialized messages, relayed
+    unchanged (PrefillResponse and DecodeRequest are wire-identical), so a KV chunk is never parsed into a new
+    message and serialized again."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.Decode = channel.stream_stream("/disagg.v1.DecodeService/Decode",
+                                            response_deserializer=worker_pb2.DecodeResponse.FromString)
 
 
 @dataclass
@@ -99,6 +121,7 @@ class Progress:
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, prefill: WorkerPool, decode: WorkerPool):
         self.config, self.prefill, self.decode = config, prefill, decode
+        self.transport = TRANSPORT_NAMES[config.kv_transport]
         self.in_flight = 0
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context):
@@ -135,19 +158,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request = progress.prefill_request()
         metadata = (("x-request-id", request.request_id), *telemetry.trace_metadata())
         prefill_worker = self.prefill.pick()
-        decode_worker = decode_call = None
+        decode_worker = decode_call = pushes_to = None
+        if self.transport == DIRECT:  # the decode worker is chosen first: the prefill worker pushes the KV to it
+            decode_worker = pushes_to = self.decode.pick()
+            decode_worker.in_flight += 1
+            request.kv_destination.decode_address = decode_worker.address
+            request.kv_destination.handle = f"{request.request_id}/{uuid.uuid4().hex}"
+        request.kv_destination.transport = self.transport
         prefill_worker.in_flight += 1
         prefill_call = prefill_worker.stub.Prefill(request, timeout=self._timeout(context, deadline),
                                                    metadata=metadata)
         try:
-            async for message in _receive(prefill_worker, prefill_call):
-                kind = message.WhichOneof("event")
+            async for raw in _receive(prefill_worker, prefill_call, pushes_to):
+                if raw[:1] == KV_CHUNK_TAG:  # relayed unparsed; the decode worker checks it
+                    kind = "kv_chunk"
+                else:
+                    message = worker_pb2.PrefillResponse.FromString(raw)
+                    kind = message.WhichOneof("event")
                 if kind == "start":
                     progress.prompt_token_ids = list(message.start.prompt_token_ids)
                     progress.sampling = message.start.sampling
                     telemetry.note_model(message.start.model)
-                    decode_worker = self.decode.pick()
-                    decode_worker.in_flight += 1
+                    if decode_worker is None:
+                        decode_worker = self.decode.pick()
+                        decode_worker.in_flight += 1
                     decode_call = decode_worker.stub.Decode(timeout=self._timeout(context, deadline),
                                                             metadata=metadata)
                 elif decode_call is None:
@@ -157,7 +191,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     yield progress.response(first.text, [first.token_id], first.finish_reason)
                     if first.finish_reason:
                         return
-                await _send(decode_worker, decode_call, worker_pb2.DecodeRequest(**{kind: getattr(message, kind)}))
+                await _send(decode_worker, decode_call, raw)
             prefill_worker.in_flight -= 1
             prefill_worker = None
             if decode_call is None:
@@ -174,4 +208,5 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 prefill_worker.in_flight -= 1
             if decode_call is not None:
                 decode_call.cancel()
+            if decode_worker is not None:
                 decode_worker.in_flight -= 1

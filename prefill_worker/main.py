@@ -6,6 +6,7 @@ import asyncio
 
 from disagg import telemetry
 from disagg.config import WorkerConfig
+from disagg.kv_transport import PushClients, SharedMemorySegments
 from disagg.pb.disagg.v1 import worker_pb2_grpc
 from disagg.prefill_engine import PrefillEngine
 from disagg.worker_process import serve_worker
@@ -14,8 +15,13 @@ from prefill_worker.servicer import PrefillServicer
 
 def main(config: WorkerConfig) -> None:
     telemetry.setup("prefill", config.host, config.metrics_port)
-    asyncio.run(serve_worker(
-        config, "PrefillService", worker_pb2_grpc.add_PrefillServiceServicer_to_server,
-        make_engine=lambda lm: PrefillEngine(lm, config.batch, kv_cache=config.kv_cache),
-        make_servicer=lambda lm, engine: PrefillServicer(lm, engine, config.kv_chunk_bytes, config.kv_wire_dtype,
-                                                         config.kv_layerwise)))
+    segments = SharedMemorySegments()  # shared-memory handoffs to co-located decode workers
+    try:
+        asyncio.run(serve_worker(
+            config, "PrefillService", worker_pb2_grpc.add_PrefillServiceServicer_to_server,
+            make_engine=lambda lm: PrefillEngine(lm, config.batch, kv_cache=config.kv_cache),
+            make_servicer=lambda lm, engine: PrefillServicer(
+                lm, engine, config.kv_chunk_bytes, config.kv_wire_dtype, config.kv_layerwise,
+                push_clients=PushClients(config.tls), segments=segments)))
+    finally:
+        segments.remove_all()  # segments no decode worker took

@@ -6,13 +6,14 @@ import asyncio
 
 from disagg import telemetry
 from disagg.errors import InvalidRequest
-from disagg.kv_codec import DTYPE_NAMES, KvLayout, encode_kv, encode_tensor
+from disagg.kv_codec import DTYPE_NAMES, KvLayout
+from disagg.kv_transport import DIRECT, RELAYED, PushClients, SharedMemorySegments, make_sender
 from disagg.model import LoadedModel
 from disagg.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.prefill_engine import PrefillEngine, PrefillJob, PrefillResult
 from disagg.sampling import SamplingParams
-from disagg.wire import chunk_to_pb, layout_to_pb, sampling_from_pb, sampling_to_pb
+from disagg.wire import layout_to_pb, sampling_from_pb, sampling_to_pb
 
 
 def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
@@ -47,10 +48,13 @@ def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int, wire_dtype: str = "auto",
-                 layerwise: bool = False):
+                 layerwise: bool = True, push_clients: PushClients | None = None,
+                 segments: SharedMemorySegments | None = None):
         self.lm, self.engine, self.chunk_bytes, self.layerwise = lm, engine, chunk_bytes, layerwise
         # "" on the wire = the model's dtype (lossless, no conversion); naming the model's dtype is the same
         self.wire_dtype = "" if wire_dtype in ("auto", "", DTYPE_NAMES[lm.dtype]) else wire_dtype
+        self.push_clients = push_clients or PushClients()
+        self.segments = segments or SharedMemorySegments()
         self.active = 0  # Prefill calls in progress
 
     def load(self) -> dict:
@@ -64,12 +68,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     async def Prefill(self, request: worker_pb2.PrefillRequest, context):
         self.active += 1
         try:
-            async for response in self._prefill(request):
+            async for response in self._prefill(request, context.time_remaining()):
                 yield response
         finally:
             self.active -= 1
 
-    async def _prefill(self, request: worker_pb2.PrefillRequest):
+    async def _prefill(self, request: worker_pb2.PrefillRequest, time_remaining: float | None):
         prompt = prompt_token_ids(self.lm, request)
         generated = list(request.generated_token_ids)
         input_ids = prompt + generated
@@ -84,33 +88,45 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             loop.call_soon_threadsafe(_settle, done, result)
 
         job = PrefillJob(request.request_id, input_ids, output, deliver)
+        layout, destination = self._layout(len(input_ids)), request.kv_destination
+        sender = None
+        if self.engine.kv_cache:
+            sender = make_sender(destination, layout, self.chunk_bytes, request.request_id, self.push_clients,
+                                 self.segments, time_remaining)
         layers: asyncio.Queue | None = None
-        if self.layerwise and self.engine.kv_cache:  # K/V of each layer as the forward pass computes it, then None
+        if self.layerwise and sender is not None:  # K/V of each layer as the forward pass computes it, then None
             layers = asyncio.Queue()
             job.on_kv_layer = lambda *item: loop.call_soon_threadsafe(layers.put_nowait, item)
             job.deliver = lambda result: (deliver(result), loop.call_soon_threadsafe(layers.put_nowait, None))
         self.engine.submit(job)
+        pb_layout = layout_to_pb(layout, kv_included=sender is not None)
+        pb_layout.transport = destination.transport or RELAYED
+        pb_layout.handle = destination.handle if destination.transport == DIRECT else ""
         yield worker_pb2.PrefillResponse(start=worker_pb2.SequenceStart(
             request_id=request.request_id, prompt_token_ids=prompt, generated_token_ids=generated,
-            sampling=sampling_to_pb(params), model=self.lm.name,
-            kv_layout=layout_to_pb(self._layout(len(input_ids)), kv_included=self.engine.kv_cache)))
+            sampling=sampling_to_pb(params), model=self.lm.name, kv_layout=pb_layout))
+        handed_over = False
         try:
             while layers is not None and (item := await layers.get()) is not None:
-                layer, keys, values = item
-                for index, tensor in ((2 * layer, keys), (2 * layer + 1, values)):
-                    for chunk in encode_tensor(index, tensor, self.chunk_bytes, self.wire_dtype or None):
-                        yield worker_pb2.PrefillResponse(kv_chunk=chunk_to_pb(chunk))
+                for message in await sender.send_layer(*item):
+                    yield message
             result = await done
+            telemetry.record_prefill(job, result)
+            yield worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
+                token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
+                prefill_seconds=result.forward_seconds))
+            if sender is not None and result.finish_reason is None:
+                if layers is None:
+                    for layer, (keys, values) in enumerate(result.kv):
+                        for message in await sender.send_layer(layer, keys, values):
+                            yield message
+                for message in await sender.finish():
+                    yield message
+                handed_over = True
         finally:
             job.cancelled = True  # dropped from the queue if the caller left before the forward pass
-        telemetry.record_prefill(job, result)
-        yield worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
-            token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
-            prefill_seconds=result.forward_seconds))
-        if result.kv is not None and result.finish_reason is None and layers is None:
-            chunks = encode_kv(result.kv, self.chunk_bytes, self.wire_dtype or None)
-            for chunk in telemetry.observe_kv_serialize(chunks):
-                yield worker_pb2.PrefillResponse(kv_chunk=chunk_to_pb(chunk))
+            if sender is not None and not handed_over:  # failed, cancelled, or finished at its first token
+                sender.abort()
 
 
 def _settle(future: asyncio.Future, result) -> None:

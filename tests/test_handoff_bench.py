@@ -9,13 +9,17 @@ from disagg.cli import main
 
 def test_bench_handoff_writes_a_record(tmp_path):
     out = tmp_path / "handoff"
-    main(["bench-handoff", "--lengths", "16,40", "--formats", "auto,float16,int8,auto:layerwise", "--repeats", "1",
+    variants = ("auto", "float16", "int8", "auto:layerwise", "direct/auto", "shared-memory/auto:layerwise")
+    main(["bench-handoff", "--lengths", "16,40", "--formats", ",".join(variants), "--repeats", "1",
           "--agreement-tokens", "3", "--out", str(out)])
     record = json.loads((tmp_path / "handoff.json").read_text())
     assert record["command"].startswith("disagg bench-handoff --lengths 16,40")
     rows = {(r["prompt_tokens"], r["wire"]): r for r in record["handoff"]}
-    assert set(rows) == {(n, w) for n in (16, 40) for w in ("auto", "float16", "int8", "auto:layerwise")}
-    assert rows[(40, "auto:layerwise")]["bytes"] == rows[(40, "auto")]["bytes"]
+    assert set(rows) == {(n, w) for n in (16, 40) for w in variants}
+    for lossless in ("auto:layerwise", "direct/auto", "shared-memory/auto:layerwise"):  # same cache, other paths
+        assert rows[(40, lossless)]["bytes"] == rows[(40, "auto")]["bytes"]
+    assert rows[(40, "direct/auto")]["chunks"] == 0  # nothing through the relay: pushed to the decode side
+    assert rows[(40, "shared-memory/auto:layerwise")]["chunks"] == 1  # one KvSharedMemory message
     per_token_fp32 = 2 * 6 * 12 * 64 * 4  # distilgpt2: 6 layers, K and V, 12 heads x 64, fp32
     assert rows[(40, "auto")]["bytes"] == 40 * per_token_fp32
     assert rows[(40, "float16")]["bytes"] == 40 * per_token_fp32 // 2
@@ -27,4 +31,5 @@ def test_bench_handoff_writes_a_record(tmp_path):
     for entry in agreement["formats"].values():
         assert entry["total"] == 3 * agreement["prompts"] and 0 <= entry["agreement"] <= 1
     markdown = (tmp_path / "handoff.md").read_text()
-    assert "| 40 | int8 |" in markdown and "direct prefill-to-decode path" in markdown
+    assert "| 40 | int8 |" in markdown and "| 40 | direct/auto |" in markdown
+    assert "best whole-cache lossless path" in markdown

@@ -11,7 +11,8 @@ import torch
 from disagg import config as cfg
 from disagg.errors import KvIntegrityError
 from disagg.kv_codec import KvAssembler, KvLayout, encode_kv
-from disagg.wire import chunk_from_pb, chunk_to_pb, layout_from_pb, layout_to_pb
+from disagg.pb.disagg.v1 import worker_pb2
+from disagg.wire import chunk_from_pb, chunk_message, layout_from_pb, layout_to_pb
 from tests.conftest import GPT2_ARGS, start_cluster
 from tests.test_e2e import generate, prompt_of, reference
 
@@ -37,7 +38,7 @@ def round_trip(layers, wire: str, model_dtype: str = "float32", chunk_bytes: int
     assembler = KvAssembler(layout_from_pb(pb_layout), expected_fingerprint="fp-model")
     assert assembler.layout.total_bytes == pb_layout.total_bytes
     for chunk in chunks:
-        assembler.add(chunk_from_pb(chunk_to_pb(chunk)))
+        assembler.add(chunk_from_pb(chunk_message(worker_pb2.DecodeRequest, chunk).kv_chunk))
     assert assembler.complete
     return layout, assembler.layers()
 
@@ -128,7 +129,8 @@ def test_flag_and_environment(monkeypatch):
     assert parse(["--kv-wire-dtype", "float16"]).kv_wire_dtype == "float16"
 
 
-@pytest.fixture(scope="module", params=[["--kv-wire-dtype", "int8"], ["--kv-wire-dtype", "bfloat16", "--kv-layerwise"]])
+@pytest.fixture(scope="module",
+                params=[["--kv-wire-dtype", "int8"], ["--kv-wire-dtype", "bfloat16", "--no-kv-layerwise"]])
 def lossy_cluster(request):
     running = start_cluster(GPT2_ARGS, prefill_args=request.param)
     yield running
@@ -136,17 +138,18 @@ def lossy_cluster(request):
 
 
 @pytest.fixture(scope="module")
-def layerwise_cluster():
-    running = start_cluster(GPT2_ARGS, prefill_args=["--kv-layerwise"])
+def whole_cache_cluster():
+    running = start_cluster(GPT2_ARGS, prefill_args=["--no-kv-layerwise"])
     yield running
     running.cluster.stop()
 
 
 @pytest.mark.parametrize("n_tokens", [1, 13, 700])
-async def test_layerwise_streaming_keeps_greedy_output_identical(layerwise_cluster, gpt2_model, n_tokens):
+async def test_whole_cache_handoff_keeps_greedy_output_identical(whole_cache_cluster, gpt2_model, n_tokens):
+    """Layer-wise streaming is the default (the other clusters); the whole cache after the forward pass here."""
     prompt = prompt_of(gpt2_model.tokenizer, n_tokens)
     expected = reference(gpt2_model, prompt, 12)
-    got = await generate(layerwise_cluster.address, prompt=prompt, max_new_tokens=12, ignore_eos=True)
+    got = await generate(whole_cache_cluster.address, prompt=prompt, max_new_tokens=12, ignore_eos=True)
     assert got.token_ids == expected and got.finish_reason == "length"
 
 

@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class KvTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TRANSPORT_UNSPECIFIED: _ClassVar[KvTransport]
+    KV_TRANSPORT_RELAYED: _ClassVar[KvTransport]
+    KV_TRANSPORT_DIRECT: _ClassVar[KvTransport]
+    KV_TRANSPORT_SHARED_MEMORY: _ClassVar[KvTransport]
+KV_TRANSPORT_UNSPECIFIED: KvTransport
+KV_TRANSPORT_RELAYED: KvTransport
+KV_TRANSPORT_DIRECT: KvTransport
+KV_TRANSPORT_SHARED_MEMORY: KvTransport
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
@@ -43,7 +55,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "sampling", "apply_chat_template", "generated_token_ids", "default_max_new_tokens")
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "sampling", "apply_chat_template", "generated_token_ids", "default_max_new_tokens", "kv_destination")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +63,7 @@ class PrefillRequest(_message.Message):
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_DESTINATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -58,10 +71,21 @@ class PrefillRequest(_message.Message):
     apply_chat_template: bool
     generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
     default_max_new_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., default_max_new_tokens: _Optional[int] = ...) -> None: ...
+    kv_destination: KvDestination
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., default_max_new_tokens: _Optional[int] = ..., kv_destination: _Optional[_Union[KvDestination, _Mapping]] = ...) -> None: ...
+
+class KvDestination(_message.Message):
+    __slots__ = ("transport", "decode_address", "handle")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    transport: KvTransport
+    decode_address: str
+    handle: str
+    def __init__(self, transport: _Optional[_Union[KvTransport, str]] = ..., decode_address: _Optional[str] = ..., handle: _Optional[str] = ...) -> None: ...
 
 class KvLayout(_message.Message):
-    __slots__ = ("dtype", "num_layers", "kv_heads", "seq_len", "head_dim", "model_fingerprint", "total_bytes", "wire_dtype")
+    __slots__ = ("dtype", "num_layers", "kv_heads", "seq_len", "head_dim", "model_fingerprint", "total_bytes", "wire_dtype", "transport", "handle")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +94,8 @@ class KvLayout(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     num_layers: int
     kv_heads: int
@@ -78,7 +104,9 @@ class KvLayout(_message.Message):
     model_fingerprint: str
     total_bytes: int
     wire_dtype: str
-    def __init__(self, dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., head_dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., total_bytes: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    transport: KvTransport
+    handle: str
+    def __init__(self, dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., head_dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., total_bytes: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., transport: _Optional[_Union[KvTransport, str]] = ..., handle: _Optional[str] = ...) -> None: ...
 
 class SequenceStart(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "sampling", "kv_layout", "model")
@@ -108,6 +136,16 @@ class KvChunk(_message.Message):
     crc32: int
     def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
+class KvSharedMemory(_message.Message):
+    __slots__ = ("name", "size", "tensor_crc32")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_CRC32_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    tensor_crc32: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., tensor_crc32: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class FirstToken(_message.Message):
     __slots__ = ("token_id", "text", "finish_reason", "prefill_seconds")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -121,24 +159,52 @@ class FirstToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("start", "kv_chunk", "first_token")
+    __slots__ = ("start", "kv_chunk", "first_token", "shared_memory")
     START_FIELD_NUMBER: _ClassVar[int]
     KV_CHUNK_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     start: SequenceStart
     kv_chunk: KvChunk
     first_token: FirstToken
-    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ...) -> None: ...
+    shared_memory: KvSharedMemory
+    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., shared_memory: _Optional[_Union[KvSharedMemory, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("start", "kv_chunk", "first_token")
+    __slots__ = ("start", "kv_chunk", "first_token", "shared_memory")
     START_FIELD_NUMBER: _ClassVar[int]
     KV_CHUNK_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     start: SequenceStart
     kv_chunk: KvChunk
     first_token: FirstToken
-    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ...) -> None: ...
+    shared_memory: KvSharedMemory
+    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., shared_memory: _Optional[_Union[KvSharedMemory, _Mapping]] = ...) -> None: ...
+
+class KvPushHeader(_message.Message):
+    __slots__ = ("handle", "request_id", "kv_layout")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    request_id: str
+    kv_layout: KvLayout
+    def __init__(self, handle: _Optional[str] = ..., request_id: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, _Mapping]] = ...) -> None: ...
+
+class PushKvRequest(_message.Message):
+    __slots__ = ("header", "kv_chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KV_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: KvPushHeader
+    kv_chunk: KvChunk
+    def __init__(self, header: _Optional[_Union[KvPushHeader, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ...) -> None: ...
+
+class PushKvResponse(_message.Message):
+    __slots__ = ("received_bytes",)
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    def __init__(self, received_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason")

@@ -48,7 +48,9 @@ class PrefillServiceServicer:
 
     def Prefill(self, request, context):
         """Prefill streams one SequenceStart first, then one FirstToken and the KV cache as KvChunk messages (none when
-        the KV cache is off or the request already finished), FirstToken before or after the chunks.
+        the KV cache is off or the request already finished), FirstToken before or after the chunks. With
+        KV_TRANSPORT_SHARED_MEMORY one KvSharedMemory replaces the chunks; with KV_TRANSPORT_DIRECT the chunks go to
+        the decode worker, the stream ends once it has them all, and ABORTED means that decode worker failed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +119,11 @@ class DecodeServiceStub:
                 request_serializer=disagg_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=disagg_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.PushKv = channel.stream_unary(
+                '/disagg.v1.DecodeService/PushKv',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.PushKvRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.PushKvResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -131,6 +138,15 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushKv(self, request_iterator, context):
+        """The direct KV path: a prefill worker streams a sequence's cache here (KvPushHeader, then KvChunk...) while the
+        gateway's Decode call names the same handle in its KvLayout. Either may arrive first; a pushed cache nobody
+        claims is dropped after a timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +154,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=disagg_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=disagg_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            ),
+            'PushKv': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushKv,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.PushKvRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.PushKvResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -168,6 +189,33 @@ class DecodeService:
             '/disagg.v1.DecodeService/Decode',
             disagg_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
             disagg_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKv(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/disagg.v1.DecodeService/PushKv',
+            disagg_dot_v1_dot_worker__pb2.PushKvRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.PushKvResponse.FromString,
             options,
             channel_credentials,
             insecure,
