@@ -15,6 +15,7 @@ from disagg.model import LoadedModel
 from disagg.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.prefill_batch import KvLayers
+from disagg.serving import ReadAhead
 from disagg.wire import chunk_from_pb, layout_from_pb, sampling_from_pb
 from disagg.worker_load import KvBudget
 
@@ -33,6 +34,12 @@ async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool, inbox: KvIn
     The cache comes as KvChunk messages in this stream (relayed), as one KvSharedMemory message (co-located
     workers), or pushed by the prefill worker to `inbox` under the layout's handle (direct).
     """
+    with ReadAhead(requests) as messages:  # the next chunk arrives while this one is checked and copied
+        return await _receive_handoff(messages, lm, kv_cache, inbox, timeout)
+
+
+async def _receive_handoff(requests, lm: LoadedModel, kv_cache: bool, inbox: KvInbox | None,
+                           timeout: float) -> Handoff:
     start = first = assembler = None
     async for message in requests:
         kind = message.WhichOneof("event")

@@ -56,7 +56,7 @@ class WorkerConfig:
     kv_cache: bool = True
     kv_chunk_bytes: int = 1 << 20
     kv_wire_dtype: str = "auto"  # prefill only: KV format on the wire ("auto" = the model's dtype, lossless)
-    kv_layerwise: bool = True  # prefill only: stream each layer's K/V while later layers compute
+    kv_layerwise: bool = False  # prefill only: stream each layer's K/V while later layers compute
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     grace_seconds: float = 10.0
     tls: TlsOptions = TlsOptions()
@@ -149,8 +149,8 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
               "lossless) or lossy float16, bfloat16, int8 (per-channel scaled)",
               choices=["auto", "float32", "float16", "bfloat16", "int8"])
         _flag(parser, "--kv-layerwise", d.kv_layerwise, "stream each layer's KV as soon as the forward pass has "
-              "computed it, overlapping the handoff with the later layers (--no-kv-layerwise: the whole cache "
-              "after the forward pass)")
+              "computed it, overlapping the handoff with the later layers (worth it where the forward pass does not "
+              "need the CPU cores the encoding uses: on an accelerator, or with idle cores)")
     if not prefill:
         _flag(parser, "--kv-budget-mb", d.kv_budget_mb,
               "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited")

@@ -28,10 +28,9 @@ import torch
 PROMPT_LENGTHS = (128, 512, 1000)
 WIRE_FORMATS = ("auto", "float16", "bfloat16", "int8")
 TRANSPORTS = ("relayed", "direct", "shared-memory")
-# TRANSPORT/WIRE[:layerwise]: every wire format relayed, the lossless cache on every transport; each whole-cache
-# after the forward pass, then layer-wise (streamed while later layers compute)
-VARIANTS = (*(f"relayed/{w}{mode}" for w in WIRE_FORMATS for mode in ("", ":layerwise")),
-            *(f"{t}/auto{mode}" for t in TRANSPORTS[1:] for mode in ("", ":layerwise")))
+# TRANSPORT/WIRE[:layerwise]: every path and wire format, each whole-cache after the forward pass and layer-wise
+# (streamed while later layers compute)
+VARIANTS = tuple(f"{t}/{w}{mode}" for t in TRANSPORTS for w in WIRE_FORMATS for mode in ("", ":layerwise"))
 
 
 def parse_variant(variant: str) -> tuple[str, str, bool]:
@@ -141,6 +140,7 @@ async def _one_handoff(prefill_stub, decode_stub, decode_address: str, prompt: l
     """Hand one prompt's cache over as the gateway does (raw relay, or a handle); return its timings."""
     from disagg.kv_transport import TRANSPORT_NAMES
     from disagg.pb.disagg.v1 import worker_pb2
+    from disagg.serving import ReadAhead
 
     transport = parse_variant(variant)[0]
     request = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
@@ -151,16 +151,17 @@ async def _one_handoff(prefill_stub, decode_stub, decode_address: str, prompt: l
     prefill_call = prefill_stub.Prefill(request, metadata=((WIRE_HEADER, variant),), timeout=600)
     decode_call = decode_stub.Decode(timeout=600)
     total_bytes, prefill_seconds, chunks = 0, 0.0, 0
-    async for raw in prefill_call:
-        message = worker_pb2.PrefillResponse.FromString(raw)
-        kind = message.WhichOneof("event")
-        if kind == "start":
-            total_bytes = message.start.kv_layout.total_bytes
-        elif kind == "first_token":
-            prefill_seconds = message.first_token.prefill_seconds
-        else:
-            chunks += 1
-        await decode_call.write(raw)
+    with ReadAhead(prefill_call) as relayed:  # as the gateway relays
+        async for raw in relayed:
+            message = worker_pb2.PrefillResponse.FromString(raw)
+            kind = message.WhichOneof("event")
+            if kind == "start":
+                total_bytes = message.start.kv_layout.total_bytes
+            elif kind == "first_token":
+                prefill_seconds = message.first_token.prefill_seconds
+            else:
+                chunks += 1
+            await decode_call.write(raw)
     await decode_call.done_writing()
     async for _ in decode_call:
         pass

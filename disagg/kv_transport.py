@@ -183,6 +183,16 @@ class SharedMemorySegments:
         for name in list(self._created):
             self.remove(name)
 
+    def remove_orphans(self) -> int:
+        """At start: remove segments older than the TTL that a killed prefill worker (any, on this host) left."""
+        removed, cutoff = 0, time.time() - self.ttl
+        for entry in os.scandir(self.directory):
+            if SHM_NAME.fullmatch(entry.name) and entry.stat().st_mtime < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
 
 class SharedMemorySender(KvSender):
     """Writes each tensor's wire bytes at its place in one segment; the stream then names the segment."""

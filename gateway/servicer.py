@@ -20,7 +20,7 @@ from disagg.config import GatewayConfig
 from disagg.errors import DeadlineExceeded, NoWorkerAvailable, Overloaded, ProtocolError, UpstreamError
 from disagg.kv_transport import DIRECT, TRANSPORT_NAMES
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
-from disagg.serving import CallEnded, send
+from disagg.serving import CallEnded, ReadAhead, send
 from gateway.validation import to_prefill_request
 from gateway.worker_pool import Worker, WorkerPool
 
@@ -168,8 +168,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         prefill_worker.in_flight += 1
         prefill_call = prefill_worker.stub.Prefill(request, timeout=self._timeout(context, deadline),
                                                    metadata=metadata)
+        relayed = ReadAhead(_receive(prefill_worker, prefill_call, pushes_to))
         try:
-            async for raw in _receive(prefill_worker, prefill_call, pushes_to):
+            async for raw in relayed:
                 if raw[:1] == KV_CHUNK_TAG:  # relayed unparsed; the decode worker checks it
                     kind = "kv_chunk"
                 else:
@@ -203,6 +204,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     return
             raise WorkerFailed(decode_worker, "stream ended without a finish reason")
         finally:
+            relayed.__exit__()
             prefill_call.cancel()
             if prefill_worker is not None:
                 prefill_worker.in_flight -= 1

@@ -16,6 +16,7 @@ from prefill_worker.servicer import PrefillServicer
 def main(config: WorkerConfig) -> None:
     telemetry.setup("prefill", config.host, config.metrics_port)
     segments = SharedMemorySegments()  # shared-memory handoffs to co-located decode workers
+    segments.remove_orphans()
     try:
         asyncio.run(serve_worker(
             config, "PrefillService", worker_pb2_grpc.add_PrefillServiceServicer_to_server,

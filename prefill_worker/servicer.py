@@ -48,7 +48,7 @@ def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int, wire_dtype: str = "auto",
-                 layerwise: bool = True, push_clients: PushClients | None = None,
+                 layerwise: bool = False, push_clients: PushClients | None = None,
                  segments: SharedMemorySegments | None = None):
         self.lm, self.engine, self.chunk_bytes, self.layerwise = lm, engine, chunk_bytes, layerwise
         # "" on the wire = the model's dtype (lossless, no conversion); naming the model's dtype is the same
@@ -105,16 +105,17 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         yield worker_pb2.PrefillResponse(start=worker_pb2.SequenceStart(
             request_id=request.request_id, prompt_token_ids=prompt, generated_token_ids=generated,
             sampling=sampling_to_pb(params), model=self.lm.name, kv_layout=pb_layout))
-        handed_over = False
+        handed_over = first_sent = False
         try:
             while layers is not None and (item := await layers.get()) is not None:
+                if done.done() and not first_sent:  # the forward pass ended: the first token before queued layers
+                    first_sent = True
+                    yield _first_token(job, done.result())
                 for message in await sender.send_layer(*item):
                     yield message
             result = await done
-            telemetry.record_prefill(job, result)
-            yield worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
-                token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
-                prefill_seconds=result.forward_seconds))
+            if not first_sent:
+                yield _first_token(job, result)
             if sender is not None and result.finish_reason is None:
                 if layers is None:
                     for layer, (keys, values) in enumerate(result.kv):
@@ -127,6 +128,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             job.cancelled = True  # dropped from the queue if the caller left before the forward pass
             if sender is not None and not handed_over:  # failed, cancelled, or finished at its first token
                 sender.abort()
+
+
+def _first_token(job: PrefillJob, result: PrefillResult) -> worker_pb2.PrefillResponse:
+    telemetry.record_prefill(job, result)
+    return worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
+        token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
+        prefill_seconds=result.forward_seconds))
 
 
 def _settle(future: asyncio.Future, result) -> None:

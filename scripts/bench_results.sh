@@ -18,7 +18,11 @@ disagg bench "${COMMON[@]}" --output-tokens 64 --concurrency 64 --num-requests 6
   --threads 1 --repeats 1 --output results/bench_c64 --name "concurrency 64"
 disagg bench "${COMMON[@]}" --output-tokens 256 --concurrency 1 --num-requests 1 --baseline sequential \
   --baseline-requests 1 --kv-cache both --threads 2 --output results/kv_off_vs_on_c1 --name "KV cache off vs on"
-# The same at concurrency 64 with the decode worker on both cores (prefill keeps one): decode is most of the work.
+# The same at concurrency 32 and 64 with the decode worker on both cores (prefill keeps one): decode is most of the
+# work, and prefill is idle most of the time.
+disagg bench "${COMMON[@]}" --output-tokens 64 --concurrency 32 --num-requests 64 --baseline-requests 2 \
+  --threads 1 --decode-args "--threads 2" --repeats 2 --output results/bench_c32_decode_2threads \
+  --name "concurrency 32, decode 2 threads"
 disagg bench "${COMMON[@]}" --output-tokens 64 --concurrency 64 --num-requests 64 --baseline-requests 2 \
   --threads 1 --decode-args "--threads 2" --repeats 2 --output results/bench_c64_decode_2threads \
   --name "concurrency 64, decode 2 threads"

@@ -130,7 +130,7 @@ def test_flag_and_environment(monkeypatch):
 
 
 @pytest.fixture(scope="module",
-                params=[["--kv-wire-dtype", "int8"], ["--kv-wire-dtype", "bfloat16", "--no-kv-layerwise"]])
+                params=[["--kv-wire-dtype", "int8"], ["--kv-wire-dtype", "bfloat16", "--kv-layerwise"]])
 def lossy_cluster(request):
     running = start_cluster(GPT2_ARGS, prefill_args=request.param)
     yield running
@@ -138,18 +138,17 @@ def lossy_cluster(request):
 
 
 @pytest.fixture(scope="module")
-def whole_cache_cluster():
-    running = start_cluster(GPT2_ARGS, prefill_args=["--no-kv-layerwise"])
+def layerwise_cluster():
+    running = start_cluster(GPT2_ARGS, prefill_args=["--kv-layerwise"])
     yield running
     running.cluster.stop()
 
 
 @pytest.mark.parametrize("n_tokens", [1, 13, 700])
-async def test_whole_cache_handoff_keeps_greedy_output_identical(whole_cache_cluster, gpt2_model, n_tokens):
-    """Layer-wise streaming is the default (the other clusters); the whole cache after the forward pass here."""
+async def test_layerwise_streaming_keeps_greedy_output_identical(layerwise_cluster, gpt2_model, n_tokens):
     prompt = prompt_of(gpt2_model.tokenizer, n_tokens)
     expected = reference(gpt2_model, prompt, 12)
-    got = await generate(whole_cache_cluster.address, prompt=prompt, max_new_tokens=12, ignore_eos=True)
+    got = await generate(layerwise_cluster.address, prompt=prompt, max_new_tokens=12, ignore_eos=True)
     assert got.token_ids == expected and got.finish_reason == "length"
 
 

@@ -8,6 +8,7 @@ and a dead decode worker on the direct path blamed (and avoided) rather than the
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
 import signal
 
@@ -18,6 +19,7 @@ from disagg.errors import KvIntegrityError, Overloaded, ProtocolError
 from disagg.kv_codec import KvAssembler, KvLayout, encode_kv
 from disagg.kv_transport import KvInbox, SharedMemorySegments, SharedMemorySender, adopt_shared_memory
 from disagg.pb.disagg.v1 import worker_pb2
+from disagg.serving import ReadAhead
 from disagg.wire import chunk_message, layout_to_pb
 from tests.conftest import GPT2_ARGS, start_cluster
 from tests.reliability_helpers import wait_idle
@@ -94,6 +96,16 @@ async def test_segments_nobody_took_are_removed(tmp_path):
     assert segment_names(tmp_path) == set()
 
 
+async def test_orphans_of_a_killed_worker_are_removed_at_start(tmp_path):
+    left = await write_segment(SharedMemorySegments(directory=str(tmp_path)), cache())  # its writer "died"
+    fresh = await write_segment(SharedMemorySegments(directory=str(tmp_path)), cache())
+    (tmp_path / "unrelated").write_text("x")
+    old = (tmp_path / left.name).stat().st_mtime - 3600
+    os.utime(tmp_path / left.name, (old, old))
+    assert SharedMemorySegments(ttl_seconds=120, directory=str(tmp_path)).remove_orphans() == 1
+    assert segment_names(tmp_path) == {fresh.name} and (tmp_path / "unrelated").exists()
+
+
 def pushes(handle: str, kv, lay: KvLayout):
     async def stream():
         yield worker_pb2.PushKvRequest(header=worker_pb2.KvPushHeader(
@@ -146,7 +158,7 @@ async def test_inbox_drops_what_nobody_claims():
 
 @pytest.fixture(scope="module", params=["direct", "shared-memory"])
 def transport_cluster(request):
-    prefill_args = [] if request.param == "direct" else ["--no-kv-layerwise"]  # layer-wise is the default
+    prefill_args = ["--kv-layerwise"] if request.param == "direct" else []  # both handoff modes on some transport
     running = start_cluster(GPT2_ARGS, ["--kv-transport", request.param], prefill_args=prefill_args,
                             decode_workers=2)
     running.transport = request.param
@@ -178,3 +190,19 @@ async def test_direct_push_to_a_dead_decode_worker_moves_the_request(transport_c
     got = await asyncio.gather(*(generate(transport_cluster.address, prompt=prompt, max_new_tokens=8,
                                           ignore_eos=True) for _ in range(4)))
     assert all(g.token_ids == expected for g in got)
+
+
+async def test_read_ahead_keeps_order_then_raises_the_source_error():
+    async def source():
+        for i in range(20):  # more than the read-ahead depth
+            yield i
+        raise ProtocolError("source failed")
+
+    got = []
+    with ReadAhead(source(), depth=4) as messages:
+        with pytest.raises(ProtocolError, match="source failed"):
+            async for item in messages:
+                got.append(item)
+        with pytest.raises(ProtocolError):  # the end stays the end
+            await messages.__anext__()
+    assert got == list(range(20))

@@ -1,5 +1,8 @@
 """Soak (bounded): 200 requests at concurrency 16 with random cancellations while workers are killed.
 
+The KV travels by the direct transport (SOAK_KV_TRANSPORT): pushes, claims, cancellations before a claim and a
+dead push target are the paths this run exercises that the other tests touch only once each.
+
 A decode worker is SIGKILLed a quarter of the way in; a prefill worker is SIGKILLed and restarted halfway. Every
 request must either complete with exactly the undisturbed greedy output or end with a clear gRPC status, and the
 surviving workers must end with no active sequence and their memory back near idle.
@@ -24,6 +27,7 @@ from tests.test_e2e import prompt_of, reference
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "200"))
 CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "16"))
+KV_TRANSPORT = os.environ.get("SOAK_KV_TRANSPORT", "direct")
 MAX_NEW_TOKENS = 10
 CLEAR_ERRORS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -33,7 +37,8 @@ async def test_soak_with_cancellations_and_killed_workers(llama_model):
     rng = random.Random(1234)
     prompts = [prompt_of(llama_model.tokenizer, n) for n in (5, 9, 14, 20, 27, 33, 41, 50)]
     expected = {p: reference(llama_model, p, MAX_NEW_TOKENS) for p in prompts}
-    cluster = Cluster(LLAMA_ARGS, ["--health-interval-seconds", "0.5"], prefill_workers=2, decode_workers=2)
+    cluster = Cluster(LLAMA_ARGS, ["--health-interval-seconds", "0.5", "--kv-transport", KV_TRANSPORT],
+                      prefill_workers=2, decode_workers=2)
     try:
         address = await cluster.start(timeout=300)
         async with channel(address) as ch:

@@ -234,10 +234,10 @@ def test_a_refused_handoff_keeps_its_status_and_marks_the_trace():
 
 @pytest.fixture(scope="module")
 def direct_trace(traced) -> list[ReceivedSpan]:
-    """One request through a cluster whose prefill worker pushes the KV straight to the decode worker."""
+    """One request through a cluster whose prefill worker pushes the KV, layer by layer, to the decode worker."""
     _, receiver = traced
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    cluster = Cluster(GPT2_ARGS, ["--kv-transport", "direct"], env=env)
+    cluster = Cluster(GPT2_ARGS, ["--kv-transport", "direct"], prefill_args=["--kv-layerwise"], env=env)
     try:
         address = asyncio.run(cluster.start(timeout=300))
         got = asyncio.run(_generate(address, "trace-direct", prompt=PROMPT * 3, max_new_tokens=MAX_NEW_TOKENS,
