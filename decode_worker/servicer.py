@@ -34,33 +34,43 @@ async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool, inbox: KvIn
     The cache comes as KvChunk messages in this stream (relayed), as one KvSharedMemory message (co-located
     workers), or pushed by the prefill worker to `inbox` under the layout's handle (direct).
     """
-    with ReadAhead(requests) as messages:  # the next chunk arrives while this one is checked and copied
-        return await _receive_handoff(messages, lm, kv_cache, inbox, timeout)
+    start = None
+    try:
+        with ReadAhead(requests) as messages:  # the next chunk arrives while this one is checked and copied
+            async for message in messages:
+                kind = message.WhichOneof("event")
+                if kind != "start":
+                    raise ProtocolError(f"{kind} before SequenceStart")
+                start = message.start
+                break
+            if start is None:
+                raise ProtocolError("stream ended before SequenceStart")
+            return await _receive_cache(start, messages, lm, kv_cache, inbox, timeout)
+    except BaseException:  # failed or cancelled: a directly pushed cache nobody will claim goes now, not at its TTL
+        if start is not None and start.kv_layout.transport == DIRECT and inbox is not None:
+            inbox.abandon(start.kv_layout.handle)
+        raise
 
 
-async def _receive_handoff(requests, lm: LoadedModel, kv_cache: bool, inbox: KvInbox | None,
-                           timeout: float) -> Handoff:
-    start = first = assembler = None
+async def _receive_cache(start: worker_pb2.SequenceStart, requests, lm: LoadedModel, kv_cache: bool,
+                         inbox: KvInbox | None, timeout: float) -> Handoff:
+    """After SequenceStart: FirstToken and the cache, in any order."""
+    first = assembler = None
+    if kv_cache:
+        if start.kv_layout.total_bytes == 0:
+            raise ProtocolError("this decode worker needs the KV cache, the prefill worker sent none "
+                                "(is one of them running with --no-kv-cache?)")
+        if start.kv_layout.transport != DIRECT:
+            assembler = KvAssembler(layout_from_pb(start.kv_layout), expected_fingerprint=lm.fingerprint)
+            if assembler.layout.total_bytes != start.kv_layout.total_bytes:
+                raise KvIntegrityError("KV layout's total_bytes does not match its shape")
+        elif inbox is None or not start.kv_layout.handle:
+            raise ProtocolError("a directly pushed KV cache needs a handle and a decode worker that takes pushes")
     async for message in requests:
         kind = message.WhichOneof("event")
         if kind == "start":
-            if start is not None:
-                raise ProtocolError("SequenceStart sent twice")
-            start = message.start
-            if kv_cache:
-                if start.kv_layout.total_bytes == 0:
-                    raise ProtocolError("this decode worker needs the KV cache, the prefill worker sent none "
-                                        "(is one of them running with --no-kv-cache?)")
-                if start.kv_layout.transport != DIRECT:
-                    assembler = KvAssembler(layout_from_pb(start.kv_layout), expected_fingerprint=lm.fingerprint)
-                    if assembler.layout.total_bytes != start.kv_layout.total_bytes:
-                        raise KvIntegrityError("KV layout's total_bytes does not match its shape")
-                elif inbox is None or not start.kv_layout.handle:
-                    raise ProtocolError("a directly pushed KV cache needs a handle and a decode worker that takes "
-                                        "pushes")
-        elif start is None:
-            raise ProtocolError(f"{kind} before SequenceStart")
-        elif kind in ("kv_chunk", "shared_memory"):
+            raise ProtocolError("SequenceStart sent twice")
+        if kind in ("kv_chunk", "shared_memory"):
             if assembler is None:
                 raise ProtocolError(f"{kind} sent to a decode worker running with --no-kv-cache, or with a "
                                     "directly pushed KV cache")
@@ -75,8 +85,6 @@ async def _receive_handoff(requests, lm: LoadedModel, kv_cache: bool, inbox: KvI
                 layers = await inbox.claim(start.kv_layout.handle, layout_from_pb(start.kv_layout), timeout)
                 return Handoff(start, first, layers)
             return Handoff(start, first, assembler.layers() if assembler else None)
-    if start is None:
-        raise ProtocolError("stream ended before SequenceStart")
     if first is None:
         raise ProtocolError("stream ended before FirstToken")
     raise KvIntegrityError(f"KV cache incomplete: {assembler.received} of {assembler.layout.total_bytes} bytes")

@@ -290,7 +290,9 @@ class KvInbox:
 
     @property
     def bytes_held(self) -> int:
-        return sum(p.layout.total_bytes for p in self._pending.values() if p.layout is not None)
+        """Bytes of caches being pushed or waiting for their claim (a failed push holds none)."""
+        return sum(p.layout.total_bytes for p in self._pending.values()
+                   if p.layout is not None and not (p.future.done() and p.future.exception() is not None))
 
     def _entry(self, handle: str) -> _Pending:
         """The pending handoff of `handle`, created by whichever of push and claim comes first."""
@@ -350,14 +352,22 @@ class KvInbox:
         except TimeoutError:
             raise KvIntegrityError(f"KV cache {handle} was not pushed within {timeout:.0f} s") from None
         finally:
-            if self._pending.get(handle) is pending:
-                del self._pending[handle]
             if not pending.future.done():  # the Decode call ended first: refuse the push when it comes
-                self._abandoned[handle] = time.monotonic()
-                pending.future.cancel()
+                self.abandon(handle)
+            elif self._pending.get(handle) is pending:
+                del self._pending[handle]
         if pending.layout != layout:
             raise KvIntegrityError(f"pushed KV cache {handle} has layout {pending.layout}, the sequence {layout}")
         return layers
+
+
+    def abandon(self, handle: str) -> None:
+        """The Decode call naming `handle` ended before it claimed the cache: drop it, and refuse it if it is
+        still to come."""
+        pending = self._pending.pop(handle, None)
+        if pending is not None:
+            _fail(pending.future, ProtocolError(f"the Decode call of KV cache {handle} has ended"))
+        self._abandoned[handle] = time.monotonic()
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:

@@ -191,15 +191,19 @@ class ReadAhead:
 
     def __init__(self, messages: AsyncIterator, depth: int = 8):
         self._queue: asyncio.Queue = asyncio.Queue(depth)
+        self._closed = False
         self._task = asyncio.create_task(self._pump(messages))
 
     async def _pump(self, messages: AsyncIterator) -> None:
+        end = None
         try:
             async for message in messages:
                 await self._queue.put((True, message))
-            await self._queue.put((False, None))
-        except Exception as error:  # handed to the consumer as is
-            await self._queue.put((False, error))
+        except BaseException as error:  # even a cancellation of the source reaches the consumer, which would
+            if self._closed:  # otherwise wait forever; only our own close ends the pump quietly
+                raise
+            end = error
+        await self._queue.put((False, end))
 
     def __aiter__(self):
         return self
@@ -217,6 +221,7 @@ class ReadAhead:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._closed = True
         self._task.cancel()
 
 

@@ -206,3 +206,39 @@ async def test_read_ahead_keeps_order_then_raises_the_source_error():
         with pytest.raises(ProtocolError):  # the end stays the end
             await messages.__anext__()
     assert got == list(range(20))
+
+
+async def test_a_decode_call_that_ends_before_its_claim_drops_the_pushed_cache(gpt2_model):
+    """The client went away between the push and the claim: the cache goes at once, not after the TTL."""
+    from decode_worker.servicer import receive_handoff
+
+    lay = KvLayout("float32", *gpt2_model.kv_shape()[:2], 4, gpt2_model.kv_shape()[2], gpt2_model.fingerprint)
+    inbox = KvInbox(gpt2_model.fingerprint)
+    kv = [(torch.zeros(lay.tensor_shape), torch.zeros(lay.tensor_shape)) for _ in range(lay.num_layers)]
+    await inbox.receive(pushes("h", kv, lay))
+    assert inbox.bytes_held == lay.total_bytes
+
+    async def decode_stream():  # SequenceStart naming the pushed cache, then the caller is gone
+        pb = layout_to_pb(lay, kv_included=True)
+        pb.transport, pb.handle = worker_pb2.KV_TRANSPORT_DIRECT, "h"
+        yield worker_pb2.DecodeRequest(start=worker_pb2.SequenceStart(request_id="r", kv_layout=pb))
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await receive_handoff(decode_stream(), gpt2_model, kv_cache=True, inbox=inbox)
+    assert inbox.bytes_held == 0
+    with pytest.raises(ProtocolError, match="has ended"):
+        await inbox.receive(pushes("h", kv, lay))  # a second push of it (a retry) is refused too
+
+
+async def test_read_ahead_passes_on_a_cancelled_source_instead_of_hanging():
+    async def source():
+        yield 1
+        raise asyncio.CancelledError  # what a stream of a cancelled call may do
+
+    async def consume():
+        with ReadAhead(source()) as messages:
+            return [item async for item in messages]
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(consume(), 5)
