@@ -38,7 +38,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--address", default="", help="benchmark this gateway instead of starting a local cluster")
     c.add_argument("--kv-cache", default="on", choices=["on", "off", "both"],
                    help="'both' runs the cluster twice (KV cache on, then off) for the comparison")
-    c.add_argument("--kv-transport", default="relayed", choices=["relayed", "direct", "shared-memory"],
+    c.add_argument("--kv-transport", default="relayed", choices=cfg.KV_TRANSPORTS,
                    help="how the local cluster's KV cache reaches the decode worker")
     c.add_argument("--prefill-args", default="", help="extra flags for the prefill worker, e.g. '--threads 2'")
     c.add_argument("--decode-args", default="", help="extra flags for the decode worker")

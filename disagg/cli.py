@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill-workers", type=int, default=1)
     up.add_argument("--decode-workers", type=int, default=1)
     up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)
-    up.add_argument("--kv-transport", default="relayed", choices=["relayed", "direct", "shared-memory"],
+    up.add_argument("--kv-transport", default="relayed", choices=cfg.KV_TRANSPORTS,
                     help="how the KV cache reaches the decode workers (see disagg gateway --help)")
     up.add_argument("--prefill-args", default="", help="extra flags for each prefill worker, e.g. '--max-batch-size 8'")
     up.add_argument("--decode-args", default="", help="extra flags for each decode worker")

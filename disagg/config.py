@@ -10,6 +10,9 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
+# How the KV cache reaches the decode worker (worker.proto's KvTransport 1, 2, 3, in that order).
+KV_TRANSPORTS = ("relayed", "direct", "shared-memory")
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -173,7 +176,7 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--max-attempts", d.max_attempts, "worker failures one request survives (retry, migration)")
     _flag(parser, "--kv-transport", d.kv_transport, "how the KV cache reaches the decode worker: 'relayed' "
           "through the gateway, 'direct' (prefill pushes it to the decode worker the gateway chose), or "
-          "'shared-memory' (co-located workers sharing /dev/shm)", choices=["relayed", "direct", "shared-memory"])
+          "'shared-memory' (co-located workers sharing /dev/shm)", choices=KV_TRANSPORTS)
     _flag(parser, "--health-interval-seconds", d.health_interval_seconds, "how often worker health is checked")
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     add_tls_flags(parser)

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
+from disagg.config import KV_TRANSPORTS
+
 PROMPT_LENGTHS = (128, 512, 1000)
 WIRE_FORMATS = ("auto", "float16", "bfloat16", "int8")
-TRANSPORTS = ("relayed", "direct", "shared-memory")
 # TRANSPORT/WIRE[:layerwise]: every path and wire format, each whole-cache after the forward pass and layer-wise
 # (streamed while later layers compute)
-VARIANTS = tuple(f"{t}/{w}{mode}" for t in TRANSPORTS for w in WIRE_FORMATS for mode in ("", ":layerwise"))
+VARIANTS = tuple(f"{t}/{w}{mode}" for t in KV_TRANSPORTS for w in WIRE_FORMATS for mode in ("", ":layerwise"))
 
 
 def parse_variant(variant: str) -> tuple[str, str, bool]:
@@ -357,7 +358,7 @@ def add_handoff_flags(parser) -> None:
     parser.add_argument("--lengths", default=",".join(map(str, PROMPT_LENGTHS)), help="prompt lengths, comma-separated")
     parser.add_argument("--formats", default=",".join(VARIANTS),
                         help="variants, comma-separated: [TRANSPORT/]WIRE[:layerwise], TRANSPORT one of "
-                             f"{', '.join(TRANSPORTS)} (default relayed), WIRE one of {', '.join(WIRE_FORMATS)}; "
+                             f"{', '.join(KV_TRANSPORTS)} (default relayed), WIRE one of {', '.join(WIRE_FORMATS)}; "
                              ":layerwise streams layer by layer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the prefill process")

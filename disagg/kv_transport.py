@@ -4,7 +4,8 @@
 - direct: the prefill worker pushes the same KvChunk messages straight to the decode worker (DecodeService.PushKv);
   the gateway's Decode call names the cache by a handle and the decode worker's KvInbox pairs the two.
 - shared memory (co-located workers): the prefill worker writes the tensors' wire bytes into a /dev/shm segment;
-  the stream carries one KvSharedMemory message; the decode worker checks and copies the bytes, then removes it.
+  the stream carries one KvSharedMemory message; the decode worker maps it, checks it, and adopts the tensors
+  without copying them (removing the segment's name).
 
 A sender takes the cache one layer at a time (as the forward pass computes it, or all at the end) and returns the
 messages that belong in the Prefill stream. Chunks, checksums and wire formats are kv_codec's on every path, and
@@ -26,7 +27,7 @@ import grpc
 import torch
 
 from disagg import telemetry
-from disagg.config import TlsOptions
+from disagg.config import KV_TRANSPORTS, TlsOptions
 from disagg.errors import DisaggError, KvIntegrityError, Overloaded, ProtocolError, UpstreamError
 from disagg.kv_codec import KvAssembler, KvLayout, crc32, encode_tensor, wire_bytes
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
@@ -36,7 +37,7 @@ from disagg.wire import chunk_from_pb, chunk_message, layout_from_pb, layout_to_
 
 RELAYED, DIRECT, SHARED_MEMORY = (worker_pb2.KV_TRANSPORT_RELAYED, worker_pb2.KV_TRANSPORT_DIRECT,
                                   worker_pb2.KV_TRANSPORT_SHARED_MEMORY)
-TRANSPORT_NAMES = {"relayed": RELAYED, "direct": DIRECT, "shared-memory": SHARED_MEMORY}
+TRANSPORT_NAMES = dict(zip(KV_TRANSPORTS, (RELAYED, DIRECT, SHARED_MEMORY), strict=True))
 SHM_DIR = "/dev/shm"
 SHM_NAME = re.compile(r"disagg-kv-[0-9a-f]{32}")
 # Status codes of a failed push that mean "the decode worker is gone": the caller should move the request.
@@ -61,11 +62,11 @@ class KvSender:
     def encode(self, message_type, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list:
         """This layer's K and V as `message_type` messages carrying kv_codec chunks."""
         with self.serialize.encoding() as encoded:
-            messages = [chunk_message(message_type, chunk)
-                        for index, tensor in ((2 * layer, keys), (2 * layer + 1, values))
-                        for chunk in encode_tensor(index, tensor, self.chunk_bytes, self.layout.wire_dtype or None)]
-            encoded.add(sum(len(m.kv_chunk.data) for m in messages), len(messages))
-        return messages
+            chunks = [chunk for index, tensor in ((2 * layer, keys), (2 * layer + 1, values))
+                      for chunk in encode_tensor(index, tensor, self.chunk_bytes, self.layout.wire_dtype or None)]
+            # sized from the chunks, not the messages: reading a message's bytes field copies it
+            encoded.add(sum(len(chunk.data) for chunk in chunks), len(chunks))
+            return [chunk_message(message_type, chunk) for chunk in chunks]
 
     async def send_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list:
         """This layer's messages for the Prefill stream (none when they go elsewhere)."""
@@ -146,7 +147,6 @@ def _push_failure(code: grpc.StatusCode, details: str) -> DisaggError:
 class _Segment:
     name: str
     memory: mmap.mmap
-    created: float = field(default_factory=time.monotonic)
 
 
 class SharedMemorySegments:

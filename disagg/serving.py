@@ -221,6 +221,10 @@ class ReadAhead:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the reading task (what leaving the `with` block does)."""
         self._closed = True
         self._task.cancel()
 

@@ -34,6 +34,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from disagg.config import KV_TRANSPORTS
+
 log = logging.getLogger(__name__)
 
 OPERATION = "text_completion"
@@ -425,7 +427,7 @@ class KvTransfer:
 # variables of the call are gone: hence a dict, and the call's trace context kept in the KvTransfer.
 _transfers: dict[str, KvTransfer] = {}
 MAX_PENDING_TRANSFERS = 4096
-TRANSPORTS = {0: "relayed", 1: "relayed", 2: "direct", 3: "shared-memory"}  # worker.proto's KvTransport
+TRANSPORTS = dict(enumerate(KV_TRANSPORTS, start=1))  # worker.proto's KvTransport values; 0 = unset = relayed
 
 
 class _ObservedHandoff:

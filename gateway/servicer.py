@@ -204,7 +204,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     return
             raise WorkerFailed(decode_worker, "stream ended without a finish reason")
         finally:
-            relayed.__exit__()
+            relayed.close()
             prefill_call.cancel()
             if prefill_worker is not None:
                 prefill_worker.in_flight -= 1
