@@ -37,15 +37,19 @@ async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool, inbox: KvIn
     start = None
     try:
         with ReadAhead(requests) as messages:  # the next chunk arrives while this one is checked and copied
-            async for message in messages:
-                kind = message.WhichOneof("event")
-                if kind != "start":
-                    raise ProtocolError(f"{kind} before SequenceStart")
-                start = message.start
-                break
-            if start is None:
-                raise ProtocolError("stream ended before SequenceStart")
-            return await _receive_cache(start, messages, lm, kv_cache, inbox, timeout)
+            try:
+                async for message in messages:
+                    kind = message.WhichOneof("event")
+                    if kind != "start":
+                        raise ProtocolError(f"{kind} before SequenceStart")
+                    start = message.start
+                    break
+                if start is None:
+                    raise ProtocolError("stream ended before SequenceStart")
+                return await _receive_cache(start, messages, lm, kv_cache, inbox, timeout)
+            except DisaggError:
+                await drain(messages)  # the same reader: no read is cancelled and restarted in between
+                raise
     except BaseException:  # failed or cancelled: a directly pushed cache nobody will claim goes now, not at its TTL
         if start is not None and start.kv_layout.transport == DIRECT and inbox is not None:
             inbox.abandon(start.kv_layout.handle)
@@ -137,12 +141,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.active += 1
         reserved = 0
         try:
-            try:
-                handoff = await receive_handoff(telemetry.observe_kv_transfer(request_iterator), self.lm,
-                                                self.engine.kv_cache, self.inbox, context.time_remaining() or 60.0)
-            except DisaggError:
-                await drain(request_iterator)
-                raise
+            handoff = await receive_handoff(telemetry.observe_kv_transfer(request_iterator), self.lm,
+                                            self.engine.kv_cache, self.inbox, context.time_remaining() or 60.0)
             if self.engine.kv_cache:
                 reserved = final_kv_bytes(self.lm, handoff.start)
                 self.budget.reserve(reserved)
