@@ -173,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_flags(bench)
     bench.set_defaults(func=_bench)
-
-    handoff = sub.add_parser("bench-handoff", help="KV handoff cost per prompt length and wire format, and greedy "
-                                                   "agreement of lossy wire formats on the bundled model")
+    reports = bench.add_subparsers(dest="report", metavar="{handoff}",
+                                   help="instead of the load test: 'disagg bench handoff --help'")
+    handoff = reports.add_parser("handoff", help="KV handoff cost per prompt length, transport and wire format, "
+                                                 "and greedy agreement of lossy wire formats on the bundled model")
     from disagg.handoff_bench import add_handoff_flags
 
     add_handoff_flags(handoff)

@@ -14,9 +14,11 @@ from typing import Generic, TypeVar
 
 from disagg.config import BatchPolicy
 from disagg.errors import Overloaded
+from disagg.worker_load import release_free_memory
 
 log = logging.getLogger(__name__)
 Job = TypeVar("Job")
+IDLE_TRIM_SECONDS = 0.5  # idle this long after work: freed memory goes back to the OS (not between busy steps)
 
 
 class EngineThread(Generic[Job]):
@@ -33,6 +35,7 @@ class EngineThread(Generic[Job]):
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self._stopped = False
+        self._worked = False  # ran work since the last trim of freed memory
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
 
     def start(self) -> None:
@@ -61,7 +64,12 @@ class EngineThread(Generic[Job]):
         """Block until there is work; when idle, give the wait window a chance to fill the batch."""
         with self.lock:
             while not self._stopped and not self.waiting and not self.busy():
-                self.lock.wait()
+                if self._worked and not self.lock.wait(IDLE_TRIM_SECONDS):
+                    release_free_memory()  # a few ms, once per idle spell; a submit() waits for it meanwhile
+                    self._worked = False
+                elif not self._worked:
+                    self.lock.wait()
+            self._worked = True
             if self._stopped:
                 return False
             if not self.busy() and self.policy.wait_window_ms > 0:

@@ -1,4 +1,4 @@
-"""`disagg bench-handoff`: what the KV handoff costs a request, per prompt length and wire format.
+"""`disagg bench handoff`: what the KV handoff costs a request, per prompt length and wire format.
 
 Timing part (distilgpt2 shapes, dummy weights, fp32 by default): a real prefill worker servicer (PrefillServicer
 + PrefillEngine, the serving code) in one process, a decode receiver running the decode worker's own

@@ -28,6 +28,17 @@ async def wait_idle(children: list[Child], timeout: float = 15.0) -> list[worker
         await asyncio.sleep(0.2)
 
 
+async def idle_rss(address: str, seconds: float = 2.0) -> int:
+    """A worker's resident memory once idle: the least of its readings over `seconds` (its engine hands freed
+    memory back to the OS half a second after its last work)."""
+    deadline, least = time.monotonic() + seconds, None
+    while least is None or time.monotonic() < deadline:
+        rss = (await worker_load(address)).rss_bytes
+        least = rss if least is None else min(least, rss)
+        await asyncio.sleep(0.1)
+    return least
+
+
 async def start_extra(name: str, command: list[str], port: int, timeout: float = 300) -> Child:
     """One more component process (a gateway with other limits, a worker with a small budget)."""
     child = spawn(name, command, port)

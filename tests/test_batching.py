@@ -262,3 +262,38 @@ def test_prefill_engine_batches_within_the_wait_window_and_token_budget(gpt2_mod
         assert torch.allclose(logits_alone, logits_batched, atol=1e-4, rtol=1e-4)
         assert results[i].kv[0][0].shape == kv[0][0].shape
         assert torch.allclose(results[i].kv[0][0], kv[0][0], atol=1e-4)
+
+
+def test_engine_thread_hands_freed_memory_back_once_per_idle_spell(monkeypatch):
+    """After work, an idle engine trims the C allocator once (not between busy steps, not again while idle)."""
+    from disagg import engine_thread
+
+    trims: list[float] = []
+    monkeypatch.setattr(engine_thread, "release_free_memory", lambda: trims.append(time.monotonic()))
+
+    class Counter(engine_thread.EngineThread[int]):
+        def __init__(self):
+            super().__init__(BatchPolicy())
+            self.ran: list[float] = []
+
+        def run_once(self) -> None:
+            with self.lock:
+                self.waiting.clear()
+            self.ran.append(time.monotonic())
+
+    engine = Counter()
+    engine.start()
+    try:
+        time.sleep(2 * engine_thread.IDLE_TRIM_SECONDS)
+        assert trims == []  # no work yet: nothing to trim
+        for _ in range(3):
+            engine.submit(1)
+            time.sleep(engine_thread.IDLE_TRIM_SECONDS / 10)
+        wait_until(lambda: len(trims) == 1)
+        time.sleep(3 * engine_thread.IDLE_TRIM_SECONDS)
+        assert len(trims) == 1 and len(engine.ran) == 3
+        assert trims[0] - engine.ran[-1] >= engine_thread.IDLE_TRIM_SECONDS * 0.9
+        engine.submit(1)
+        wait_until(lambda: len(trims) == 2)
+    finally:
+        engine.stop()

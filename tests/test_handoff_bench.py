@@ -1,4 +1,4 @@
-"""`disagg bench-handoff` end to end at a small size: real prefill servicer and decode receiver over loopback gRPC."""
+"""`disagg bench handoff` end to end at a small size: real prefill servicer and decode receiver over loopback gRPC."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from disagg.cli import main
 def test_bench_handoff_writes_a_record(tmp_path):
     out = tmp_path / "handoff"
     variants = ("auto", "float16", "int8", "auto:layerwise", "direct/auto", "shared-memory/auto:layerwise")
-    main(["bench-handoff", "--lengths", "16,40", "--formats", ",".join(variants), "--repeats", "1",
+    main(["bench", "handoff", "--lengths", "16,40", "--formats", ",".join(variants), "--repeats", "1",
           "--agreement-tokens", "3", "--out", str(out)])
     record = json.loads((tmp_path / "handoff.json").read_text())
-    assert record["command"].startswith("disagg bench-handoff --lengths 16,40")
+    assert record["command"].startswith("disagg bench handoff --lengths 16,40")
     rows = {(r["prompt_tokens"], r["wire"]): r for r in record["handoff"]}
     assert set(rows) == {(n, w) for n in (16, 40) for w in variants}
     for lossless in ("auto:layerwise", "direct/auto", "shared-memory/auto:layerwise"):  # same cache, other paths
