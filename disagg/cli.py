@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls-server-name", default="", help="name in the gateway's certificate, if not the address")
     gen.set_defaults(func=_generate)
 
-    bench = sub.add_parser("bench", help="load-test a gateway (or a local cluster it starts) against in-process "
-                                         "generate() baselines")
+    bench = sub.add_parser("bench", allow_abbrev=False,  # '--out' of 'bench handoff' must not abbreviate '--output'
+                           help="load-test a gateway (or a local cluster it starts) against in-process generate() "
+                                "baselines")
     from disagg.bench_cmd import add_bench_flags
 
     add_bench_flags(bench)
