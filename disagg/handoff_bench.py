@@ -103,6 +103,7 @@ def _prefill_process(model: str, load_format: str, dtype: str, threads: int, chu
 
 def _decode_process(model: str, load_format: str, dtype: str, ready) -> None:
     from decode_worker.servicer import DecodeServicer, receive_handoff
+    from disagg import telemetry
     from disagg.kv_transport import KvInbox
     from disagg.model import load_model
     from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
@@ -113,13 +114,15 @@ def _decode_process(model: str, load_format: str, dtype: str, ready) -> None:
     lm = load_model(model, load_format=load_format, dtype=dtype)
 
     class Receiver(worker_pb2_grpc.DecodeServiceServicer):
-        """The decode worker's handoff side only: receive_handoff, and PushKv into a KvInbox (direct path)."""
+        """The decode worker's handoff side only: receive_handoff (observed as the worker does), and PushKv into a
+        KvInbox (direct path)."""
 
         inbox = KvInbox(lm.fingerprint)
         PushKv = DecodeServicer.PushKv
 
         async def Decode(self, request_iterator, context):  # noqa: N802 (gRPC method name)
-            handoff = await receive_handoff(request_iterator, lm, kv_cache=True, inbox=self.inbox)
+            handoff = await receive_handoff(telemetry.observe_kv_transfer(request_iterator), lm, kv_cache=True,
+                                            inbox=self.inbox)
             complete = time.monotonic()
             assert handoff.kv is not None and handoff.kv[0][0].dtype == lm.dtype
             context.set_trailing_metadata(((COMPLETE_HEADER, repr(complete)),))
