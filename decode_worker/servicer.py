@@ -16,7 +16,7 @@ from disagg.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.prefill_batch import KvLayers
 from disagg.serving import ReadAhead
-from disagg.wire import chunk_from_pb, layout_from_pb, sampling_from_pb
+from disagg.wire import event_of, layout_from_pb, sampling_from_pb
 from disagg.worker_load import KvBudget
 
 
@@ -39,7 +39,7 @@ async def receive_handoff(requests, lm: LoadedModel, kv_cache: bool, inbox: KvIn
         with ReadAhead(requests) as messages:  # the next chunk arrives while this one is checked and copied
             try:
                 async for message in messages:
-                    kind = message.WhichOneof("event")
+                    kind = event_of(message)
                     if kind != "start":
                         raise ProtocolError(f"{kind} before SequenceStart")
                     start = message.start
@@ -71,7 +71,7 @@ async def _receive_cache(start: worker_pb2.SequenceStart, requests, lm: LoadedMo
         elif inbox is None or not start.kv_layout.handle:
             raise ProtocolError("a directly pushed KV cache needs a handle and a decode worker that takes pushes")
     async for message in requests:
-        kind = message.WhichOneof("event")
+        kind = event_of(message)
         if kind == "start":
             raise ProtocolError("SequenceStart sent twice")
         if kind in ("kv_chunk", "shared_memory"):
@@ -79,7 +79,7 @@ async def _receive_cache(start: worker_pb2.SequenceStart, requests, lm: LoadedMo
                 raise ProtocolError(f"{kind} sent to a decode worker running with --no-kv-cache, or with a "
                                     "directly pushed KV cache")
             if kind == "kv_chunk":
-                assembler.add(chunk_from_pb(message.kv_chunk))
+                assembler.add(message)  # a Chunk: see wire.handoff_deserializer
             else:
                 adopt_shared_memory(message.shared_memory, assembler)
         elif kind == "first_token":

@@ -57,10 +57,11 @@ COMPLETE_HEADER = "x-bench-kv-complete-at"
 def _prefill_process(model: str, load_format: str, dtype: str, threads: int, chunk_bytes: int, ready) -> None:
     from disagg.config import BatchPolicy
     from disagg.model import load_model
-    from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+    from disagg.pb.disagg.v1 import worker_pb2
     from disagg.prefill_engine import PrefillEngine
     from disagg.runtime import configure_torch
     from disagg.serving import Server
+    from disagg.wire import add_prefill_service
     from prefill_worker.servicer import PrefillServicer
 
     configure_torch(threads)
@@ -93,7 +94,7 @@ def _prefill_process(model: str, load_format: str, dtype: str, threads: int, chu
         server = Server("127.0.0.1", 0)
         servicer = Servicer(lm, engine, chunk_bytes)
         server.add_service(worker_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name,
-                           lambda s: worker_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, s))
+                           lambda s: add_prefill_service(servicer, s))
         await server.start()
         ready.put(server.address)
         await asyncio.Event().wait()
@@ -109,6 +110,7 @@ def _decode_process(model: str, load_format: str, dtype: str, ready) -> None:
     from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
     from disagg.runtime import configure_torch
     from disagg.serving import Server
+    from disagg.wire import add_decode_service
 
     configure_torch(1)
     lm = load_model(model, load_format=load_format, dtype=dtype)
@@ -131,7 +133,7 @@ def _decode_process(model: str, load_format: str, dtype: str, ready) -> None:
     async def serve() -> None:
         server = Server("127.0.0.1", 0)
         server.add_service(worker_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name,
-                           lambda s: worker_pb2_grpc.add_DecodeServiceServicer_to_server(Receiver(), s))
+                           lambda s: add_decode_service(Receiver(), s))
         await server.start()
         ready.put(server.address)
         await asyncio.Event().wait()
@@ -145,6 +147,7 @@ async def _one_handoff(prefill_stub, decode_stub, decode_address: str, prompt: l
     from disagg.kv_transport import TRANSPORT_NAMES
     from disagg.pb.disagg.v1 import worker_pb2
     from disagg.serving import ReadAhead
+    from disagg.wire import KV_CHUNK_TAG
 
     transport = parse_variant(variant)[0]
     request = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
@@ -157,6 +160,10 @@ async def _one_handoff(prefill_stub, decode_stub, decode_address: str, prompt: l
     total_bytes, prefill_seconds, chunks = 0, 0.0, 0
     with ReadAhead(prefill_call) as relayed:  # as the gateway relays
         async for raw in relayed:
+            if raw[:1] == KV_CHUNK_TAG:  # not parsed, as in the gateway
+                chunks += 1
+                await decode_call.write(raw)
+                continue
             message = worker_pb2.PrefillResponse.FromString(raw)
             kind = message.WhichOneof("event")
             if kind == "start":

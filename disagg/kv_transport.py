@@ -30,10 +30,10 @@ from disagg import telemetry
 from disagg.config import KV_TRANSPORTS, TlsOptions
 from disagg.errors import DisaggError, KvIntegrityError, Overloaded, ProtocolError, UpstreamError
 from disagg.kv_codec import KvAssembler, KvLayout, crc32, encode_tensor, wire_bytes
-from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.pb.disagg.v1 import worker_pb2
 from disagg.prefill_batch import KvLayers
 from disagg.serving import CallEnded, open_channel, send
-from disagg.wire import chunk_from_pb, chunk_message, layout_from_pb, layout_to_pb
+from disagg.wire import PushKvStub, chunk_message, event_of, layout_from_pb, layout_to_pb
 
 RELAYED, DIRECT, SHARED_MEMORY = (worker_pb2.KV_TRANSPORT_RELAYED, worker_pb2.KV_TRANSPORT_DIRECT,
                                   worker_pb2.KV_TRANSPORT_SHARED_MEMORY)
@@ -59,14 +59,13 @@ class KvSender:
         self.layout, self.chunk_bytes = layout, chunk_bytes
         self.serialize = telemetry.KvSerialize(self.name)
 
-    def encode(self, message_type, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list:
-        """This layer's K and V as `message_type` messages carrying kv_codec chunks."""
+    def encode(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list[bytes]:
+        """This layer's K and V as serialized chunk messages (any of the three that carry KvChunk)."""
         with self.serialize.encoding() as encoded:
             chunks = [chunk for index, tensor in ((2 * layer, keys), (2 * layer + 1, values))
                       for chunk in encode_tensor(index, tensor, self.chunk_bytes, self.layout.wire_dtype or None)]
-            # sized from the chunks, not the messages: reading a message's bytes field copies it
             encoded.add(sum(len(chunk.data) for chunk in chunks), len(chunks))
-            return [chunk_message(message_type, chunk) for chunk in chunks]
+            return [chunk_message(chunk) for chunk in chunks]
 
     async def send_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list:
         """This layer's messages for the Prefill stream (none when they go elsewhere)."""
@@ -83,7 +82,7 @@ class KvSender:
 
 class RelayedSender(KvSender):
     async def send_layer(self, layer, keys, values) -> list:
-        return self.encode(worker_pb2.PrefillResponse, layer, keys, values)
+        return self.encode(layer, keys, values)
 
 
 class PushClients:
@@ -92,9 +91,9 @@ class PushClients:
     def __init__(self, tls: TlsOptions | None = None):
         self.tls, self._stubs = tls, {}
 
-    def stub(self, address: str) -> worker_pb2_grpc.DecodeServiceStub:
+    def stub(self, address: str) -> PushKvStub:
         if address not in self._stubs:
-            self._stubs[address] = worker_pb2_grpc.DecodeServiceStub(open_channel(address, self.tls))
+            self._stubs[address] = PushKvStub(open_channel(address, self.tls))
         return self._stubs[address]
 
 
@@ -111,7 +110,7 @@ class DirectSender(KvSender):
                                               kv_layout=layout_to_pb(layout, kv_included=True))
         self.sent_header = False
 
-    async def _write(self, message: worker_pb2.PushKvRequest | None) -> None:
+    async def _write(self, message: worker_pb2.PushKvRequest | bytes | None) -> None:
         try:
             await send(self.call, message)
         except CallEnded as ended:
@@ -121,7 +120,7 @@ class DirectSender(KvSender):
         if not self.sent_header:
             await self._write(worker_pb2.PushKvRequest(header=self.header))
             self.sent_header = True
-        for message in self.encode(worker_pb2.PushKvRequest, layer, keys, values):
+        for message in self.encode(layer, keys, values):
             await self._write(message)
         return []
 
@@ -312,7 +311,7 @@ class KvInbox:
     async def receive(self, requests) -> int:
         """A PushKv stream: header, then chunks; returns the bytes received."""
         message = await anext(aiter(requests), None)
-        if message is None or message.WhichOneof("event") != "header" or not message.header.handle:
+        if message is None or event_of(message) != "header" or not message.header.handle:
             raise ProtocolError("PushKv must start with a KvPushHeader naming a handle")
         header = message.header
         pending = self._entry(header.handle)
@@ -326,9 +325,9 @@ class KvInbox:
             assembler = KvAssembler(layout, expected_fingerprint=self.fingerprint)
             pending.layout = layout
             async for message in requests:
-                if message.WhichOneof("event") != "kv_chunk":
+                if event_of(message) != "kv_chunk":
                     raise ProtocolError("PushKv: only KvChunk messages may follow the header")
-                assembler.add(chunk_from_pb(message.kv_chunk))
+                assembler.add(message)
             layers = assembler.layers()  # raises when incomplete
         except BaseException as error:
             self._fail_push(header.handle, error)

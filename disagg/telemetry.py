@@ -35,6 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from disagg.config import KV_TRANSPORTS
+from disagg.wire import event_of
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +443,7 @@ class _ObservedHandoff:
     async def __anext__(self):
         message = await self._messages.__anext__()
         now, transfer = time.monotonic(), self.transfer
-        kind = message.WhichOneof("event")
+        kind = event_of(message)
         if kind in ("start", "header"):
             transfer.started = now
             if kind == "start":
@@ -454,7 +455,7 @@ class _ObservedHandoff:
             if transfer.first is None:
                 transfer.first = now
             if kind == "kv_chunk":
-                transfer.bytes += len(message.kv_chunk.data)
+                transfer.bytes += len(message.data)
                 transfer.chunks += 1
             elif kind == "shared_memory":
                 transfer.bytes += message.shared_memory.size

@@ -21,6 +21,7 @@ from disagg.errors import DeadlineExceeded, NoWorkerAvailable, Overloaded, Proto
 from disagg.kv_transport import DIRECT, TRANSPORT_NAMES
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
 from disagg.serving import CallEnded, ReadAhead, send
+from disagg.wire import KV_CHUNK_TAG
 from gateway.validation import to_prefill_request
 from gateway.worker_pool import Worker, WorkerPool
 
@@ -30,7 +31,6 @@ RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 # The first byte of a serialized PrefillResponse holding a KvChunk: its one field's tag (field 2, length-delimited).
-KV_CHUNK_TAG = bytes([worker_pb2.PrefillResponse.DESCRIPTOR.fields_by_name["kv_chunk"].number << 3 | 2])
 
 
 class WorkerFailed(Exception):

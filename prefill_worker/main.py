@@ -7,8 +7,8 @@ import asyncio
 from disagg import telemetry
 from disagg.config import WorkerConfig
 from disagg.kv_transport import PushClients, SharedMemorySegments
-from disagg.pb.disagg.v1 import worker_pb2_grpc
 from disagg.prefill_engine import PrefillEngine
+from disagg.wire import add_prefill_service
 from disagg.worker_process import serve_worker
 from prefill_worker.servicer import PrefillServicer
 
@@ -19,7 +19,7 @@ def main(config: WorkerConfig) -> None:
     segments.remove_orphans()
     try:
         asyncio.run(serve_worker(
-            config, "PrefillService", worker_pb2_grpc.add_PrefillServiceServicer_to_server,
+            config, "PrefillService", add_prefill_service,
             make_engine=lambda lm: PrefillEngine(lm, config.batch, kv_cache=config.kv_cache),
             make_servicer=lambda lm, engine: PrefillServicer(
                 lm, engine, config.kv_chunk_bytes, config.kv_wire_dtype, config.kv_layerwise,

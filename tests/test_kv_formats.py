@@ -7,12 +7,15 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from disagg import config as cfg
+from disagg import wire
 from disagg.errors import KvIntegrityError
-from disagg.kv_codec import KvAssembler, KvLayout, encode_kv
+from disagg.kv_codec import Chunk, KvAssembler, KvLayout, encode_kv
 from disagg.pb.disagg.v1 import worker_pb2
-from disagg.wire import chunk_from_pb, chunk_message, layout_from_pb, layout_to_pb
+from disagg.wire import chunk_from_message, chunk_message, layout_from_pb, layout_to_pb
 from tests.conftest import GPT2_ARGS, start_cluster
 from tests.test_e2e import generate, prompt_of, reference
 
@@ -38,7 +41,7 @@ def round_trip(layers, wire: str, model_dtype: str = "float32", chunk_bytes: int
     assembler = KvAssembler(layout_from_pb(pb_layout), expected_fingerprint="fp-model")
     assert assembler.layout.total_bytes == pb_layout.total_bytes
     for chunk in chunks:
-        assembler.add(chunk_from_pb(chunk_message(worker_pb2.DecodeRequest, chunk).kv_chunk))
+        assembler.add(chunk_from_message(chunk_message(chunk)))
     assert assembler.complete
     return layout, assembler.layers()
 
@@ -158,3 +161,38 @@ async def test_cluster_with_lossy_wire_dtype_serves(lossy_cluster, gpt2_model):
     got = await generate(lossy_cluster.address, prompt=prompt, max_new_tokens=12, ignore_eos=True)
     assert got.finish_reason == "length" and got.completion_tokens == 12 and len(got.token_ids) == 12
     assert got.token_ids[0] == expected[0]  # the first token comes from prefill, before any conversion
+
+
+@settings(max_examples=200, deadline=None)
+@given(tensor_index=st.integers(0, 2**32 - 1), offset=st.integers(0, 2**64 - 1), data=st.binary(max_size=3000),
+       crc=st.integers(0, 2**32 - 1))
+def test_chunk_messages_by_hand_are_the_protobuf_messages(tensor_index, offset, data, crc):
+    """The hand-written KvChunk codec (no upb copies) writes what protobuf writes and reads what protobuf reads."""
+    fields = dict(tensor_index=tensor_index, offset=offset, data=data, crc32=crc)
+    raw = chunk_message(Chunk(tensor_index, offset, memoryview(data), crc))
+    for message_type in (worker_pb2.PrefillResponse, worker_pb2.DecodeRequest, worker_pb2.PushKvRequest):
+        assert raw == message_type(kv_chunk=fields).SerializeToString()
+    back = chunk_from_message(raw)
+    assert (back.tensor_index, back.offset, bytes(back.data), back.crc32) == (tensor_index, offset, data, crc)
+    # fields in another order, repeated (the last wins) or with explicit zeros are still read as protobuf reads them
+    reordered = worker_pb2.KvChunk(crc32=crc).SerializeToString() + worker_pb2.KvChunk(
+        tensor_index=tensor_index ^ 1, offset=offset, data=data).SerializeToString() + bytes([0x08, 0])
+    raw = wire.KV_CHUNK_TAG + wire._varint(len(reordered)) + reordered
+    parsed = worker_pb2.DecodeRequest.FromString(raw).kv_chunk
+    back = chunk_from_message(raw)
+    assert (back.tensor_index, back.offset, bytes(back.data), back.crc32) == (
+        parsed.tensor_index, parsed.offset, parsed.data, parsed.crc32)
+
+
+def test_chunk_reader_leaves_anything_unexpected_to_protobuf():
+    """Other events, unknown fields and malformed bytes give None: protobuf then parses them or refuses them."""
+    good = chunk_message(Chunk(1, 2, b"abc", 3))
+    start = worker_pb2.DecodeRequest(start=worker_pb2.SequenceStart(request_id="r")).SerializeToString()
+    unknown = worker_pb2.KvChunk(data=b"x").SerializeToString() + bytes([0x28, 1])  # field 5: not in KvChunk
+    for raw in (start, b"", good[:-1], good + b"\x00", good[:1] + b"\xff" * 11,
+                wire.KV_CHUNK_TAG + wire._varint(len(unknown)) + unknown):
+        assert chunk_from_message(raw) is None
+    deserialize = wire.handoff_deserializer(worker_pb2.DecodeRequest)
+    assert wire.event_of(deserialize(start)) == "start" and wire.event_of(deserialize(good)) == "kv_chunk"
+    with pytest.raises(Exception):  # noqa: B017 (protobuf's DecodeError; gRPC turns it into a status)
+        deserialize(good[:-1])

@@ -20,7 +20,7 @@ from disagg.kv_codec import KvAssembler, KvLayout, encode_kv
 from disagg.kv_transport import KvInbox, SharedMemorySegments, SharedMemorySender, adopt_shared_memory
 from disagg.pb.disagg.v1 import worker_pb2
 from disagg.serving import ReadAhead
-from disagg.wire import chunk_message, layout_to_pb
+from disagg.wire import chunk_from_message, chunk_message, layout_to_pb
 from tests.conftest import GPT2_ARGS, start_cluster
 from tests.reliability_helpers import wait_idle
 from tests.test_e2e import generate, prompt_of, reference
@@ -111,7 +111,7 @@ def pushes(handle: str, kv, lay: KvLayout):
         yield worker_pb2.PushKvRequest(header=worker_pb2.KvPushHeader(
             handle=handle, request_id="r", kv_layout=layout_to_pb(lay, kv_included=True)))
         for chunk in encode_kv(kv, 500):
-            yield chunk_message(worker_pb2.PushKvRequest, chunk)
+            yield chunk_from_message(chunk_message(chunk))  # as DecodeService deserializes it
     return stream()
 
 
