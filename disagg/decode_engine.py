@@ -109,8 +109,8 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         return joined
 
     def _leave(self, request_id: str) -> None:
+        self.batch.remove(request_id)  # first: a sequence that no longer counts as active holds no KV
         self.running.pop(request_id, None)
-        self.batch.remove(request_id)
 
     def run_once(self) -> None:
         self._apply_cancellations()
