@@ -37,8 +37,9 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
     for i, stop in enumerate(request.stop):
         if not stop or len(stop) > MAX_STOP_CHARS:
             raise InvalidRequest(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters")
-    if len(request.request_id) > MAX_REQUEST_ID_CHARS or not request.request_id.isprintable():
-        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters")
+    request_id = request.request_id  # it travels as gRPC metadata (x-request-id): printable ASCII only
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not (request_id.isascii() and request_id.isprintable()):
+        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters")
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     sampling = worker_pb2.SamplingParams(
         max_new_tokens=request.max_new_tokens, temperature=request.temperature,

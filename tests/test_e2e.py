@@ -102,6 +102,8 @@ async def test_max_new_tokens_one_finishes_at_prefill(gpt2_cluster):
     (dict(prompt="hi", top_k=-3), "top_k"),
     (dict(prompt="hi", max_new_tokens=5000), "context"),
     (dict(prompt="hi " * 1100), "context"),
+    (dict(prompt="hi", request_id="¡"), "request_id"),  # printable, but not ASCII: cannot be gRPC metadata
+    (dict(prompt="hi", request_id="a\nb"), "request_id"),
 ])
 async def test_bad_input_is_invalid_argument_and_servers_keep_serving(gpt2_cluster, fields, words):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
