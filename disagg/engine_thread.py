@@ -64,11 +64,9 @@ class EngineThread(Generic[Job]):
         """Block until there is work; when idle, give the wait window a chance to fill the batch."""
         with self.lock:
             while not self._stopped and not self.waiting and not self.busy():
-                if self._worked and not self.lock.wait(IDLE_TRIM_SECONDS):
+                if not self.lock.wait(IDLE_TRIM_SECONDS if self._worked else None):  # idle since the last work
                     release_free_memory()  # a few ms, once per idle spell; a submit() waits for it meanwhile
                     self._worked = False
-                elif not self._worked:
-                    self.lock.wait()
             self._worked = True
             if self._stopped:
                 return False

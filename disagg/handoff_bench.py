@@ -147,7 +147,7 @@ async def _one_handoff(prefill_stub, decode_stub, decode_address: str, prompt: l
     from disagg.kv_transport import TRANSPORT_NAMES
     from disagg.pb.disagg.v1 import worker_pb2
     from disagg.serving import ReadAhead
-    from disagg.wire import KV_CHUNK_TAG
+    from disagg.wire import is_chunk_message
 
     transport = parse_variant(variant)[0]
     request = worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
@@ -160,7 +160,7 @@ async def _one_handoff(prefill_stub, decode_stub, decode_address: str, prompt: l
     total_bytes, prefill_seconds, chunks = 0, 0.0, 0
     with ReadAhead(prefill_call) as relayed:  # as the gateway relays
         async for raw in relayed:
-            if raw[:1] == KV_CHUNK_TAG:  # not parsed, as in the gateway
+            if is_chunk_message(raw):  # not parsed, as in the gateway
                 chunks += 1
                 await decode_call.write(raw)
                 continue

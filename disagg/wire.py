@@ -65,6 +65,11 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("varint too long")
 
 
+def is_chunk_message(raw: bytes) -> bool:
+    """Whether a serialized handoff message carries a KvChunk (its first byte is that field's tag)."""
+    return raw[:1] == KV_CHUNK_TAG
+
+
 def chunk_message(chunk: Chunk) -> bytes:
     """A serialized PrefillResponse / DecodeRequest / PushKvRequest carrying `chunk` (what upb would write)."""
     inner = b"".join((
@@ -80,7 +85,7 @@ def chunk_message(chunk: Chunk) -> bytes:
 def chunk_from_message(raw: bytes) -> Chunk | None:
     """The chunk of a serialized handoff message, its data a view of `raw` (no copy); None when `raw` is another
     event, or anything this reader does not expect (protobuf then parses it, or says what is wrong with it)."""
-    if raw[:1] != KV_CHUNK_TAG:
+    if not is_chunk_message(raw):
         return None
     try:
         size, pos = _read_varint(raw, 1)

@@ -21,16 +21,13 @@ from disagg.errors import DeadlineExceeded, NoWorkerAvailable, Overloaded, Proto
 from disagg.kv_transport import DIRECT, TRANSPORT_NAMES
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
 from disagg.serving import CallEnded, ReadAhead, send
-from disagg.wire import KV_CHUNK_TAG
+from disagg.wire import is_chunk_message
 from gateway.validation import to_prefill_request
 from gateway.worker_pool import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 # Status codes that mean "this worker is gone or going", not "this request is wrong": try elsewhere.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
-
-
-# The first byte of a serialized PrefillResponse holding a KvChunk: its one field's tag (field 2, length-delimited).
 
 
 class WorkerFailed(Exception):
@@ -171,7 +168,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         relayed = ReadAhead(_receive(prefill_worker, prefill_call, pushes_to))
         try:
             async for raw in relayed:
-                if raw[:1] == KV_CHUNK_TAG:  # relayed unparsed; the decode worker checks it
+                if is_chunk_message(raw):  # relayed unparsed; the decode worker checks it
                     kind = "kv_chunk"
                 else:
                     message = worker_pb2.PrefillResponse.FromString(raw)
