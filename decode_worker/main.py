@@ -7,15 +7,32 @@ import asyncio
 from decode_worker.servicer import DecodeServicer
 from disagg import telemetry
 from disagg.config import WorkerConfig
-from disagg.decode_engine import DecodeEngine
-from disagg.wire import add_decode_service
-from disagg.worker_load import KvBudget
-from disagg.worker_process import serve_worker
+from disagg.engine.budget import KvBudget
+from disagg.engine.decode import DecodeEngine
+from disagg.model.runtime import load_for_serving
+from disagg.pb.disagg.v1 import worker_pb2
+from disagg.rpc.server import Server
+from disagg.rpc.services import add_decode_service
+
+
+async def serve(config: WorkerConfig) -> None:
+    lm = load_for_serving(config.model)
+    engine = DecodeEngine(lm, config.batch, kv_cache=config.kv_cache)
+    engine.start()
+    telemetry.watch_engine(engine)
+
+    servicer = DecodeServicer(lm, engine, KvBudget(config.kv_budget_mb << 20))
+    server = Server(config.host, config.port, tls=config.tls)
+    server.add_service(
+        worker_pb2.DESCRIPTOR.services_by_name["DecodeService"], lambda s: add_decode_service(servicer, s)
+    )
+    server.add_worker_load(servicer.load)
+    await server.start()
+
+    await server.serve_until_signal(config.grace_seconds)  # SIGTERM: NOT_SERVING, finish streams, stop
+    await asyncio.to_thread(engine.stop)
 
 
 def main(config: WorkerConfig) -> None:
     telemetry.setup("decode", config.host, config.metrics_port)
-    asyncio.run(serve_worker(
-        config, "DecodeService", add_decode_service,
-        make_engine=lambda lm: DecodeEngine(lm, config.batch, kv_cache=config.kv_cache),
-        make_servicer=lambda lm, engine: DecodeServicer(lm, engine, KvBudget(config.kv_budget_mb << 20))))
+    asyncio.run(serve(config))

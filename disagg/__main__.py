@@ -1,3 +1,3 @@
-from disagg.cli import main
+from disagg.tools.cli import main
 
 main()

@@ -10,8 +10,9 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
-# How the KV cache reaches the decode worker (worker.proto's KvTransport 1, 2, 3, in that order).
-KV_TRANSPORTS = ("relayed", "direct", "shared-memory")
+from disagg.kv.codec import WIRE_DTYPE_CHOICES
+from disagg.kv.transports import KV_TRANSPORTS
+from disagg.model.dtypes import DTYPES
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,12 @@ def _flag(parser: argparse.ArgumentParser, name: str, default, help_text: str, *
     if isinstance(default, bool):
         parser.add_argument(name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
     elif isinstance(default, tuple):
-        parser.add_argument(name, default=default, type=lambda s: tuple(v for v in s.split(",") if v),
-                            help=help_text + " (comma-separated)")
+        parser.add_argument(
+            name,
+            default=default,
+            type=lambda s: tuple(v for v in s.split(",") if v),
+            help=help_text + " (comma-separated)",
+        )
     else:
         parser.add_argument(name, default=default, type=type(default), help=help_text, **kwargs)
 
@@ -111,9 +116,14 @@ def _flag(parser: argparse.ArgumentParser, name: str, default, help_text: str, *
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     d = ModelOptions()
     _flag(parser, "--model", d.model, "HF model id, local folder, or 'smollm2-135m-instruct' (bundled, real weights)")
-    _flag(parser, "--load-format", d.load_format, "'auto' loads weights; 'dummy' builds seeded random weights",
-          choices=["auto", "dummy"])
-    _flag(parser, "--dtype", d.dtype, "model dtype", choices=["float32", "bfloat16", "float16"])
+    _flag(
+        parser,
+        "--load-format",
+        d.load_format,
+        "'auto' loads weights; 'dummy' builds seeded random weights",
+        choices=["auto", "dummy"],
+    )
+    _flag(parser, "--dtype", d.dtype, "model dtype", choices=list(DTYPES))
     _flag(parser, "--device", d.device, "torch device (cpu, cuda, cuda:1, ...)")
     _flag(parser, "--seed", d.seed, "seed of dummy weights")
     _flag(parser, "--threads", d.threads, "torch intra-op threads (0 = all cores)")
@@ -133,8 +143,12 @@ def add_tls_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--tls-cert", d.tls_cert, "PEM certificate of this component (enables TLS on its port)")
     _flag(parser, "--tls-key", d.tls_key, "PEM private key of --tls-cert")
     _flag(parser, "--tls-ca", d.tls_ca, "PEM CA that peers' certificates must chain to")
-    _flag(parser, "--tls-require-client-cert", d.tls_require_client_cert, "mutual TLS: refuse clients without a "
-          "certificate signed by --tls-ca")
+    _flag(
+        parser,
+        "--tls-require-client-cert",
+        d.tls_require_client_cert,
+        "mutual TLS: refuse clients without a certificate signed by --tls-ca",
+    )
     _flag(parser, "--tls-server-name", d.tls_server_name, "name the workers' certificates carry (gateway)")
 
 
@@ -148,15 +162,29 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
     _flag(parser, "--kv-cache", d.kv_cache, "hand over and use the KV cache (--no-kv-cache recomputes every step)")
     _flag(parser, "--kv-chunk-bytes", d.kv_chunk_bytes, "bytes of KV per streamed chunk")
     if prefill:
-        _flag(parser, "--kv-wire-dtype", d.kv_wire_dtype, "KV cache format on the wire: 'auto' (the model's dtype, "
-              "lossless) or lossy float16, bfloat16, int8 (per-channel scaled)",
-              choices=["auto", "float32", "float16", "bfloat16", "int8"])
-        _flag(parser, "--kv-layerwise", d.kv_layerwise, "stream each layer's KV as soon as the forward pass has "
-              "computed it, overlapping the handoff with the later layers (worth it where the forward pass does not "
-              "need the CPU cores the encoding uses: on an accelerator, or with idle cores)")
+        _flag(
+            parser,
+            "--kv-wire-dtype",
+            d.kv_wire_dtype,
+            "KV cache format on the wire: 'auto' (the model's dtype, "
+            "lossless) or lossy float16, bfloat16, int8 (per-channel scaled)",
+            choices=WIRE_DTYPE_CHOICES,
+        )
+        _flag(
+            parser,
+            "--kv-layerwise",
+            d.kv_layerwise,
+            "stream each layer's KV as soon as the forward pass has "
+            "computed it, overlapping the handoff with the later layers (worth it where the forward pass does not "
+            "need the CPU cores the encoding uses: on an accelerator, or with idle cores)",
+        )
     if not prefill:
-        _flag(parser, "--kv-budget-mb", d.kv_budget_mb,
-              "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited")
+        _flag(
+            parser,
+            "--kv-budget-mb",
+            d.kv_budget_mb,
+            "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited",
+        )
     _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight work on SIGTERM")
     add_tls_flags(parser)
 
@@ -174,9 +202,15 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight streams on SIGTERM")
     _flag(parser, "--max-inflight", d.max_inflight, "concurrent requests before RESOURCE_EXHAUSTED")
     _flag(parser, "--max-attempts", d.max_attempts, "worker failures one request survives (retry, migration)")
-    _flag(parser, "--kv-transport", d.kv_transport, "how the KV cache reaches the decode worker: 'relayed' "
-          "through the gateway, 'direct' (prefill pushes it to the decode worker the gateway chose), or "
-          "'shared-memory' (co-located workers sharing /dev/shm)", choices=KV_TRANSPORTS)
+    _flag(
+        parser,
+        "--kv-transport",
+        d.kv_transport,
+        "how the KV cache reaches the decode worker: 'relayed' "
+        "through the gateway, 'direct' (prefill pushes it to the decode worker the gateway chose), or "
+        "'shared-memory' (co-located workers sharing /dev/shm)",
+        choices=KV_TRANSPORTS,
+    )
     _flag(parser, "--health-interval-seconds", d.health_interval_seconds, "how often worker health is checked")
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     add_tls_flags(parser)
@@ -192,8 +226,9 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    return _pick(WorkerConfig, args, model=model_options(args), batch=_pick(BatchPolicy, args),
-                 tls=_pick(TlsOptions, args))
+    return _pick(
+        WorkerConfig, args, model=model_options(args), batch=_pick(BatchPolicy, args), tls=_pick(TlsOptions, args)
+    )
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:

@@ -18,10 +18,11 @@ import grpc
 from disagg import telemetry
 from disagg.config import GatewayConfig
 from disagg.errors import DeadlineExceeded, NoWorkerAvailable, Overloaded, ProtocolError, UpstreamError
-from disagg.kv_transport import DIRECT, TRANSPORT_NAMES
+from disagg.kv.framing import is_chunk_message
+from disagg.kv.transports import DIRECT, TRANSPORT_VALUES
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
-from disagg.serving import CallEnded, ReadAhead, send
-from disagg.wire import is_chunk_message
+from disagg.rpc.channel import CallEnded, send
+from disagg.rpc.streams import ReadAhead
 from gateway.validation import to_prefill_request
 from gateway.worker_pool import Worker, WorkerPool
 
@@ -65,24 +66,6 @@ async def _send(worker: Worker, call, message=None) -> None:
         raise _failure(worker, ended.code, ended.details) from ended
 
 
-class RelayPrefillStub:
-    """PrefillService as the gateway calls it: responses stay serialized, to go on to decode byte for byte."""
-
-    def __init__(self, channel: grpc.aio.Channel):
-        self.Prefill = channel.unary_stream("/disagg.v1.PrefillService/Prefill",
-                                            request_serializer=worker_pb2.PrefillRequest.SerializeToString)
-
-
-class RelayDecodeStub:
-    """DecodeService as the gateway calls it: requests are the prefill worker's serialized messages, relayed
-    unchanged (PrefillResponse and DecodeRequest are wire-identical), so a KV chunk is never parsed into a new
-    message and serialized again."""
-
-    def __init__(self, channel: grpc.aio.Channel):
-        self.Decode = channel.stream_stream("/disagg.v1.DecodeService/Decode",
-                                            response_deserializer=worker_pb2.DecodeResponse.FromString)
-
-
 @dataclass
 class Progress:
     """What the client has been sent so far: exactly what a resumed attempt needs."""
@@ -118,7 +101,7 @@ class Progress:
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, prefill: WorkerPool, decode: WorkerPool):
         self.config, self.prefill, self.decode = config, prefill, decode
-        self.transport = TRANSPORT_NAMES[config.kv_transport]
+        self.transport = TRANSPORT_VALUES[config.kv_transport]
         self.in_flight = 0
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context):
@@ -137,8 +120,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     (self.prefill if failure.worker.kind == "prefill" else self.decode).mark_failed(failure.worker)
                     if attempt >= self.config.max_attempts:
                         raise NoWorkerAvailable(f"request failed on {attempt} workers; last: {failure}") from failure
-                    log.warning("request %s: %s; resuming after %d tokens", progress.request.request_id, failure,
-                                len(progress.generated))
+                    log.warning(
+                        "request %s: %s; resuming after %d tokens",
+                        progress.request.request_id,
+                        failure,
+                        len(progress.generated),
+                    )
         finally:
             self.in_flight -= 1
 
@@ -153,7 +140,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _attempt(self, progress: Progress, context, deadline: float):
         request = progress.prefill_request()
-        metadata = (("x-request-id", request.request_id), *telemetry.trace_metadata())
+        metadata = telemetry.call_metadata(request.request_id)
         prefill_worker = self.prefill.pick()
         decode_worker = decode_call = pushes_to = None
         if self.transport == DIRECT:  # the decode worker is chosen first: the prefill worker pushes the KV to it
@@ -163,8 +150,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             request.kv_destination.handle = f"{request.request_id}/{uuid.uuid4().hex}"
         request.kv_destination.transport = self.transport
         prefill_worker.in_flight += 1
-        prefill_call = prefill_worker.stub.Prefill(request, timeout=self._timeout(context, deadline),
-                                                   metadata=metadata)
+        prefill_call = prefill_worker.stub.Prefill(request, timeout=self._timeout(context, deadline), metadata=metadata)
         relayed = ReadAhead(_receive(prefill_worker, prefill_call, pushes_to))
         try:
             async for raw in relayed:
@@ -180,8 +166,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     if decode_worker is None:
                         decode_worker = self.decode.pick()
                         decode_worker.in_flight += 1
-                    decode_call = decode_worker.stub.Decode(timeout=self._timeout(context, deadline),
-                                                            metadata=metadata)
+                    decode_call = decode_worker.stub.Decode(timeout=self._timeout(context, deadline), metadata=metadata)
                 elif decode_call is None:
                     raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")
                 if kind == "first_token":

@@ -42,9 +42,18 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
         raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters")
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     sampling = worker_pb2.SamplingParams(
-        max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-        top_p=request.top_p if request.HasField("top_p") else 1.0, top_k=request.top_k, seed=seed,
-        stop=request.stop, ignore_eos=request.ignore_eos)
+        max_new_tokens=request.max_new_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k,
+        seed=seed,
+        stop=request.stop,
+        ignore_eos=request.ignore_eos,
+    )
     return worker_pb2.PrefillRequest(
-        request_id=request.request_id or uuid.uuid4().hex, prompt=request.prompt, sampling=sampling,
-        apply_chat_template=request.apply_chat_template, default_max_new_tokens=config.default_max_new_tokens)
+        request_id=request.request_id or uuid.uuid4().hex,
+        prompt=request.prompt,
+        sampling=sampling,
+        apply_chat_template=request.apply_chat_template,
+        default_max_new_tokens=config.default_max_new_tokens,
+    )

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from disagg.config import TlsOptions
 from disagg.errors import NoWorkerAvailable
-from disagg.serving import open_channel
+from disagg.rpc.channel import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ class WorkerPool:
         for address in (a for name in self._addresses for a in resolve(name)):
             if address not in self.workers:
                 channel = open_channel(address, self._tls)
-                self.workers[address] = Worker(self.kind, address, channel, self._stub_class(channel),
-                                               health_pb2_grpc.HealthStub(channel))
+                self.workers[address] = Worker(
+                    self.kind, address, channel, self._stub_class(channel), health_pb2_grpc.HealthStub(channel)
+                )
 
     def pick(self, exclude: frozenset[str] = frozenset()) -> Worker:
         """The healthy worker with the fewest requests in flight."""

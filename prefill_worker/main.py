@@ -6,23 +6,47 @@ import asyncio
 
 from disagg import telemetry
 from disagg.config import WorkerConfig
-from disagg.kv_transport import PushClients, SharedMemorySegments
-from disagg.prefill_engine import PrefillEngine
-from disagg.wire import add_prefill_service
-from disagg.worker_process import serve_worker
+from disagg.engine.prefill import PrefillEngine
+from disagg.kv.senders import PushClients
+from disagg.kv.shared_memory import SharedMemorySegments
+from disagg.model.runtime import load_for_serving
+from disagg.pb.disagg.v1 import worker_pb2
+from disagg.rpc.server import Server
+from disagg.rpc.services import add_prefill_service
 from prefill_worker.servicer import PrefillServicer
+
+
+async def serve(config: WorkerConfig, segments: SharedMemorySegments) -> None:
+    lm = load_for_serving(config.model)
+    engine = PrefillEngine(lm, config.batch, kv_cache=config.kv_cache)
+    engine.start()
+    telemetry.watch_engine(engine)
+
+    servicer = PrefillServicer(
+        lm,
+        engine,
+        config.kv_chunk_bytes,
+        config.kv_wire_dtype,
+        config.kv_layerwise,
+        push_clients=PushClients(config.tls),
+        segments=segments,
+    )
+    server = Server(config.host, config.port, tls=config.tls)
+    server.add_service(
+        worker_pb2.DESCRIPTOR.services_by_name["PrefillService"], lambda s: add_prefill_service(servicer, s)
+    )
+    server.add_worker_load(servicer.load)
+    await server.start()
+
+    await server.serve_until_signal(config.grace_seconds)  # SIGTERM: NOT_SERVING, finish streams, stop
+    await asyncio.to_thread(engine.stop)
 
 
 def main(config: WorkerConfig) -> None:
     telemetry.setup("prefill", config.host, config.metrics_port)
     segments = SharedMemorySegments()  # shared-memory handoffs to co-located decode workers
-    segments.remove_orphans()
+    segments.remove_orphans()  # left by a prefill worker that was killed
     try:
-        asyncio.run(serve_worker(
-            config, "PrefillService", add_prefill_service,
-            make_engine=lambda lm: PrefillEngine(lm, config.batch, kv_cache=config.kv_cache),
-            make_servicer=lambda lm, engine: PrefillServicer(
-                lm, engine, config.kv_chunk_bytes, config.kv_wire_dtype, config.kv_layerwise,
-                push_clients=PushClients(config.tls), segments=segments)))
+        asyncio.run(serve(config, segments))
     finally:
         segments.remove_all()  # segments no decode worker took

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 
 from disagg import telemetry
+from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
 from disagg.errors import InvalidRequest
-from disagg.kv_codec import DTYPE_NAMES, KvLayout
-from disagg.kv_transport import DIRECT, RELAYED, PushClients, SharedMemorySegments, make_sender
-from disagg.model import LoadedModel
-from disagg.output_stream import OutputStream
+from disagg.kv.codec import KvLayout
+from disagg.kv.senders import PushClients, make_sender
+from disagg.kv.shared_memory import SharedMemorySegments
+from disagg.kv.transports import DIRECT, RELAYED
+from disagg.model.dtypes import DTYPE_NAMES
+from disagg.model.loading import LoadedModel
+from disagg.model.output_stream import OutputStream
+from disagg.model.sampling import SamplingParams
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.prefill_engine import PrefillEngine, PrefillJob, PrefillResult
-from disagg.sampling import SamplingParams
-from disagg.wire import layout_to_pb, sampling_from_pb, sampling_to_pb
+from disagg.rpc.convert import layout_to_pb, sampling_from_pb, sampling_to_pb
 
 
 def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
@@ -25,8 +28,11 @@ def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> lis
         if not lm.tokenizer.chat_template:
             raise InvalidRequest(f"apply_chat_template: model {lm.name!r} has no chat template")
         messages = [{"role": "user", "content": request.prompt}]
-        return list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"])
+        return list(
+            lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
     return lm.tokenizer.encode(request.prompt)
 
 
@@ -35,21 +41,31 @@ def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_
     params = sampling_from_pb(request.sampling)
     room = lm.context_length - context_tokens + len(request.generated_token_ids)
     if room <= 0:
-        raise InvalidRequest(f"prompt of {context_tokens} tokens leaves no room in the model's context of "
-                             f"{lm.context_length} tokens")
+        raise InvalidRequest(
+            f"prompt of {context_tokens} tokens leaves no room in the model's context of {lm.context_length} tokens"
+        )
     if params.max_new_tokens == 0:
         default = request.default_max_new_tokens or 16
         return SamplingParams(**{**params.__dict__, "max_new_tokens": min(default, room)})
     if params.max_new_tokens > room:
-        raise InvalidRequest(f"prompt ({context_tokens - len(request.generated_token_ids)} tokens) + max_new_tokens "
-                             f"({params.max_new_tokens}) exceeds the model's context of {lm.context_length} tokens")
+        raise InvalidRequest(
+            f"prompt ({context_tokens - len(request.generated_token_ids)} tokens) + max_new_tokens "
+            f"({params.max_new_tokens}) exceeds the model's context of {lm.context_length} tokens"
+        )
     return params
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, lm: LoadedModel, engine: PrefillEngine, chunk_bytes: int, wire_dtype: str = "auto",
-                 layerwise: bool = False, push_clients: PushClients | None = None,
-                 segments: SharedMemorySegments | None = None):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        engine: PrefillEngine,
+        chunk_bytes: int,
+        wire_dtype: str = "auto",
+        layerwise: bool = False,
+        push_clients: PushClients | None = None,
+        segments: SharedMemorySegments | None = None,
+    ):
         self.lm, self.engine, self.chunk_bytes, self.layerwise = lm, engine, chunk_bytes, layerwise
         # "" on the wire = the model's dtype (lossless, no conversion); naming the model's dtype is the same
         self.wire_dtype = "" if wire_dtype in ("auto", "", DTYPE_NAMES[lm.dtype]) else wire_dtype
@@ -62,8 +78,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     def _layout(self, seq_len: int) -> KvLayout:
         layers, heads, head_dim = self.lm.kv_shape()
-        return KvLayout(DTYPE_NAMES[self.lm.dtype], layers, heads, seq_len, head_dim, self.lm.fingerprint,
-                        self.wire_dtype)
+        return KvLayout(
+            DTYPE_NAMES[self.lm.dtype], layers, heads, seq_len, head_dim, self.lm.fingerprint, self.wire_dtype
+        )
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context):
         self.active += 1
@@ -91,8 +108,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         layout, destination = self._layout(len(input_ids)), request.kv_destination
         sender = None
         if self.engine.kv_cache:
-            sender = make_sender(destination, layout, self.chunk_bytes, request.request_id, self.push_clients,
-                                 self.segments, time_remaining)
+            sender = make_sender(
+                destination,
+                layout,
+                self.chunk_bytes,
+                request.request_id,
+                self.push_clients,
+                self.segments,
+                time_remaining,
+            )
         layers: asyncio.Queue | None = None
         if self.layerwise and sender is not None:  # K/V of each layer as the forward pass computes it, then None
             layers = asyncio.Queue()
@@ -102,9 +126,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         pb_layout = layout_to_pb(layout, kv_included=sender is not None)
         pb_layout.transport = destination.transport or RELAYED
         pb_layout.handle = destination.handle if destination.transport == DIRECT else ""
-        yield worker_pb2.PrefillResponse(start=worker_pb2.SequenceStart(
-            request_id=request.request_id, prompt_token_ids=prompt, generated_token_ids=generated,
-            sampling=sampling_to_pb(params), model=self.lm.name, kv_layout=pb_layout))
+        yield worker_pb2.PrefillResponse(
+            start=worker_pb2.SequenceStart(
+                request_id=request.request_id,
+                prompt_token_ids=prompt,
+                generated_token_ids=generated,
+                sampling=sampling_to_pb(params),
+                model=self.lm.name,
+                kv_layout=pb_layout,
+            )
+        )
         handed_over = first_sent = False
         try:
             while layers is not None and (item := await layers.get()) is not None:
@@ -132,9 +163,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
 def _first_token(job: PrefillJob, result: PrefillResult) -> worker_pb2.PrefillResponse:
     telemetry.record_prefill(job, result)
-    return worker_pb2.PrefillResponse(first_token=worker_pb2.FirstToken(
-        token_id=result.first_token, text=result.text, finish_reason=result.finish_reason or "",
-        prefill_seconds=result.forward_seconds))
+    return worker_pb2.PrefillResponse(
+        first_token=worker_pb2.FirstToken(
+            token_id=result.first_token,
+            text=result.text,
+            finish_reason=result.finish_reason or "",
+            prefill_seconds=result.forward_seconds,
+        )
+    )
 
 
 def _settle(future: asyncio.Future, result) -> None:

@@ -34,13 +34,15 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from disagg.client import channel, complete  # noqa: E402
-from disagg.cluster import Cluster  # noqa: E402
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from disagg.tools.client import channel, complete  # noqa: E402
+from disagg.tools.cluster import Cluster  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
-PROMPT = ("Disaggregated serving splits the prompt's forward pass from token generation, so each phase can run on "
-          "hardware sized for it.")
+PROMPT = (
+    "Disaggregated serving splits the prompt's forward pass from token generation, so each phase can run on "
+    "hardware sized for it."
+)
 
 
 def arm_env(arm: str, receiver: OtlpReceiver) -> dict[str, str]:
@@ -56,8 +58,11 @@ async def one_round(stubs: dict, order: list[str], n: int, max_new_tokens: int, 
     for arm in order:
         latencies = []
         for _ in range(n):
-            done = await complete(stubs[arm], gateway_pb2.GenerateRequest(
-                prompt=PROMPT, max_new_tokens=max_new_tokens, ignore_eos=True), timeout=600)
+            done = await complete(
+                stubs[arm],
+                gateway_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=max_new_tokens, ignore_eos=True),
+                timeout=600,
+            )
             assert done.completion_tokens == max_new_tokens
             latencies.append(done.latency)
             results[arm]["latency"].append(done.latency)
@@ -76,10 +81,11 @@ async def run(args, clusters: dict[str, Cluster]) -> dict:
     await one_round(stubs, arms, args.warmup, args.max_new_tokens, warm)
     rounds = []
     for r in range(args.rounds):
-        order = arms[r % len(arms):] + arms[:r % len(arms)]
+        order = arms[r % len(arms) :] + arms[: r % len(arms)]
         rounds.append(await one_round(stubs, order, args.requests, args.max_new_tokens, results))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{a} {rounds[-1][a] * 1000:.1f} ms" for a in arms),
-              flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{a} {rounds[-1][a] * 1000:.1f} ms" for a in arms), flush=True
+        )
     for ch in channels.values():
         await ch.close()
     return {"results": results, "rounds": rounds}
@@ -105,8 +111,9 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
     import grpc
 
     from disagg import telemetry
-    from disagg.kv_codec import Chunk
+    from disagg.kv.codec import Chunk
     from disagg.pb.disagg.v1 import worker_pb2
+    from disagg.telemetry import metrics
 
     class Job:
         enqueued_at, input_ids = 0.0, list(range(24))
@@ -126,9 +133,11 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
     responses[0].request_id = "bench"
     responses[-1].finish_reason = "length"
     chunks = [Chunk(i, 0, b"", 0) for i in range(12)]
-    handoff = [worker_pb2.DecodeRequest(start=worker_pb2.SequenceStart(request_id="bench")),
-               worker_pb2.DecodeRequest(first_token=worker_pb2.FirstToken(token_id=7)),
-               *(worker_pb2.DecodeRequest(kv_chunk=worker_pb2.KvChunk(tensor_index=i)) for i in range(12))]
+    handoff = [
+        worker_pb2.DecodeRequest(start=worker_pb2.SequenceStart(request_id="bench")),
+        worker_pb2.DecodeRequest(first_token=worker_pb2.FirstToken(token_id=7)),
+        *(worker_pb2.DecodeRequest(kv_chunk=worker_pb2.KvChunk(tensor_index=i)) for i in range(12)),
+    ]
 
     async def generate(request, context):
         for r in responses:
@@ -152,8 +161,11 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
 
     async def worker_body(request, context):
         telemetry.record_prefill(Job, Result)
-        for _ in telemetry.observe_kv_serialize(chunks):
-            pass
+        serialize = telemetry.KvSerialize("relayed")
+        for chunk in chunks:
+            with serialize.encoding() as encoded:
+                encoded.add(len(chunk.data), 1)
+        serialize.end()
         async for _ in telemetry.observe_kv_transfer(messages()):
             pass
         telemetry.record_decode(Seq)
@@ -163,7 +175,7 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
         invocation_metadata = (("x-request-id", "bench"),)
 
     async def measure() -> float:
-        traced_generate = telemetry.instrument_generate(generate)
+        traced_generate = telemetry.observe_generate(generate)
         interceptors = telemetry.server_interceptors()
 
         async def server(name):
@@ -183,7 +195,7 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
             await one_request(traced_generate, server)
         return (time.process_time() - started) / iterations * 1e6
 
-    saved_metrics, telemetry._metrics = telemetry._metrics, None
+    saved_metrics, metrics._current = metrics._current, None
     out = {}
     try:
         for arm, env in (("disabled", {"OTEL_SDK_DISABLED": "true"}), ("no_endpoint", {})):
@@ -193,7 +205,7 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
             out[arm] = asyncio.run(measure())
     finally:
         os.environ.pop("OTEL_SDK_DISABLED", None)
-        telemetry._metrics = saved_metrics
+        metrics._current = saved_metrics
     return out
 
 
@@ -220,57 +232,90 @@ def summarize(raw: dict, baseline: str = "disabled") -> dict:
     return summary
 
 
-def write(summary: dict, micro_us: dict, raw: dict, args, command: str, seconds: float, load: tuple,
-          date: str | None = None) -> None:
+def write(
+    summary: dict, micro_us: dict, raw: dict, args, command: str, seconds: float, load: tuple, date: str | None = None
+) -> None:
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
-    record = {"command": command, "date": date or time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "wall_seconds": round(seconds, 1),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "load_average_before": load[0], "load_average_after": load[1]},
-              "workload": {"model": "distilgpt2 (dummy weights)", "prompt_chars": len(PROMPT),
-                           "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-                           "requests_per_round_per_arm": args.requests, "warmup_per_arm": args.warmup,
-                           "concurrency": 1},
-              "summary": summary,
-              "instrumentation_cpu_us_per_request": micro_us,
-              "per_round_medians_s": raw["rounds"]}
+    record = {
+        "command": command,
+        "date": date or time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "wall_seconds": round(seconds, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_before": load[0],
+            "load_average_after": load[1],
+        },
+        "workload": {
+            "model": "distilgpt2 (dummy weights)",
+            "prompt_chars": len(PROMPT),
+            "max_new_tokens": args.max_new_tokens,
+            "rounds": args.rounds,
+            "requests_per_round_per_arm": args.requests,
+            "warmup_per_arm": args.warmup,
+            "concurrency": 1,
+        },
+        "summary": summary,
+        "instrumentation_cpu_us_per_request": micro_us,
+        "per_round_medians_s": raw["rounds"],
+    }
     (out / "tracing_overhead.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["# Tracing overhead, single stream", "",
-             f"Command: `{command}`  ", f"Date: {record['date']}, {os.cpu_count()} CPUs, load average "
-             f"{load[0]:.2f} before / {load[1]:.2f} after (shared machine), {seconds:.0f} s.", "",
-             f"Workload: distilgpt2 (dummy weights), one request at a time, {args.max_new_tokens} new tokens, "
-             f"{args.rounds} rounds x {args.requests} requests per arm, arms interleaved (order rotating by round).",
-             "", "| arm | requests | paired ratio to disabled, median over rounds | median latency | "
-             "vs disabled (medians) | p90 | median TTFT |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Tracing overhead, single stream",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {record['date']}, {os.cpu_count()} CPUs, load average "
+        f"{load[0]:.2f} before / {load[1]:.2f} after (shared machine), {seconds:.0f} s.",
+        "",
+        f"Workload: distilgpt2 (dummy weights), one request at a time, {args.max_new_tokens} new tokens, "
+        f"{args.rounds} rounds x {args.requests} requests per arm, arms interleaved (order rotating by round).",
+        "",
+        "| arm | requests | paired ratio to disabled, median over rounds | median latency | "
+        "vs disabled (medians) | p90 | median TTFT |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm, s in summary.items():
-        lines.append(f"| {arm} | {s['requests']} | {s['per_round_ratio_median']:.4f} "
-                     f"({100 * (s['per_round_ratio_median'] - 1):+.2f}%; 95% CI "
-                     f"{s['per_round_ratio_median_ci95'][0]:.3f}-{s['per_round_ratio_median_ci95'][1]:.3f}) | "
-                     f"{s['latency_median_s'] * 1000:.1f} ms | "
-                     f"{s['overhead_vs_disabled_pct']:+.2f}% | {s['latency_p90_s'] * 1000:.1f} ms | "
-                     f"{s['ttft_median_s'] * 1000:.1f} ms |")
+        lines.append(
+            f"| {arm} | {s['requests']} | {s['per_round_ratio_median']:.4f} "
+            f"({100 * (s['per_round_ratio_median'] - 1):+.2f}%; 95% CI "
+            f"{s['per_round_ratio_median_ci95'][0]:.3f}-{s['per_round_ratio_median_ci95'][1]:.3f}) | "
+            f"{s['latency_median_s'] * 1000:.1f} ms | "
+            f"{s['overhead_vs_disabled_pct']:+.2f}% | {s['latency_p90_s'] * 1000:.1f} ms | "
+            f"{s['ttft_median_s'] * 1000:.1f} ms |"
+        )
     base = micro_us["disabled"]
-    lines += ["", "Instrumentation CPU time per request, measured in-process around no-op work "
-              f"({args.max_new_tokens} responses, two worker RPCs, 12 KV chunks; metrics off in both): "
-              f"disabled {base:.1f} us, no endpoint {micro_us['no_endpoint']:.1f} us, so tracing without an "
-              f"endpoint adds {micro_us['no_endpoint'] - base:.1f} us per request, "
-              f"{100 * (micro_us['no_endpoint'] - base) / 1e6 / summary['disabled']['latency_median_s']:.4f}% "
-              "of the median request."]
+    lines += [
+        "",
+        "Instrumentation CPU time per request, measured in-process around no-op work "
+        f"({args.max_new_tokens} responses, two worker RPCs, 12 KV chunks; metrics off in both): "
+        f"disabled {base:.1f} us, no endpoint {micro_us['no_endpoint']:.1f} us, so tracing without an "
+        f"endpoint adds {micro_us['no_endpoint'] - base:.1f} us per request, "
+        f"{100 * (micro_us['no_endpoint'] - base) / 1e6 / summary['disabled']['latency_median_s']:.4f}% "
+        "of the median request.",
+    ]
     ne = summary.get("no_endpoint")
     if ne:
-        lines += ["", f"Reading: on this shared machine single requests swung by a factor of "
-                  f"{ne['per_round_ratio_min']:.2f}-{ne['per_round_ratio_max']:.2f} between neighbouring runs, so the "
-                  "A/B comparison locates the no-endpoint overhead at "
-                  f"{100 * (ne['per_round_ratio_median'] - 1):+.2f}% "
-                  f"with a 95% interval of {100 * (ne['per_round_ratio_median_ci95'][0] - 1):+.1f}% to "
-                  f"{100 * (ne['per_round_ratio_median_ci95'][1] - 1):+.1f}%; the in-process figure above measures "
-                  "the instrumentation itself and puts it orders of magnitude below 2%."]
-    lines += ["", "- disabled: `OTEL_SDK_DISABLED=true` (no interceptors, no spans).",
-              "- no_endpoint: the default, no `OTEL_EXPORTER_OTLP_ENDPOINT` (no SDK, no exporter; trace context "
-              "propagation and non-recording spans only).",
-              "- exporting: every span exported over OTLP/gRPC to a receiver in the benchmark process.",
-              "- Prometheus metrics are on in every arm.", ""]
+        lines += [
+            "",
+            f"Reading: on this shared machine single requests swung by a factor of "
+            f"{ne['per_round_ratio_min']:.2f}-{ne['per_round_ratio_max']:.2f} between neighbouring runs, so the "
+            "A/B comparison locates the no-endpoint overhead at "
+            f"{100 * (ne['per_round_ratio_median'] - 1):+.2f}% "
+            f"with a 95% interval of {100 * (ne['per_round_ratio_median_ci95'][0] - 1):+.1f}% to "
+            f"{100 * (ne['per_round_ratio_median_ci95'][1] - 1):+.1f}%; the in-process figure above measures "
+            "the instrumentation itself and puts it orders of magnitude below 2%.",
+        ]
+    lines += [
+        "",
+        "- disabled: `OTEL_SDK_DISABLED=true` (no interceptors, no spans).",
+        "- no_endpoint: the default, no `OTEL_EXPORTER_OTLP_ENDPOINT` (no SDK, no exporter; trace context "
+        "propagation and non-recording spans only).",
+        "- exporting: every span exported over OTLP/gRPC to a receiver in the benchmark process.",
+        "- Prometheus metrics are on in every arm.",
+        "",
+    ]
     (out / "tracing_overhead.md").write_text("\n".join(lines))
 
 
@@ -281,17 +326,30 @@ def rewrite(path: pathlib.Path) -> None:
     if w["requests_per_round_per_arm"] != 1:
         raise SystemExit("--rewrite needs a run with --requests 1 (per-request latencies recorded)")
     rounds = record["per_round_medians_s"]
-    raw = {"rounds": rounds, "results": {arm: {"latency": [r[arm] for r in rounds],
-                                               "ttft": [record["summary"][arm]["ttft_median_s"]]}
-                                         for arm in rounds[0]}}
+    raw = {
+        "rounds": rounds,
+        "results": {
+            arm: {"latency": [r[arm] for r in rounds], "ttft": [record["summary"][arm]["ttft_median_s"]]}
+            for arm in rounds[0]
+        },
+    }
     summary = summarize(raw)
     for arm in summary:  # TTFTs per request are not in the record: keep the recorded medians
         summary[arm]["ttft_median_s"] = record["summary"][arm]["ttft_median_s"]
-    args = argparse.Namespace(max_new_tokens=w["max_new_tokens"], rounds=w["rounds"], requests=1,
-                              warmup=w["warmup_per_arm"])
+    args = argparse.Namespace(
+        max_new_tokens=w["max_new_tokens"], rounds=w["rounds"], requests=1, warmup=w["warmup_per_arm"]
+    )
     m = record["machine"]
-    write(summary, record["instrumentation_cpu_us_per_request"], raw, args, record["command"],
-          record["wall_seconds"], (m["load_average_before"], m["load_average_after"]), date=record["date"])
+    write(
+        summary,
+        record["instrumentation_cpu_us_per_request"],
+        raw,
+        args,
+        record["command"],
+        record["wall_seconds"],
+        (m["load_average_before"], m["load_average_after"]),
+        date=record["date"],
+    )
 
 
 def main() -> None:
@@ -303,9 +361,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--arms", default="disabled,no_endpoint,exporting")
     parser.add_argument("--no-write", action="store_true", help="print only; leave results/ alone")
-    parser.add_argument("--rewrite", type=pathlib.Path, metavar="JSON",
-                        help="recompute the summary of a recorded run (results/tracing_overhead.json) and rewrite "
-                             "its JSON and Markdown; runs nothing")
+    parser.add_argument(
+        "--rewrite",
+        type=pathlib.Path,
+        metavar="JSON",
+        help="recompute the summary of a recorded run (results/tracing_overhead.json) and rewrite "
+        "its JSON and Markdown; runs nothing",
+    )
     args = parser.parse_args()
     if args.rewrite:
         rewrite(args.rewrite)

@@ -14,10 +14,11 @@ import time
 
 import torch
 
-from disagg.decode_batch import DecodeBatch
-from disagg.kv_codec import DTYPE_NAMES, KvAssembler, KvLayout, encode_kv
-from disagg.model import load_model
-from disagg.prefill_batch import prefill
+from disagg.kv.codec import KvAssembler, KvLayout, encode_kv
+from disagg.model.decode_batch import DecodeBatch
+from disagg.model.dtypes import DTYPE_NAMES
+from disagg.model.loading import load_model
+from disagg.model.prefill import prefill
 
 
 def disaggregated_greedy(lm, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -68,16 +69,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", default="1,16,64,256")
     args = parser.parse_args()
-    report: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
-                    "torch": torch.__version__}
+    report: dict = {
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
+        "torch": torch.__version__,
+    }
     batches = [int(b) for b in args.batches.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     lm = load_model("distilgpt2", load_format="dummy", device=args.device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50000, (n,), generator=g).tolist() for n in (1, 13, 200, 700)]
     ours = disaggregated_greedy(lm, prompts, 16)
-    ref = [lm.model.generate(torch.tensor([p], device=args.device), max_new_tokens=16, do_sample=False,
-                             pad_token_id=50256)[0, len(p):].tolist() for p in prompts]
+    ref = [
+        lm.model.generate(
+            torch.tensor([p], device=args.device), max_new_tokens=16, do_sample=False, pad_token_id=50256
+        )[0, len(p) :].tolist()
+        for p in prompts
+    ]
     report["greedy_identical_fp32"] = [a == b for a, b in zip(ours, ref)]
     report["decode_step_ms_fp32"] = {b: round(step_ms(lm, b), 2) for b in batches}
     out = prefill(lm.model, [prompts[3]])[0]

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from disagg.cluster import Cluster
-from disagg.model import BUNDLED_MODEL, LoadedModel, load_model
+from disagg.model.loading import BUNDLED_MODEL, LoadedModel, load_model
+from disagg.tools.cluster import Cluster
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -62,14 +62,24 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for s in scope_spans.spans:
-                    received.append(ReceivedSpan(
-                        service=resource.get("service.name", ""), name=s.name, trace_id=s.trace_id.hex(),
-                        span_id=s.span_id.hex(), parent_span_id=s.parent_span_id.hex(), kind=s.kind,
-                        start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
-                        attributes={a.key: _value(a.value) for a in s.attributes},
-                        events=[(e.name, e.time_unix_nano, {a.key: _value(a.value) for a in e.attributes})
-                                for e in s.events],
-                        status_code=s.status.code))
+                    received.append(
+                        ReceivedSpan(
+                            service=resource.get("service.name", ""),
+                            name=s.name,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_span_id=s.parent_span_id.hex(),
+                            kind=s.kind,
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
+                            attributes={a.key: _value(a.value) for a in s.attributes},
+                            events=[
+                                (e.name, e.time_unix_nano, {a.key: _value(a.value) for a in e.attributes})
+                                for e in s.events
+                            ],
+                            status_code=s.status.code,
+                        )
+                    )
         with self._lock:
             self.spans.extend(received)
         return trace_service_pb2.ExportTraceServiceResponse()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from disagg.cluster import Child, spawn, wait_healthy
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.serving import open_channel
+from disagg.rpc.channel import open_channel
+from disagg.tools.cluster import Child, spawn, wait_healthy
 
 
 async def worker_load(address: str, tls=None) -> worker_pb2.GetLoadResponse:

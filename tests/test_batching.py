@@ -9,17 +9,21 @@ import time
 import torch
 
 from disagg.config import BatchPolicy
-from disagg.decode_batch import DecodeBatch, RecomputeBatch
-from disagg.decode_engine import DecodeEngine, DecodeSequence, TokenEvent
-from disagg.model import LoadedModel
-from disagg.output_stream import OutputStream
-from disagg.prefill_batch import prefill
-from disagg.prefill_engine import PrefillEngine, PrefillJob, PrefillResult
-from disagg.sampling import SamplingParams
+from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent
+from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
+from disagg.model.decode_batch import DecodeBatch, RecomputeBatch
+from disagg.model.loading import LoadedModel
+from disagg.model.output_stream import OutputStream
+from disagg.model.prefill import prefill
+from disagg.model.sampling import SamplingParams
 
-TEXTS = ["Hi", "The decode worker keeps every running sequence in one slab of keys and values, left padded.",
-         "Batching improves utilization.", "One two three four five six seven eight nine ten eleven twelve thirteen "
-         "fourteen fifteen sixteen seventeen eighteen nineteen twenty"]
+TEXTS = [
+    "Hi",
+    "The decode worker keeps every running sequence in one slab of keys and values, left padded.",
+    "Batching improves utilization.",
+    "One two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen twenty",
+]
 
 
 def new_batch(lm: LoadedModel) -> DecodeBatch:
@@ -46,8 +50,14 @@ def decode_alone(lm: LoadedModel, ids: list[int], steps: int) -> tuple[list[int]
     return tokens, logits
 
 
-def run_staggered(lm: LoadedModel, prompts: list[list[int]], steps: list[int], join_at: list[int],
-                  forced: list[list[int]] | None = None, on_step=None):
+def run_staggered(
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    steps: list[int],
+    join_at: list[int],
+    forced: list[list[int]] | None = None,
+    on_step=None,
+):
     """Drive one DecodeBatch as the engine does: sequence i joins before global step `join_at[i]` and leaves after
     `steps[i]` decode steps. Tokens are greedy, or taken from `forced[i]` (to keep rows in lockstep with a
     reference when logits may tie). Returns each sequence's tokens and per-step logits."""
@@ -101,8 +111,9 @@ def test_staggered_batch_logits_match_alone_within_tolerance(gpt2_model):
     steps, join_at = [7, 3, 5, 2], [0, 3, 1, 0]
     alone = [decode_alone(gpt2_model, ids, steps[i]) for i, ids in enumerate(prompts)]
     lengths: list[int] = []
-    _, tokens, logits = run_staggered(gpt2_model, prompts, steps, join_at, forced=[a[0] for a in alone],
-                                      on_step=lambda b: lengths.append(b.length))
+    _, tokens, logits = run_staggered(
+        gpt2_model, prompts, steps, join_at, forced=[a[0] for a in alone], on_step=lambda b: lengths.append(b.length)
+    )
     assert lengths[2] < min(lengths[1], lengths[3])  # trimmed after the long row left, grown when another joined
     for i, (ref_tokens, ref_logits) in enumerate(alone):
         assert tokens[str(i)] == ref_tokens
@@ -150,8 +161,9 @@ class Collector:
 
     def sequence(self, lm: LoadedModel, request_id: str, ids: list[int], max_new_tokens: int) -> DecodeSequence:
         kv, first = prefilled(lm, ids)
-        output = OutputStream(lm.tokenizer, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
-                              lm.eos_token_ids)
+        output = OutputStream(
+            lm.tokenizer, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True), lm.eos_token_ids
+        )
         output.replay([first])
         self.done[request_id] = threading.Event()
 
@@ -236,8 +248,9 @@ def test_prefill_engine_batches_within_the_wait_window_and_token_budget(gpt2_mod
     arrived = threading.Event()
 
     def job(i: int) -> PrefillJob:
-        output = OutputStream(gpt2_model.tokenizer, SamplingParams(max_new_tokens=4, ignore_eos=True),
-                              gpt2_model.eos_token_ids)
+        output = OutputStream(
+            gpt2_model.tokenizer, SamplingParams(max_new_tokens=4, ignore_eos=True), gpt2_model.eos_token_ids
+        )
 
         def deliver(result: PrefillResult | BaseException) -> None:
             assert not isinstance(result, BaseException), result
@@ -266,7 +279,7 @@ def test_prefill_engine_batches_within_the_wait_window_and_token_budget(gpt2_mod
 
 def test_engine_thread_hands_freed_memory_back_once_per_idle_spell(monkeypatch):
     """After work, an idle engine trims the C allocator once (not between busy steps, not again while idle)."""
-    from disagg import engine_thread
+    from disagg.engine import thread as engine_thread
 
     trims: list[float] = []
     monkeypatch.setattr(engine_thread, "release_free_memory", lambda: trims.append(time.monotonic()))

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from disagg.bench import RequestRecord, RunResult, Workload, arrival_delays, comparison, make_prompts, summarize
-from disagg.cli import main
-from disagg.experiment_record import FIELDS
+from disagg.tools.bench import RequestRecord, RunResult, Workload, arrival_delays, comparison, make_prompts, summarize
+from disagg.tools.cli import main
+from disagg.tools.experiment_record import FIELDS
 
 
 def test_summarize_known_values():
@@ -28,8 +28,11 @@ def test_request_metrics_from_token_times():
 
 
 def test_run_stats_count_tokens_and_exclude_failures():
-    records = [RequestRecord(token_times=[0.1, 0.2, 0.4]), RequestRecord(token_times=[0.3, 0.6]),
-               RequestRecord(error="UNAVAILABLE: gone")]
+    records = [
+        RequestRecord(token_times=[0.1, 0.2, 0.4]),
+        RequestRecord(token_times=[0.3, 0.6]),
+        RequestRecord(error="UNAVAILABLE: gone"),
+    ]
     stats = RunResult("cluster", 2.0, records).stats()
     assert (stats["completed"], stats["failed"], stats["output_tokens"]) == (2, 1, 5)
     assert stats["output_token_throughput"] == 2.5 and stats["request_throughput"] == 1.0
@@ -44,8 +47,9 @@ def test_comparison_ratios():
     def stats(tokens_per_s: float, e2e: float) -> dict:
         return {"output_token_throughput": tokens_per_s, "e2e_s": {"mean": e2e}, "ttft_s": {"mean": e2e / 10}}
 
-    ratios = comparison({"cluster": stats(80, 2.0), "generate_static_batch": stats(100, 4.0),
-                         "generate_sequential": stats(20, 1.0)})
+    ratios = comparison(
+        {"cluster": stats(80, 2.0), "generate_static_batch": stats(100, 4.0), "generate_sequential": stats(20, 1.0)}
+    )
     assert ratios["throughput_vs_generate_static_batch"] == pytest.approx(0.8)
     assert ratios["throughput_vs_generate_sequential"] == pytest.approx(4.0)
     assert ratios["e2e_mean_vs_generate_sequential"] == pytest.approx(2.0)
@@ -67,9 +71,33 @@ def test_poisson_arrivals_have_the_asked_rate():
 
 def test_tiny_bench_against_a_cluster_writes_json_markdown_and_plot(gpt2_cluster, tmp_path, capsys):
     prefix = tmp_path / "tiny"
-    main(["bench", "--address", gpt2_cluster.address, "--model", "distilgpt2", "--load-format", "dummy",
-          "--num-requests", "4", "--concurrency", "2", "--prompt-tokens", "12", "--output-tokens", "3",
-          "--baseline-requests", "2", "--warmup-requests", "1", "--output", str(prefix), "--name", "tiny"])
+    main(
+        [
+            "bench",
+            "--address",
+            gpt2_cluster.address,
+            "--model",
+            "distilgpt2",
+            "--load-format",
+            "dummy",
+            "--num-requests",
+            "4",
+            "--concurrency",
+            "2",
+            "--prompt-tokens",
+            "12",
+            "--output-tokens",
+            "3",
+            "--baseline-requests",
+            "2",
+            "--warmup-requests",
+            "1",
+            "--output",
+            str(prefix),
+            "--name",
+            "tiny",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "throughput_vs_generate_static_batch" in printed
 
@@ -86,8 +114,15 @@ def test_tiny_bench_against_a_cluster_writes_json_markdown_and_plot(gpt2_cluster
 
     record = prefix.with_suffix(".md").read_text()
     assert record.count("## Experiment: tiny: ") == 3
-    for line in ("Date: ", "Hardware: ", "Model: distilgpt2 (dummy seeded weights) @ float32", 'Prompt: "',
-                 "Batch policy: ", "KV Cache: on", "Metrics\n-------"):
+    for line in (
+        "Date: ",
+        "Hardware: ",
+        "Model: distilgpt2 (dummy seeded weights) @ float32",
+        'Prompt: "',
+        "Batch policy: ",
+        "KV Cache: on",
+        "Metrics\n-------",
+    ):
         assert line in record
     for name in FIELDS:
         assert f"\n{name.ljust(17)}: " in record

@@ -19,8 +19,14 @@ OTLP = "http://jaeger:4317"
 def compose() -> dict:
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is missing: scripts/install.sh installs it (apt-get install docker-compose)"
-    result = subprocess.run([exe, "-f", "docker-compose.yml", "config"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
+    result = subprocess.run(
+        [exe, "-f", "docker-compose.yml", "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin"},
+    )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 

@@ -6,12 +6,14 @@ import grpc
 import pytest
 import torch
 
-from disagg.client import channel, complete
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
 
-TEXT = ("Disaggregated serving splits the prompt's forward pass from token generation, so each phase can run on "
-        "hardware sized for it. The prefill worker computes the key and value cache of the whole prompt; the "
-        "decode worker receives that cache and produces one token at a time. ")
+TEXT = (
+    "Disaggregated serving splits the prompt's forward pass from token generation, so each phase can run on "
+    "hardware sized for it. The prefill worker computes the key and value cache of the whole prompt; the "
+    "decode worker receives that cache and produces one token at a time. "
+)
 
 
 def prompt_of(tokenizer, n_tokens: int) -> str:
@@ -22,9 +24,14 @@ def prompt_of(tokenizer, n_tokens: int) -> str:
 
 def reference(lm, prompt: str, max_new_tokens: int) -> list[int]:
     ids = torch.tensor([lm.tokenizer.encode(prompt)])
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    out = lm.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.eos_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 async def generate(address: str, **fields):
@@ -63,8 +70,9 @@ async def test_kv_handoff_larger_than_default_message_limit(gpt2_cluster, gpt2_m
 
 
 async def test_chat_template_gives_real_text(llama_cluster):
-    got = await generate(llama_cluster.address, prompt="What is the capital of France?", max_new_tokens=24,
-                         apply_chat_template=True)
+    got = await generate(
+        llama_cluster.address, prompt="What is the capital of France?", max_new_tokens=24, apply_chat_template=True
+    )
     assert "Paris" in got.text
     assert got.finish_reason in ("eos", "length")
 
@@ -72,11 +80,11 @@ async def test_chat_template_gives_real_text(llama_cluster):
 async def test_stop_string_ends_generation_without_it(llama_cluster, llama_model):
     prompt = prompt_of(llama_model.tokenizer, 13)
     full = await generate(llama_cluster.address, prompt=prompt, max_new_tokens=16)
-    stop = full.text[len(full.text) // 2:][:4]
+    stop = full.text[len(full.text) // 2 :][:4]
     assert stop.strip()
     got = await generate(llama_cluster.address, prompt=prompt, max_new_tokens=16, stop=[stop])
     assert got.finish_reason == "stop"
-    assert got.text == full.text[:full.text.index(stop)]
+    assert got.text == full.text[: full.text.index(stop)]
 
 
 async def test_seeded_sampling_is_reproducible(llama_cluster):
@@ -93,18 +101,21 @@ async def test_max_new_tokens_one_finishes_at_prefill(gpt2_cluster):
     assert len(got.token_ids) == 1 and got.finish_reason == "length" and got.completion_tokens == 1
 
 
-@pytest.mark.parametrize("fields, words", [
-    (dict(prompt=""), "prompt"),
-    (dict(prompt="hi", max_new_tokens=-1), "max_new_tokens"),
-    (dict(prompt="hi", temperature=-0.5), "temperature"),
-    (dict(prompt="hi", top_p=0.0), "top_p"),
-    (dict(prompt="hi", top_p=1.5), "top_p"),
-    (dict(prompt="hi", top_k=-3), "top_k"),
-    (dict(prompt="hi", max_new_tokens=5000), "context"),
-    (dict(prompt="hi " * 1100), "context"),
-    (dict(prompt="hi", request_id="¡"), "request_id"),  # printable, but not ASCII: cannot be gRPC metadata
-    (dict(prompt="hi", request_id="a\nb"), "request_id"),
-])
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="hi", max_new_tokens=-1), "max_new_tokens"),
+        (dict(prompt="hi", temperature=-0.5), "temperature"),
+        (dict(prompt="hi", top_p=0.0), "top_p"),
+        (dict(prompt="hi", top_p=1.5), "top_p"),
+        (dict(prompt="hi", top_k=-3), "top_k"),
+        (dict(prompt="hi", max_new_tokens=5000), "context"),
+        (dict(prompt="hi " * 1100), "context"),
+        (dict(prompt="hi", request_id="¡"), "request_id"),  # printable, but not ASCII: cannot be gRPC metadata
+        (dict(prompt="hi", request_id="a\nb"), "request_id"),
+    ],
+)
 async def test_bad_input_is_invalid_argument_and_servers_keep_serving(gpt2_cluster, fields, words):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate(gpt2_cluster.address, **fields)

@@ -8,9 +8,9 @@ import time
 import grpc
 import pytest
 
-from disagg.client import channel, complete
-from disagg.cluster import wait_healthy
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
+from disagg.tools.cluster import wait_healthy
 from tests.conftest import LLAMA_ARGS, start_cluster
 from tests.reliability_helpers import wait_idle, worker_load
 from tests.test_e2e import prompt_of, reference
@@ -52,7 +52,8 @@ async def test_decode_worker_killed_mid_stream_migrates_without_losing_a_token(f
     tokens, text, killed = [], "", None
     async with channel(failover_cluster.address) as ch:
         call = gateway_pb2_grpc.GatewayStub(ch).Generate(
-            gateway_pb2.GenerateRequest(prompt=prompt, max_new_tokens=N_TOKENS), timeout=300)
+            gateway_pb2.GenerateRequest(prompt=prompt, max_new_tokens=N_TOKENS), timeout=300
+        )
         async for response in call:
             tokens.extend(response.token_ids)
             text += response.text
@@ -84,7 +85,8 @@ async def test_sigterm_lets_the_running_stream_finish(failover_cluster, long_cas
     tokens, draining = [], None
     async with channel(failover_cluster.address) as ch:
         call = gateway_pb2_grpc.GatewayStub(ch).Generate(
-            gateway_pb2.GenerateRequest(prompt=prompt, max_new_tokens=N_TOKENS), timeout=300)
+            gateway_pb2.GenerateRequest(prompt=prompt, max_new_tokens=N_TOKENS), timeout=300
+        )
         async for response in call:
             tokens.extend(response.token_ids)
             if len(tokens) >= 4 and draining is None:
@@ -104,9 +106,9 @@ async def test_no_healthy_worker_left_is_unavailable_promptly(failover_cluster):
     started = time.monotonic()
     async with channel(failover_cluster.address) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await complete(gateway_pb2_grpc.GatewayStub(ch), gateway_pb2.GenerateRequest(prompt="hi",
-                                                                                         max_new_tokens=4),
-                           timeout=60)
+            await complete(
+                gateway_pb2_grpc.GatewayStub(ch), gateway_pb2.GenerateRequest(prompt="hi", max_new_tokens=4), timeout=60
+            )
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "decode worker" in caught.value.details()
     assert time.monotonic() - started < 10

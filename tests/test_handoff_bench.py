@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import json
 
-from disagg.cli import main
+from disagg.tools.cli import main
 
 
 def test_bench_handoff_writes_a_record(tmp_path):
     out = tmp_path / "handoff"
     variants = ("auto", "float16", "int8", "auto:layerwise", "direct/auto", "shared-memory/auto:layerwise")
-    main(["bench", "handoff", "--lengths", "16,40", "--formats", ",".join(variants), "--repeats", "1",
-          "--agreement-tokens", "3", "--out", str(out)])
+    main(
+        [
+            "bench",
+            "handoff",
+            "--lengths",
+            "16,40",
+            "--formats",
+            ",".join(variants),
+            "--repeats",
+            "1",
+            "--agreement-tokens",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     record = json.loads((tmp_path / "handoff.json").read_text())
     assert record["command"].startswith("disagg bench handoff --lengths 16,40")
     rows = {(r["prompt_tokens"], r["wire"]): r for r in record["handoff"]}

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import re
 
-from disagg.cli import main
+from disagg.tools.cli import main
 
 
 def test_inspect_shows_prefill_decode_steps_and_final_kv_shape(capsys):
-    main(["inspect", "Batching improves utilization.", "--model", "distilgpt2", "--load-format", "dummy",
-          "--max-new-tokens", "3", "--threads", "1"])
+    main(
+        [
+            "inspect",
+            "Batching improves utilization.",
+            "--model",
+            "distilgpt2",
+            "--load-format",
+            "dummy",
+            "--max-new-tokens",
+            "3",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     shown = re.search(r"prompt tokens \(id: text\):\n(.*)\n", out).group(1)
     assert re.findall(r"(\d+):'", shown) == ["33", "19775", "19575", "32121", "13"]
@@ -23,8 +35,19 @@ def test_inspect_shows_prefill_decode_steps_and_final_kv_shape(capsys):
 
 
 def test_inspect_shows_grouped_query_kv_heads_of_the_real_model(capsys):
-    main(["inspect", "What is the capital of France?", "--model", "smollm2-135m-instruct", "--chat",
-          "--max-new-tokens", "2", "--threads", "1"])
+    main(
+        [
+            "inspect",
+            "What is the capital of France?",
+            "--model",
+            "smollm2-135m-instruct",
+            "--chat",
+            "--max-new-tokens",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     n = int(re.search(r"input_ids shape  : \[1, (\d+)\]", out).group(1))
     assert out.count(f"keys [1, 3, {n}, 64]") == 30  # 30 layers, 3 KV heads (grouped-query attention)

@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from disagg import config as cfg
-from disagg import wire
 from disagg.errors import KvIntegrityError
-from disagg.kv_codec import Chunk, KvAssembler, KvLayout, encode_kv
+from disagg.kv import framing as wire
+from disagg.kv.codec import Chunk, KvAssembler, KvLayout, encode_kv
+from disagg.kv.framing import chunk_from_message, chunk_message
 from disagg.pb.disagg.v1 import worker_pb2
-from disagg.wire import chunk_from_message, chunk_message, layout_from_pb, layout_to_pb
+from disagg.rpc.convert import layout_from_pb, layout_to_pb
 from tests.conftest import GPT2_ARGS, start_cluster
 from tests.test_e2e import generate, prompt_of, reference
 
@@ -27,8 +28,10 @@ def cache(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[tuple[torch
     shape = (1, HEADS, SEQ, HEAD_DIM)
     # channels of very different magnitudes, as real K/V have: per-channel scales must cope
     spread = torch.logspace(-2, 1, HEAD_DIM).reshape(1, 1, 1, HEAD_DIM)
-    return [((torch.randn(shape, generator=g) * spread).to(dtype), (torch.randn(shape, generator=g) * spread).to(dtype))
-            for _ in range(LAYERS)]
+    return [
+        ((torch.randn(shape, generator=g) * spread).to(dtype), (torch.randn(shape, generator=g) * spread).to(dtype))
+        for _ in range(LAYERS)
+    ]
 
 
 def round_trip(layers, wire: str, model_dtype: str = "float32", chunk_bytes: int = 333, shuffle: bool = True):
@@ -132,8 +135,7 @@ def test_flag_and_environment(monkeypatch):
     assert parse(["--kv-wire-dtype", "float16"]).kv_wire_dtype == "float16"
 
 
-@pytest.fixture(scope="module",
-                params=[["--kv-wire-dtype", "int8"], ["--kv-wire-dtype", "bfloat16", "--kv-layerwise"]])
+@pytest.fixture(scope="module", params=[["--kv-wire-dtype", "int8"], ["--kv-wire-dtype", "bfloat16", "--kv-layerwise"]])
 def lossy_cluster(request):
     running = start_cluster(GPT2_ARGS, prefill_args=request.param)
     yield running
@@ -164,8 +166,12 @@ async def test_cluster_with_lossy_wire_dtype_serves(lossy_cluster, gpt2_model):
 
 
 @settings(max_examples=200, deadline=None)
-@given(tensor_index=st.integers(0, 2**32 - 1), offset=st.integers(0, 2**64 - 1), data=st.binary(max_size=3000),
-       crc=st.integers(0, 2**32 - 1))
+@given(
+    tensor_index=st.integers(0, 2**32 - 1),
+    offset=st.integers(0, 2**64 - 1),
+    data=st.binary(max_size=3000),
+    crc=st.integers(0, 2**32 - 1),
+)
 def test_chunk_messages_by_hand_are_the_protobuf_messages(tensor_index, offset, data, crc):
     """The hand-written KvChunk codec (no upb copies) writes what protobuf writes and reads what protobuf reads."""
     fields = dict(tensor_index=tensor_index, offset=offset, data=data, crc32=crc)
@@ -175,13 +181,20 @@ def test_chunk_messages_by_hand_are_the_protobuf_messages(tensor_index, offset, 
     back = chunk_from_message(raw)
     assert (back.tensor_index, back.offset, bytes(back.data), back.crc32) == (tensor_index, offset, data, crc)
     # fields in another order, repeated (the last wins) or with explicit zeros are still read as protobuf reads them
-    reordered = worker_pb2.KvChunk(crc32=crc).SerializeToString() + worker_pb2.KvChunk(
-        tensor_index=tensor_index ^ 1, offset=offset, data=data).SerializeToString() + bytes([0x08, 0])
+    reordered = (
+        worker_pb2.KvChunk(crc32=crc).SerializeToString()
+        + worker_pb2.KvChunk(tensor_index=tensor_index ^ 1, offset=offset, data=data).SerializeToString()
+        + bytes([0x08, 0])
+    )
     raw = wire.KV_CHUNK_TAG + wire._varint(len(reordered)) + reordered
     parsed = worker_pb2.DecodeRequest.FromString(raw).kv_chunk
     back = chunk_from_message(raw)
     assert (back.tensor_index, back.offset, bytes(back.data), back.crc32) == (
-        parsed.tensor_index, parsed.offset, parsed.data, parsed.crc32)
+        parsed.tensor_index,
+        parsed.offset,
+        parsed.data,
+        parsed.crc32,
+    )
 
 
 def test_chunk_reader_leaves_anything_unexpected_to_protobuf():
@@ -189,8 +202,14 @@ def test_chunk_reader_leaves_anything_unexpected_to_protobuf():
     good = chunk_message(Chunk(1, 2, b"abc", 3))
     start = worker_pb2.DecodeRequest(start=worker_pb2.SequenceStart(request_id="r")).SerializeToString()
     unknown = worker_pb2.KvChunk(data=b"x").SerializeToString() + bytes([0x28, 1])  # field 5: not in KvChunk
-    for raw in (start, b"", good[:-1], good + b"\x00", good[:1] + b"\xff" * 11,
-                wire.KV_CHUNK_TAG + wire._varint(len(unknown)) + unknown):
+    for raw in (
+        start,
+        b"",
+        good[:-1],
+        good + b"\x00",
+        good[:1] + b"\xff" * 11,
+        wire.KV_CHUNK_TAG + wire._varint(len(unknown)) + unknown,
+    ):
         assert chunk_from_message(raw) is None
     deserialize = wire.handoff_deserializer(worker_pb2.DecodeRequest)
     assert wire.event_of(deserialize(start)) == "start" and wire.event_of(deserialize(good)) == "kv_chunk"

@@ -16,11 +16,14 @@ import pytest
 import torch
 
 from disagg.errors import KvIntegrityError, Overloaded, ProtocolError
-from disagg.kv_codec import KvAssembler, KvLayout, encode_kv
-from disagg.kv_transport import KvInbox, SharedMemorySegments, SharedMemorySender, adopt_shared_memory
+from disagg.kv.codec import KvAssembler, KvLayout, encode_kv
+from disagg.kv.framing import chunk_from_message, chunk_message
+from disagg.kv.inbox import KvInbox
+from disagg.kv.senders import SharedMemorySender
+from disagg.kv.shared_memory import SharedMemorySegments, adopt_shared_memory
 from disagg.pb.disagg.v1 import worker_pb2
-from disagg.serving import ReadAhead
-from disagg.wire import chunk_from_message, chunk_message, layout_to_pb
+from disagg.rpc.convert import layout_to_pb
+from disagg.rpc.streams import ReadAhead
 from tests.conftest import GPT2_ARGS, start_cluster
 from tests.reliability_helpers import wait_idle
 from tests.test_e2e import generate, prompt_of, reference
@@ -108,10 +111,12 @@ async def test_orphans_of_a_killed_worker_are_removed_at_start(tmp_path):
 
 def pushes(handle: str, kv, lay: KvLayout):
     async def stream():
-        yield worker_pb2.PushKvRequest(header=worker_pb2.KvPushHeader(
-            handle=handle, request_id="r", kv_layout=layout_to_pb(lay, kv_included=True)))
+        yield worker_pb2.PushKvRequest(
+            header=worker_pb2.KvPushHeader(handle=handle, request_id="r", kv_layout=layout_to_pb(lay, kv_included=True))
+        )
         for chunk in encode_kv(kv, 500):
             yield chunk_from_message(chunk_message(chunk))  # as DecodeService deserializes it
+
     return stream()
 
 
@@ -159,8 +164,7 @@ async def test_inbox_drops_what_nobody_claims():
 @pytest.fixture(scope="module", params=["direct", "shared-memory"])
 def transport_cluster(request):
     prefill_args = ["--kv-layerwise"] if request.param == "direct" else []  # both handoff modes on some transport
-    running = start_cluster(GPT2_ARGS, ["--kv-transport", request.param], prefill_args=prefill_args,
-                            decode_workers=2)
+    running = start_cluster(GPT2_ARGS, ["--kv-transport", request.param], prefill_args=prefill_args, decode_workers=2)
     running.transport = request.param
     yield running
     running.cluster.stop()
@@ -171,8 +175,12 @@ async def test_transport_keeps_greedy_output_identical_and_frees_everything(tran
     lengths = (1, 13, 700)
     prompts = [prompt_of(gpt2_model.tokenizer, n) for n in lengths]
     expected = [reference(gpt2_model, p, 10) for p in prompts]
-    got = await asyncio.gather(*(generate(transport_cluster.address, prompt=p, max_new_tokens=10, ignore_eos=True)
-                                 for p in [*prompts, *prompts]))
+    got = await asyncio.gather(
+        *(
+            generate(transport_cluster.address, prompt=p, max_new_tokens=10, ignore_eos=True)
+            for p in [*prompts, *prompts]
+        )
+    )
     assert [g.token_ids for g in got] == [*expected, *expected]
     cluster = transport_cluster.cluster
     await wait_idle([*cluster.prefill, *cluster.decode])
@@ -187,8 +195,9 @@ async def test_direct_push_to_a_dead_decode_worker_moves_the_request(transport_c
     prompt = prompt_of(gpt2_model.tokenizer, 60)
     expected = reference(gpt2_model, prompt, 8)
     # sent at once, before the health loop notices: the least-loaded choice sends some to the dead worker
-    got = await asyncio.gather(*(generate(transport_cluster.address, prompt=prompt, max_new_tokens=8,
-                                          ignore_eos=True) for _ in range(4)))
+    got = await asyncio.gather(
+        *(generate(transport_cluster.address, prompt=prompt, max_new_tokens=8, ignore_eos=True) for _ in range(4))
+    )
     assert all(g.token_ids == expected for g in got)
 
 
@@ -210,7 +219,7 @@ async def test_read_ahead_keeps_order_then_raises_the_source_error():
 
 async def test_a_decode_call_that_ends_before_its_claim_drops_the_pushed_cache(gpt2_model):
     """The client went away between the push and the claim: the cache goes at once, not after the TTL."""
-    from decode_worker.servicer import receive_handoff
+    from disagg.kv.receive import receive_handoff
 
     lay = KvLayout("float32", *gpt2_model.kv_shape()[:2], 4, gpt2_model.kv_shape()[2], gpt2_model.fingerprint)
     inbox = KvInbox(gpt2_model.fingerprint)

@@ -10,9 +10,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from disagg.client import channel, complete
-from disagg.cluster import Cluster
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
+from disagg.tools.cluster import Cluster
 
 GPT2_ARGS = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
 MAX_NEW_TOKENS = 6
@@ -24,8 +24,11 @@ def scrape(address: str) -> dict[tuple[str, frozenset], float]:
     """{(sample name, labels): value} of one /metrics page."""
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples, name: str, **labels) -> float:
@@ -43,9 +46,16 @@ def cluster() -> Iterator[Cluster]:
 async def _run_requests(address: str) -> list:
     async with channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
-        done = [await complete(stub, gateway_pb2.GenerateRequest(prompt=f"Request number {i} says hello",
-                                                                 max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True),
-                               timeout=300) for i in range(REQUESTS)]
+        done = [
+            await complete(
+                stub,
+                gateway_pb2.GenerateRequest(
+                    prompt=f"Request number {i} says hello", max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True
+                ),
+                timeout=300,
+            )
+            for i in range(REQUESTS)
+        ]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await complete(stub, gateway_pb2.GenerateRequest(prompt=""), timeout=60)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -63,14 +73,18 @@ def scraped(cluster):
 def test_gateway_latency_histograms_count_requests(scraped):
     completions, metrics = scraped
     g = metrics["gateway"]
-    for name in ("gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds",
-                 "gen_ai_server_request_duration_seconds"):
+    for name in (
+        "gen_ai_server_time_to_first_token_seconds",
+        "gen_ai_server_time_per_output_token_seconds",
+        "gen_ai_server_request_duration_seconds",
+    ):
         assert value(g, f"{name}_count", model="distilgpt2") == REQUESTS, name
         assert value(g, f"{name}_sum", model="distilgpt2") > 0, name
     assert value(g, "disagg_inter_token_latency_seconds_count", model="distilgpt2") == REQUESTS * (MAX_NEW_TOKENS - 1)
     # end-to-end latency at the gateway can only be shorter than what the client measured
     assert value(g, "gen_ai_server_request_duration_seconds_sum", model="distilgpt2") <= sum(
-        c.latency for c in completions)
+        c.latency for c in completions
+    )
     assert value(g, "disagg_requests_total", model="distilgpt2", finish_reason="length") == REQUESTS
     assert value(g, "disagg_generation_tokens_total", model="distilgpt2") == REQUESTS * MAX_NEW_TOKENS
     assert value(g, "disagg_prompt_tokens_total", model="distilgpt2") == sum(c.prompt_tokens for c in completions)
@@ -78,8 +92,15 @@ def test_gateway_latency_histograms_count_requests(scraped):
 
 def test_error_codes_are_counted(scraped):
     _, metrics = scraped
-    assert value(metrics["gateway"], "disagg_request_errors_total", method="/disagg.v1.Gateway/Generate",
-                 code="INVALID_ARGUMENT") == 1
+    assert (
+        value(
+            metrics["gateway"],
+            "disagg_request_errors_total",
+            method="/disagg.v1.Gateway/Generate",
+            code="INVALID_ARGUMENT",
+        )
+        == 1
+    )
 
 
 def test_prefill_metrics(scraped):
@@ -99,8 +120,9 @@ def test_decode_metrics(scraped):
     completions, metrics = scraped
     d = metrics["decode"]
     assert value(d, "disagg_kv_transfer_seconds_count") == REQUESTS
-    assert value(d, "disagg_kv_transferred_bytes_total") == KV_BYTES_PER_TOKEN * sum(c.prompt_tokens
-                                                                                    for c in completions)
+    assert value(d, "disagg_kv_transferred_bytes_total") == KV_BYTES_PER_TOKEN * sum(
+        c.prompt_tokens for c in completions
+    )
     assert value(d, "disagg_kv_load_seconds_count") == REQUESTS
     assert value(d, "disagg_queue_wait_seconds_count") == REQUESTS
     assert value(d, "disagg_decode_time_per_output_token_seconds_count") == REQUESTS

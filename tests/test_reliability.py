@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from disagg.client import channel, complete
-from disagg.cluster import free_port, stop
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
+from disagg.tools.client import channel, complete
+from disagg.tools.cluster import free_port, stop
 from tests.conftest import GPT2_ARGS, start_cluster
 from tests.reliability_helpers import start_extra, wait_idle, worker_load
 
@@ -56,11 +56,16 @@ async def test_client_deadline_is_honoured_end_to_end(pair_cluster):
 
 
 async def test_server_side_request_timeout(pair_cluster):
-    addresses = [",".join(c.address for c in pair_cluster.cluster.prefill),
-                 ",".join(c.address for c in pair_cluster.cluster.decode)]
+    addresses = [
+        ",".join(c.address for c in pair_cluster.cluster.prefill),
+        ",".join(c.address for c in pair_cluster.cluster.decode),
+    ]
     port = free_port()
-    gateway = await start_extra("gateway-timeout", ["gateway", "--prefill", addresses[0], "--decode", addresses[1],
-                                                    "--request-timeout-seconds", "1"], port)
+    gateway = await start_extra(
+        "gateway-timeout",
+        ["gateway", "--prefill", addresses[0], "--decode", addresses[1], "--request-timeout-seconds", "1"],
+        port,
+    )
     try:
         async with channel(gateway.address) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -74,8 +79,9 @@ async def test_server_side_request_timeout(pair_cluster):
 async def test_gateway_refuses_past_its_inflight_limit(pair_cluster):
     prefill = ",".join(c.address for c in pair_cluster.cluster.prefill)
     decode = ",".join(c.address for c in pair_cluster.cluster.decode)
-    gateway = await start_extra("gateway-limit", ["gateway", "--prefill", prefill, "--decode", decode,
-                                                  "--max-inflight", "1"], free_port())
+    gateway = await start_extra(
+        "gateway-limit", ["gateway", "--prefill", prefill, "--decode", decode, "--max-inflight", "1"], free_port()
+    )
     try:
         async with channel(gateway.address) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
@@ -94,18 +100,17 @@ async def test_gateway_refuses_past_its_inflight_limit(pair_cluster):
 async def test_decode_worker_never_admits_past_its_kv_budget(pair_cluster):
     decode = await start_extra("decode-budget", ["decode", *GPT2_ARGS, "--kv-budget-mb", "1"], free_port())
     prefill = ",".join(c.address for c in pair_cluster.cluster.prefill)
-    gateway = await start_extra("gateway-budget", ["gateway", "--prefill", prefill, "--decode", decode.address],
-                                free_port())
+    gateway = await start_extra(
+        "gateway-budget", ["gateway", "--prefill", prefill, "--decode", decode.address], free_port()
+    )
     try:
         async with channel(gateway.address) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
             # 36 KiB per token: 20 tokens fit in 1 MiB, 60 do not.
-            ok = await complete(stub, gateway_pb2.GenerateRequest(prompt="hi there", max_new_tokens=8,
-                                                                  ignore_eos=True))
+            ok = await complete(stub, gateway_pb2.GenerateRequest(prompt="hi there", max_new_tokens=8, ignore_eos=True))
             assert len(ok.token_ids) == 8
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await complete(stub, gateway_pb2.GenerateRequest(prompt="hi there", max_new_tokens=60,
-                                                                 ignore_eos=True))
+                await complete(stub, gateway_pb2.GenerateRequest(prompt="hi there", max_new_tokens=60, ignore_eos=True))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "KV budget" in caught.value.details()
         assert (await worker_load(decode.address)).kv_budget_bytes == 1 << 20
@@ -114,8 +119,9 @@ async def test_decode_worker_never_admits_past_its_kv_budget(pair_cluster):
 
 
 async def prefill_messages(address: str, prompt: str) -> list[worker_pb2.PrefillResponse]:
-    request = worker_pb2.PrefillRequest(request_id="kv-check", prompt=prompt,
-                                        sampling=worker_pb2.SamplingParams(max_new_tokens=4, ignore_eos=True))
+    request = worker_pb2.PrefillRequest(
+        request_id="kv-check", prompt=prompt, sampling=worker_pb2.SamplingParams(max_new_tokens=4, ignore_eos=True)
+    )
     async with channel(address) as ch:
         return [m async for m in worker_pb2_grpc.PrefillServiceStub(ch).Prefill(request, timeout=30)]
 
@@ -173,8 +179,13 @@ async def test_kv_integrity_checksum_and_fingerprint(pair_cluster):
 
 
 def hostile_text():
-    return st.one_of(st.text(max_size=200), st.just(""), st.just("\x00" * 10), st.just("\ud7ff" * 3),
-                     st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=50))
+    return st.one_of(
+        st.text(max_size=200),
+        st.just(""),
+        st.just("\x00" * 10),
+        st.just("\ud7ff" * 3),
+        st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=50),
+    )
 
 
 requests = st.builds(
@@ -214,7 +225,9 @@ async def test_servers_keep_serving_after_the_fuzzing(pair_cluster):
     for child in workers(pair_cluster) + [pair_cluster.cluster.gateway]:
         assert child.process.poll() is None, f"{child.name} died"
     async with channel(pair_cluster.address) as ch:
-        ok = await complete(gateway_pb2_grpc.GatewayStub(ch), gateway_pb2.GenerateRequest(
-            prompt="still here", max_new_tokens=3, ignore_eos=True))
+        ok = await complete(
+            gateway_pb2_grpc.GatewayStub(ch),
+            gateway_pb2.GenerateRequest(prompt="still here", max_new_tokens=3, ignore_eos=True),
+        )
     assert len(ok.token_ids) == 3
     await wait_idle(workers(pair_cluster))

@@ -8,9 +8,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from disagg.client import channel, complete
 from disagg.config import TlsOptions
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
 from tests.conftest import GPT2_ARGS, start_cluster
 
 TOKEN = "s3cret-token"
@@ -24,23 +24,72 @@ def openssl(*args: str, cwd) -> None:
 def certs(tmp_path_factory):
     """A CA, one certificate for the components (server and client use, 127.0.0.1), one for a client."""
     d = tmp_path_factory.mktemp("certs")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=disagg test CA",
-            "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=disagg test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=d,
+    )
     for name, usage in (("component", "serverAuth,clientAuth"), ("client", "clientAuth")):
         (d / f"{name}.ext").write_text(f"subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+            cwd=d,
+        )
     return d
 
 
 @pytest.fixture(scope="module")
 def tls_cluster(certs):
-    tls_flags = ["--tls-cert", str(certs / "component.pem"), "--tls-key", str(certs / "component.key"),
-                 "--tls-ca", str(certs / "ca.pem"), "--tls-require-client-cert"]
-    client = TlsOptions(tls_cert=str(certs / "client.pem"), tls_key=str(certs / "client.key"),
-                        tls_ca=str(certs / "ca.pem"))
+    tls_flags = [
+        "--tls-cert",
+        str(certs / "component.pem"),
+        "--tls-key",
+        str(certs / "component.key"),
+        "--tls-ca",
+        str(certs / "ca.pem"),
+        "--tls-require-client-cert",
+    ]
+    client = TlsOptions(
+        tls_cert=str(certs / "client.pem"), tls_key=str(certs / "client.key"), tls_ca=str(certs / "ca.pem")
+    )
     running = start_cluster([*GPT2_ARGS, *tls_flags], [*tls_flags, "--auth-token", TOKEN], tls=client)
     yield running, client
     running.cluster.stop()
@@ -48,8 +97,12 @@ def tls_cluster(certs):
 
 async def generate(address, tls, token):
     async with channel(address, tls) as ch:
-        return await complete(gateway_pb2_grpc.GatewayStub(ch), gateway_pb2.GenerateRequest(
-            prompt="secure hello", max_new_tokens=3, ignore_eos=True), timeout=30, auth_token=token)
+        return await complete(
+            gateway_pb2_grpc.GatewayStub(ch),
+            gateway_pb2.GenerateRequest(prompt="secure hello", max_new_tokens=3, ignore_eos=True),
+            timeout=30,
+            auth_token=token,
+        )
 
 
 async def test_mutual_tls_with_token_works(tls_cluster):

@@ -18,9 +18,9 @@ import signal
 import grpc
 import pytest
 
-from disagg.client import channel, complete
-from disagg.cluster import Cluster, wait_healthy
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
+from disagg.tools.cluster import Cluster, wait_healthy
 from tests.conftest import LLAMA_ARGS
 from tests.reliability_helpers import idle_rss, wait_idle
 from tests.test_e2e import prompt_of, reference
@@ -37,16 +37,27 @@ async def test_soak_with_cancellations_and_killed_workers(llama_model):
     rng = random.Random(1234)
     prompts = [prompt_of(llama_model.tokenizer, n) for n in (5, 9, 14, 20, 27, 33, 41, 50)]
     expected = {p: reference(llama_model, p, MAX_NEW_TOKENS) for p in prompts}
-    cluster = Cluster(LLAMA_ARGS, ["--health-interval-seconds", "0.5", "--kv-transport", KV_TRANSPORT],
-                      prefill_workers=2, decode_workers=2)
+    cluster = Cluster(
+        LLAMA_ARGS,
+        ["--health-interval-seconds", "0.5", "--kv-transport", KV_TRANSPORT],
+        prefill_workers=2,
+        decode_workers=2,
+    )
     try:
         address = await cluster.start(timeout=300)
         async with channel(address) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
             # Warm up first (one-time allocations: thread pools, kernels); idle, a worker hands freed memory back
             # to the OS, so what it keeps after the soak is what it still holds (what must not grow with requests).
-            await asyncio.gather(*(complete(stub, gateway_pb2.GenerateRequest(
-                prompt=prompts[i % len(prompts)], max_new_tokens=MAX_NEW_TOKENS)) for i in range(2 * CONCURRENCY)))
+            await asyncio.gather(
+                *(
+                    complete(
+                        stub,
+                        gateway_pb2.GenerateRequest(prompt=prompts[i % len(prompts)], max_new_tokens=MAX_NEW_TOKENS),
+                    )
+                    for i in range(2 * CONCURRENCY)
+                )
+            )
             rss_before = {c.name: await idle_rss(c.address) for c in cluster.decode}
 
             outcomes: list[str] = []
@@ -58,8 +69,9 @@ async def test_soak_with_cancellations_and_killed_workers(llama_model):
                 prompt = prompts[i % len(prompts)]
                 cancel_after = rng.randint(1, MAX_NEW_TOKENS - 1) if rng.random() < 0.15 else None
                 async with limit:
-                    call = stub.Generate(gateway_pb2.GenerateRequest(prompt=prompt, max_new_tokens=MAX_NEW_TOKENS),
-                                         timeout=240)
+                    call = stub.Generate(
+                        gateway_pb2.GenerateRequest(prompt=prompt, max_new_tokens=MAX_NEW_TOKENS), timeout=240
+                    )
                     tokens = []
                     try:
                         async for response in call:

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from disagg.client import channel, complete
-from disagg.cluster import Cluster
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
+from disagg.tools.cluster import Cluster
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 GPT2_ARGS = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
@@ -30,8 +30,11 @@ UNCOVERED_FRACTION = 0.15
 @pytest.fixture(scope="module")
 def traced() -> Iterator[tuple[str, OtlpReceiver]]:
     receiver = OtlpReceiver().start()
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
-           "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
     cluster = Cluster(GPT2_ARGS, [], env=env)
     address = asyncio.run(cluster.start(timeout=300))
     yield address, receiver
@@ -41,8 +44,9 @@ def traced() -> Iterator[tuple[str, OtlpReceiver]]:
 
 async def _generate(address: str, request_id: str, **fields):
     async with channel(address) as ch:
-        return await complete(gateway_pb2_grpc.GatewayStub(ch),
-                              gateway_pb2.GenerateRequest(request_id=request_id, **fields), timeout=300)
+        return await complete(
+            gateway_pb2_grpc.GatewayStub(ch), gateway_pb2.GenerateRequest(request_id=request_id, **fields), timeout=300
+        )
 
 
 def _root(spans: list[ReceivedSpan], request_id: str) -> ReceivedSpan | None:
@@ -59,12 +63,24 @@ async def _send_requests(address: str) -> list[str]:
     """Two requests alone, then three at once (they share forward passes)."""
     ids = ["trace-a", "trace-b"]
     for request_id in ids:
-        got = await _generate(address, request_id, prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True,
-                              temperature=0.7, top_p=0.9, seed=1)
+        got = await _generate(
+            address,
+            request_id,
+            prompt=PROMPT,
+            max_new_tokens=MAX_NEW_TOKENS,
+            ignore_eos=True,
+            temperature=0.7,
+            top_p=0.9,
+            seed=1,
+        )
         assert got.completion_tokens == MAX_NEW_TOKENS
     together = [f"trace-c{i}" for i in range(3)]
-    await asyncio.gather(*(_generate(address, rid, prompt=PROMPT * (i + 1), max_new_tokens=MAX_NEW_TOKENS,
-                                     ignore_eos=True) for i, rid in enumerate(together)))
+    await asyncio.gather(
+        *(
+            _generate(address, rid, prompt=PROMPT * (i + 1), max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+            for i, rid in enumerate(together)
+        )
+    )
     return ids + together
 
 
@@ -141,8 +157,12 @@ def test_attributes(traces):
     assert decode["disagg.decode.time_per_output_token_seconds"] > 0
     assert decode["disagg.decode.batch_sizes_seen"] == [1]
 
-    together = [by_name for rid in ids if rid.startswith("trace-c")
-                for by_name in [{s.name: s for s in spans if s.trace_id == _root(spans, rid).trace_id}]]
+    together = [
+        by_name
+        for rid in ids
+        if rid.startswith("trace-c")
+        for by_name in [{s.name: s for s in spans if s.trace_id == _root(spans, rid).trace_id}]
+    ]
     assert max(max(t["decode"].attributes["disagg.decode.batch_sizes_seen"]) for t in together) > 1
 
 
@@ -169,7 +189,10 @@ def test_phases_add_up_to_the_gateway_span(traces):
         covered = union_seconds(phases)
         uncovered = root.seconds - covered
         assert 0 <= uncovered <= max(UNCOVERED_SECONDS, UNCOVERED_FRACTION * root.seconds), (
-            request_id, root.seconds, {p.name: round(p.seconds, 4) for p in phases})
+            request_id,
+            root.seconds,
+            {p.name: round(p.seconds, 4) for p in phases},
+        )
 
 
 async def _generate_under(address: str, traceparent: str, request_id: str) -> None:
@@ -194,7 +217,7 @@ def test_tracing_switches(monkeypatch):
     """OTEL_SDK_DISABLED removes the interceptor and propagation; with no endpoint they stay but nothing exports."""
     from disagg import telemetry
 
-    saved = (telemetry._state.tracing, telemetry._state.exporting)
+    saved = (telemetry.state.tracing, telemetry.state.exporting)
     try:
         monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
         assert telemetry.setup_tracing("disagg-test") is False
@@ -205,7 +228,7 @@ def test_tracing_switches(monkeypatch):
         assert telemetry.setup_tracing("disagg-test") is False
         assert len(telemetry.server_interceptors()) == 1
     finally:
-        telemetry._state.tracing, telemetry._state.exporting = saved
+        telemetry.state.tracing, telemetry.state.exporting = saved
 
 
 def test_a_refused_handoff_keeps_its_status_and_marks_the_trace():
@@ -219,8 +242,12 @@ def test_a_refused_handoff_keeps_its_status_and_marks_the_trace():
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             asyncio.run(_generate(address, "trace-refused", prompt=PROMPT * 4, max_new_tokens=4))
         assert caught.value.code() == grpc.StatusCode.DATA_LOSS, caught.value.details()
-        spans = receiver.wait_for(lambda spans: any(
-            s.name == "disagg.v1.DecodeService/Decode" for s in spans) and _root(spans, "trace-refused") is not None)
+        spans = receiver.wait_for(
+            lambda spans: (
+                any(s.name == "disagg.v1.DecodeService/Decode" for s in spans)
+                and _root(spans, "trace-refused") is not None
+            )
+        )
     finally:
         cluster.stop()
         receiver.stop()
@@ -229,7 +256,8 @@ def test_a_refused_handoff_keeps_its_status_and_marks_the_trace():
     assert root.status_code == 2 and root.attributes["error.type"] == "DATA_LOSS"  # STATUS_CODE_ERROR
     decode = [s for s in spans if s.name == "disagg.v1.DecodeService/Decode"]
     assert [(s.trace_id, s.status_code, s.attributes["error.type"]) for s in decode] == [
-        (root.trace_id, 2, "DATA_LOSS")]
+        (root.trace_id, 2, "DATA_LOSS")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +268,16 @@ def direct_trace(traced) -> list[ReceivedSpan]:
     cluster = Cluster(GPT2_ARGS, ["--kv-transport", "direct"], prefill_args=["--kv-layerwise"], env=env)
     try:
         address = asyncio.run(cluster.start(timeout=300))
-        got = asyncio.run(_generate(address, "trace-direct", prompt=PROMPT * 3, max_new_tokens=MAX_NEW_TOKENS,
-                                    ignore_eos=True))
+        got = asyncio.run(
+            _generate(address, "trace-direct", prompt=PROMPT * 3, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+        )
         assert got.completion_tokens == MAX_NEW_TOKENS
-        spans = receiver.wait_for(lambda spans: _complete_trace(spans, "trace-direct") and any(
-            s.name == "disagg.v1.DecodeService/PushKv" for s in spans))
+        spans = receiver.wait_for(
+            lambda spans: (
+                _complete_trace(spans, "trace-direct")
+                and any(s.name == "disagg.v1.DecodeService/PushKv" for s in spans)
+            )
+        )
     finally:
         cluster.stop()
     root = _root(spans, "trace-direct")

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from disagg.errors import KvIntegrityError
-from disagg.kv_codec import Chunk, KvAssembler, KvLayout, encode_kv
-from disagg.model import gpt2_tokenizer
-from disagg.output_stream import OutputStream
-from disagg.sampling import SamplingParams, filter_logits, sample_batch, sample_token
+from disagg.kv.codec import Chunk, KvAssembler, KvLayout, encode_kv
+from disagg.model.loading import gpt2_tokenizer
+from disagg.model.output_stream import OutputStream
+from disagg.model.sampling import SamplingParams, filter_logits, sample_batch, sample_token
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +116,10 @@ def test_replay_restores_state_exactly(tokenizer):
 # --- KV codec -------------------------------------------------------------------------------------------------
 def kv(layers=2, heads=3, seq=50, dim=8, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(1, heads, seq, dim, generator=g).to(dtype), torch.randn(1, heads, seq, dim, generator=g)
-             .to(dtype)) for _ in range(layers)]
+    return [
+        (torch.randn(1, heads, seq, dim, generator=g).to(dtype), torch.randn(1, heads, seq, dim, generator=g).to(dtype))
+        for _ in range(layers)
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,0 +1,90 @@
+"""Prefill worker engine: batches prompts that arrive together, runs one forward pass, picks first tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from disagg.config import BatchPolicy
+from disagg.engine.thread import EngineThread
+from disagg.kv.types import KvLayers
+from disagg.model.loading import LoadedModel
+from disagg.model.output_stream import OutputStream
+from disagg.model.prefill import prefill
+from disagg.model.sampling import sample_token
+
+
+@dataclass
+class PrefillResult:
+    first_token: int
+    text: str
+    finish_reason: str | None
+    kv: KvLayers | None
+    forward_seconds: float
+    batch_size: int
+    forward_started: float = 0.0  # time.monotonic() when the batch's forward pass began (for trace spans)
+
+
+@dataclass
+class PrefillJob:
+    """One prompt to prefill; `deliver` is called once, from the engine thread, with a result or an exception."""
+
+    request_id: str
+    input_ids: list[int]  # prompt, plus tokens already generated when resuming a sequence
+    output: OutputStream
+    deliver: Callable[[PrefillResult | BaseException], None]
+    cancelled: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+    # layer-wise streaming: called from the engine thread with (layer, keys, values) during the forward pass
+    on_kv_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+
+
+class PrefillEngine(EngineThread[PrefillJob]):
+    name = "prefill"
+
+    def __init__(self, lm: LoadedModel, policy: BatchPolicy, kv_cache: bool = True):
+        super().__init__(policy)
+        self.lm, self.kv_cache = lm, kv_cache
+
+    def _take_batch(self) -> list[PrefillJob]:
+        """Oldest-first jobs while the batch stays within max size and the padded-token budget."""
+        batch: list[PrefillJob] = []
+        with self.lock:
+            while self.waiting and len(batch) < self.policy.max_batch_size:
+                job = self.waiting[0]
+                if job.cancelled:
+                    self.waiting.popleft()
+                    continue
+                longest = max([len(job.input_ids), *(len(j.input_ids) for j in batch)])
+                if batch and longest * (len(batch) + 1) > self.policy.token_budget:
+                    break
+                batch.append(self.waiting.popleft())
+        return batch
+
+    def run_once(self) -> None:
+        batch = self._take_batch()
+        if not batch:
+            return
+        started, started_at = time.perf_counter(), time.monotonic()
+        try:
+            layer_sinks = [job.on_kv_layer for job in batch]
+            on_layer = None
+            if any(layer_sinks):
+
+                def on_layer(row, layer, keys, values):
+                    if layer_sinks[row] is not None:
+                        layer_sinks[row](layer, keys, values)
+
+            outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache, on_layer=on_layer)
+        except Exception as exc:
+            for job in batch:
+                job.deliver(exc)
+            raise
+        seconds = time.perf_counter() - started
+        for job, out in zip(batch, outputs):
+            token = sample_token(out.logits, job.output.params, step=len(job.output.tokens))
+            text = job.output.append(token)
+            job.deliver(PrefillResult(token, text, job.output.finish_reason, out.kv, seconds, len(batch), started_at))

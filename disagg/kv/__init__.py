@@ -1,0 +1,1 @@
+"""The KV cache between workers: its types, wire codec, message framing, transports, and the receiving side."""

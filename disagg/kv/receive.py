@@ -1,0 +1,119 @@
+"""The receiving end of a KV handoff: SequenceStart, then FirstToken and the cache, by whichever transport.
+
+The decode worker's Decode call and the handoff benchmark both receive through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from disagg.errors import DisaggError, KvIntegrityError, ProtocolError
+from disagg.kv.codec import KvAssembler
+from disagg.kv.framing import event_of
+from disagg.kv.inbox import KvInbox
+from disagg.kv.shared_memory import adopt_shared_memory
+from disagg.kv.transports import DIRECT
+from disagg.kv.types import KvLayers
+from disagg.model.loading import LoadedModel
+from disagg.pb.disagg.v1 import worker_pb2
+from disagg.rpc.convert import layout_from_pb
+from disagg.rpc.streams import ReadAhead
+
+
+@dataclass
+class Handoff:
+    start: worker_pb2.SequenceStart
+    first_token: worker_pb2.FirstToken
+    kv: KvLayers | None
+
+
+async def receive_handoff(
+    requests, lm: LoadedModel, kv_cache: bool, inbox: KvInbox | None = None, timeout: float = 60.0
+) -> Handoff:
+    """Read SequenceStart, then FirstToken and the KV cache in any order, until both are complete.
+
+    The cache comes as KvChunk messages in this stream (relayed), as one KvSharedMemory message (co-located
+    workers), or pushed by the prefill worker to `inbox` under the layout's handle (direct).
+    """
+    start = None
+    try:
+        with ReadAhead(requests) as messages:  # the next chunk arrives while this one is checked and copied
+            try:
+                async for message in messages:
+                    kind = event_of(message)
+                    if kind != "start":
+                        raise ProtocolError(f"{kind} before SequenceStart")
+                    start = message.start
+                    break
+                if start is None:
+                    raise ProtocolError("stream ended before SequenceStart")
+                return await _receive_cache(start, messages, lm, kv_cache, inbox, timeout)
+            except DisaggError:
+                await drain(messages)  # the same reader: no read is cancelled and restarted in between
+                raise
+    except BaseException:  # failed or cancelled: a directly pushed cache nobody will claim goes now, not at its TTL
+        if start is not None and start.kv_layout.transport == DIRECT and inbox is not None:
+            inbox.abandon(start.kv_layout.handle)
+        raise
+
+
+async def _receive_cache(
+    start: worker_pb2.SequenceStart, requests, lm: LoadedModel, kv_cache: bool, inbox: KvInbox | None, timeout: float
+) -> Handoff:
+    """After SequenceStart: FirstToken and the cache, in any order."""
+    first = assembler = None
+    if kv_cache:
+        if start.kv_layout.total_bytes == 0:
+            raise ProtocolError(
+                "this decode worker needs the KV cache, the prefill worker sent none "
+                "(is one of them running with --no-kv-cache?)"
+            )
+        if start.kv_layout.transport != DIRECT:
+            assembler = KvAssembler(layout_from_pb(start.kv_layout), expected_fingerprint=lm.fingerprint)
+            if assembler.layout.total_bytes != start.kv_layout.total_bytes:
+                raise KvIntegrityError("KV layout's total_bytes does not match its shape")
+        elif inbox is None or not start.kv_layout.handle:
+            raise ProtocolError("a directly pushed KV cache needs a handle and a decode worker that takes pushes")
+    async for message in requests:
+        kind = event_of(message)
+        if kind == "start":
+            raise ProtocolError("SequenceStart sent twice")
+        if kind in ("kv_chunk", "shared_memory"):
+            if assembler is None:
+                raise ProtocolError(
+                    f"{kind} sent to a decode worker running with --no-kv-cache, or with a directly pushed KV cache"
+                )
+            if kind == "kv_chunk":
+                assembler.add(message)  # a Chunk: see wire.handoff_deserializer
+            else:
+                adopt_shared_memory(message.shared_memory, assembler)
+        elif kind == "first_token":
+            first = message.first_token
+        if first is not None and (assembler is None or assembler.complete):
+            if kv_cache and assembler is None:  # direct: the prefill worker pushes the cache to the inbox
+                layers = await inbox.claim(start.kv_layout.handle, layout_from_pb(start.kv_layout), timeout)
+                return Handoff(start, first, layers)
+            return Handoff(start, first, assembler.layers() if assembler else None)
+    if first is None:
+        raise ProtocolError("stream ended before FirstToken")
+    raise KvIntegrityError(f"KV cache incomplete: {assembler.received} of {assembler.layout.total_bytes} bytes")
+
+
+async def drain(requests, max_messages: int = 256, seconds: float = 5.0) -> None:
+    """Read and drop what the client is still sending before refusing its handoff.
+
+    A gRPC client whose write races with the server's early abort sees a local INTERNAL error instead of the
+    server's status; letting it finish writing (within bounds) lets it see why the handoff was refused.
+    """
+
+    async def consume() -> None:
+        count = 0
+        async for _ in requests:
+            count += 1
+            if count >= max_messages:
+                return
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consume(), seconds)

@@ -1,0 +1,27 @@
+"""Names of the KV transports (`--kv-transport`), derived from worker.proto's KvTransport enum."""
+
+from __future__ import annotations
+
+from disagg.pb.disagg.v1 import worker_pb2
+
+RELAYED = worker_pb2.KV_TRANSPORT_RELAYED
+DIRECT = worker_pb2.KV_TRANSPORT_DIRECT
+SHARED_MEMORY = worker_pb2.KV_TRANSPORT_SHARED_MEMORY
+_PREFIX = "KV_TRANSPORT_"
+
+
+def _flag_name(enum_name: str) -> str:
+    return enum_name.removeprefix(_PREFIX).lower().replace("_", "-")
+
+
+# "relayed" -> KV_TRANSPORT_RELAYED, ...: every value but UNSPECIFIED (which means relayed on the wire).
+TRANSPORT_VALUES: dict[str, int] = {
+    _flag_name(name): value for name, value in worker_pb2.KvTransport.items() if value != 0
+}
+TRANSPORT_NAMES: dict[int, str] = {value: name for name, value in TRANSPORT_VALUES.items()}
+KV_TRANSPORTS: tuple[str, ...] = tuple(TRANSPORT_VALUES)
+
+
+def transport_name(value: int) -> str:
+    """The flag name of a KvTransport value; unset (0) is the default, relayed."""
+    return TRANSPORT_NAMES.get(value or RELAYED, "relayed")

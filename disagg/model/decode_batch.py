@@ -1,0 +1,189 @@
+"""The running decode batch: every sequence's KV cache in one preallocated, left-padded slab.
+
+Row i of the slab belongs to `seq_ids[i]`. A step writes each row's new K/V in place at the same column (no
+per-step concatenation, unlike `generate()`'s DynamicCache), so the cost of a step is the attention itself.
+Sequences join and leave between steps; a finished sequence's row is reused at once and the slab is released when
+the batch empties. With the KV cache off, `RecomputeBatch` keeps the same interface and recomputes everything.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from disagg.kv.types import KvLayers
+from disagg.model.prefill import left_padded
+
+_GROW_COLUMNS = 64
+# Every step's attention reads all `length` columns of every row, so columns that are padding in every row are
+# dropped as soon as they are worth one copy of the slab (an eighth of it), not left until they are half of it.
+_MIN_TRIM_COLUMNS = 16
+
+
+class _SlabLayer(DynamicLayer):
+    """A cache layer that appends into a preallocated [rows, heads, columns, head_dim] buffer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, length: int):
+        super().__init__()
+        self._slab_keys, self._slab_values, self._rows, self._length = keys, values, rows, length
+        self.keys, self.values = keys[:rows, :, :length], values[:rows, :, :length]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self._length + key_states.shape[-2]
+        self._slab_keys[: self._rows, :, self._length : end] = key_states
+        self._slab_values[: self._rows, :, self._length : end] = value_states
+        self._length = end
+        self.keys, self.values = self._slab_keys[: self._rows, :, :end], self._slab_values[: self._rows, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+
+class _SlabCache(Cache):
+    def __init__(self, layers: list[_SlabLayer]):
+        super().__init__(layers=layers)
+
+
+class DecodeBatch:
+    """Left-padded KV slab of the running sequences.
+
+    Ownership: `add` copies the given KV into the slab (the caller's tensors may be dropped); `remove` frees rows
+    by moving the last row into the hole, so row order is not stable: look rows up by id.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.seq_ids: list[str] = []
+        self.length = 0  # columns in use; every row ends at column `length`
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._pad = torch.zeros(0, dtype=torch.long)  # left padding of each row
+        self._last = torch.zeros(0, dtype=torch.long)  # each row's newest token, the next step's input
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by the slab (capacity, not just use)."""
+        return sum(t.numel() * t.element_size() for t in self._keys + self._values)
+
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """[batch, heads, seq_len, head_dim] of each layer's keys (and values) in use, not the slab's capacity."""
+        return len(self.seq_ids), self.kv_heads, self.length, self.head_dim
+
+    def _capacity(self) -> tuple[int, int]:
+        return (self._keys[0].shape[0], self._keys[0].shape[2]) if self._keys else (0, 0)
+
+    def _reserve(self, rows: int, columns: int, shift: int = 0) -> None:
+        """Make room for `rows` x `columns`, moving existing columns right by `shift` (a longer row joined)."""
+        have_rows, have_columns = self._capacity()
+        if rows <= have_rows and columns <= have_columns and shift == 0:
+            return
+        rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
+        columns = max(columns, have_columns) + _GROW_COLUMNS
+        used = len(self.seq_ids)
+        grown: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for old, new in zip((self._keys, self._values), grown):
+            for i in range(self.num_layers):
+                slab = torch.zeros((rows, self.kv_heads, columns, self.head_dim), dtype=self.dtype, device=self.device)
+                if old:
+                    slab[:used, :, shift : shift + self.length] = old[i][:used, :, : self.length]
+                new.append(slab)
+        self._keys, self._values = grown
+        self._pad = self._pad + shift
+        self.length += shift
+
+    def add(self, seq_id: str, kv: KvLayers, last_token: int) -> None:
+        """Join a sequence whose cache holds every token before `last_token`."""
+        seq_len = kv[0][0].shape[2]
+        shift = max(0, seq_len - self.length)
+        self._reserve(len(self.seq_ids) + 1, max(self.length, seq_len) + 1, shift)
+        row, start = len(self.seq_ids), self.length - seq_len
+        for i, (key, value) in enumerate(kv):
+            self._keys[i][row, :, :start] = 0
+            self._values[i][row, :, :start] = 0
+            self._keys[i][row, :, start : self.length] = key[0].to(self.device, self.dtype)
+            self._values[i][row, :, start : self.length] = value[0].to(self.device, self.dtype)
+        self.seq_ids.append(seq_id)
+        self._pad = torch.cat([self._pad, torch.tensor([start])])
+        self._last = torch.cat([self._last, torch.tensor([last_token])])
+
+    def remove(self, seq_id: str) -> None:
+        """Leave the batch; the slab is released when the last sequence leaves."""
+        row, last = self.seq_ids.index(seq_id), len(self.seq_ids) - 1
+        if row != last:
+            for slab in self._keys + self._values:
+                slab[row, :, : self.length] = slab[last, :, : self.length]
+            self._pad[row], self._last[row] = self._pad[last], self._last[last]
+            self.seq_ids[row] = self.seq_ids[last]
+        self.seq_ids.pop()
+        self._pad, self._last = self._pad[:last], self._last[:last]
+        if not self.seq_ids:
+            self._keys, self._values, self.length = [], [], 0
+        elif (trim := int(self._pad.min())) >= max(_MIN_TRIM_COLUMNS, self.length // 8):
+            self._trim_left(trim)
+
+    def _trim_left(self, columns: int) -> None:
+        """Drop leading columns that are padding in every row (long sequences left)."""
+        rows = len(self.seq_ids)
+        for slab in self._keys + self._values:
+            slab[:rows, :, : self.length - columns] = slab[:rows, :, columns : self.length].clone()
+        self.length -= columns
+        self._pad -= columns
+
+    @torch.inference_mode()
+    def step(self, model: torch.nn.Module) -> torch.Tensor:
+        """One forward step for every row; returns logits [rows, vocab] (float32)."""
+        rows = len(self.seq_ids)
+        self._reserve(rows, self.length + 1)
+        columns = torch.arange(self.length + 1)
+        mask = (columns[None, :] >= self._pad[:, None]).long().to(self.device)
+        positions = (self.length - self._pad)[:, None].to(self.device)
+        cache = _SlabCache([_SlabLayer(k, v, rows, self.length) for k, v in zip(self._keys, self._values)])
+        out = model(
+            input_ids=self._last[:, None].to(self.device),
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
+        self.length += 1
+        return out.logits[:, -1, :].float()
+
+    def set_last_tokens(self, tokens: list[int]) -> None:
+        self._last = torch.tensor(tokens, dtype=torch.long)
+
+
+class RecomputeBatch:
+    """KV cache off: each step runs the whole sequence again (the "why a KV cache matters" baseline)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seq_ids: list[str] = []
+        self._tokens: list[list[int]] = []
+        self.kv_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    def add(self, seq_id: str, tokens: list[int], last_token: int) -> None:
+        self.seq_ids.append(seq_id)
+        self._tokens.append([*tokens, last_token])
+
+    def remove(self, seq_id: str) -> None:
+        row = self.seq_ids.index(seq_id)
+        del self.seq_ids[row], self._tokens[row]
+
+    @torch.inference_mode()
+    def step(self, model: torch.nn.Module) -> torch.Tensor:
+        input_ids, mask, positions = left_padded(self._tokens, self.device)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    def set_last_tokens(self, tokens: list[int]) -> None:
+        for row, token in zip(self._tokens, tokens):
+            row.append(token)

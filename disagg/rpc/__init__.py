@@ -1,0 +1,1 @@
+"""gRPC plumbing: servers, channels, interceptors, stream helpers, service registration and proto conversions."""

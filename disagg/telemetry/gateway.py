@@ -1,0 +1,151 @@
+"""The gateway's root span (`text_completion <model>`, with the OpenTelemetry GenAI attributes) and the
+client-side latency metrics (TTFT, TPOT, inter-token latency, end to end), observed on the response stream."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind
+
+from disagg.rpc.interceptors import StreamBehavior
+from disagg.telemetry.metrics import GatewayMetrics, count_error, current
+from disagg.telemetry.propagation import carrier
+from disagg.telemetry.setup import state as tracing
+from disagg.telemetry.spans import grpc_code, mark_error, tracer
+
+OPERATION = "text_completion"
+GENERATE_METHOD = "/disagg.v1.Gateway/Generate"
+
+
+@dataclass
+class GatewayRequest:
+    request: Any
+    span: Span | None = None
+    started: float = field(default_factory=time.perf_counter)
+    model: str = "unknown"
+    request_id: str = ""
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str = ""
+
+    def observe(self, response: Any) -> None:
+        now = time.perf_counter()
+        if response.request_id:
+            self.request_id = response.request_id
+        n = len(response.token_ids)
+        if n:
+            m = current(GatewayMetrics)
+            if self.first_token_at is None:
+                self.first_token_at = now
+                if m is not None:
+                    m.ttft.labels(self.model).observe(now - self.started)
+                if self.span is not None and self.span.is_recording():
+                    self.span.add_event("gen_ai.first_token", {"gen_ai.server.time_to_first_token": now - self.started})
+                n_gaps, gap = n - 1, 0.0
+            else:
+                n_gaps, gap = n, (now - self.last_token_at) / n
+            if m is not None:
+                for _ in range(n_gaps):
+                    m.itl.labels(self.model).observe(gap)
+            self.last_token_at = now
+            self.tokens += n
+        if response.finish_reason:
+            self.finish_reason = response.finish_reason
+            self.prompt_tokens = response.usage.prompt_tokens
+
+    def finish(self, error: BaseException | None, context: Any) -> None:
+        duration = time.perf_counter() - self.started
+        m, span = current(GatewayMetrics), self.span
+        if m is not None:
+            m.e2e.labels(self.model).observe(duration)
+            m.generation_tokens.labels(self.model).inc(self.tokens)
+            if self.finish_reason:
+                m.requests.labels(self.model, self.finish_reason).inc()
+                m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+                if self.tokens > 1:
+                    m.tpot.labels(self.model).observe((self.last_token_at - self.first_token_at) / (self.tokens - 1))
+        if error is not None:
+            code = grpc_code(error, context)
+            if code == grpc.StatusCode.CANCELLED:  # the error interceptor never sees these
+                count_error(GENERATE_METHOD, code)
+            if span is not None:
+                mark_error(span, error, code)
+        if span is not None and span.is_recording():
+            span.set_attributes(
+                {
+                    "gen_ai.response.id": self.request_id,
+                    "gen_ai.usage.input_tokens": self.prompt_tokens,
+                    "gen_ai.usage.output_tokens": self.tokens,
+                }
+            )
+            if self.finish_reason:
+                span.set_attribute("gen_ai.response.finish_reasons", [self.finish_reason])
+        if span is not None:
+            span.end()
+
+
+_gateway_request: contextvars.ContextVar[GatewayRequest | None] = contextvars.ContextVar(
+    "disagg_gateway_request", default=None
+)
+
+
+def _request_attributes(request: Any) -> dict[str, Any]:
+    return {
+        "gen_ai.operation.name": OPERATION,
+        "gen_ai.request.max_tokens": request.max_new_tokens,
+        "gen_ai.request.temperature": request.temperature,
+        "gen_ai.request.top_p": request.top_p if request.HasField("top_p") else 1.0,
+        "gen_ai.request.top_k": request.top_k,
+        "disagg.request.prompt_chars": len(request.prompt),
+    }
+
+
+def observe_generate(generate: StreamBehavior) -> StreamBehavior:
+    """Wraps Gateway.Generate: the request's root span (`text_completion <model>`) and the client-side metrics."""
+
+    async def traced_generate(request, context):
+        req = GatewayRequest(request, request_id=request.request_id)  # (or the one the gateway makes, later)
+        token = None
+        if tracing.tracing:
+            parent = propagate.extract(carrier(context.invocation_metadata()))
+            req.span = tracer.start_span(
+                OPERATION,
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=_request_attributes(request) if tracing.exporting else None,
+            )
+            token = otel_context.attach(trace.set_span_in_context(req.span, parent))
+        _gateway_request.set(req)
+        error = None
+        try:
+            async for response in generate(request, context):
+                req.observe(response)
+                yield response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            req.finish(error, context)
+            if token is not None and not isinstance(error, GeneratorExit):  # closed from another task otherwise
+                otel_context.detach(token)
+
+    return traced_generate
+
+
+def note_model(model: str) -> None:
+    """The gateway learned which model serves the request (from prefill's SequenceStart): name the root span."""
+    req = _gateway_request.get()
+    if req is None or not model or req.model == model:
+        return
+    req.model = model
+    if req.span is not None and req.span.is_recording():
+        req.span.update_name(f"{OPERATION} {model}")
+        req.span.set_attributes({"gen_ai.request.model": model, "gen_ai.response.model": model})

@@ -1,0 +1,275 @@
+"""`disagg bench`: a load generator against a gateway (in the spirit of vLLM's benchmark_serving), its statistics,
+and the comparison with in-process `generate()` run in the same invocation.
+
+Definitions (per request, seconds): TTFT is the arrival of the first token; TPOT is (E2E - TTFT) / (tokens - 1);
+ITL is every gap between consecutive tokens; E2E is the arrival of the last token. Throughput is finished requests
+and output tokens over the wall time of the whole run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
+
+PERCENTILES = (50, 90, 99)
+PROMPT_WORDS = (
+    "the",
+    "model",
+    "reads",
+    "every",
+    "token",
+    "of",
+    "the",
+    "prompt",
+    "once",
+    "and",
+    "then",
+    "writes",
+    "one",
+    "at",
+    "a",
+    "time",
+    "while",
+    "cache",
+    "keys",
+    "values",
+    "grows",
+    "by",
+    "column",
+    "per",
+    "step",
+    "so",
+    "batching",
+    "many",
+    "sequences",
+    "keeps",
+    "arithmetic",
+    "units",
+    "busy",
+    "instead",
+    "waiting",
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    concurrency: int = 1  # most requests in flight (closed loop)
+    request_rate: float = float("inf")  # Poisson arrivals per second; inf = all at once, limited by concurrency
+    ignore_eos: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RequestRecord:
+    """One request as the client saw it; times in seconds since the request was sent."""
+
+    token_times: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0]
+
+    @property
+    def e2e(self) -> float:
+        return self.token_times[-1]
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.token_times)
+        return (self.e2e - self.ttft) / (n - 1) if n > 1 else None
+
+    @property
+    def itl(self) -> list[float]:
+        return list(np.diff(self.token_times))
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """mean, p50, p90, p99 (linear interpolation, as numpy and vLLM's benchmark compute them)."""
+    if not len(values):
+        return {"mean": float("nan"), **{f"p{p}": float("nan") for p in PERCENTILES}}
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), **{f"p{p}": float(np.percentile(array, p)) for p in PERCENTILES}}
+
+
+@dataclass
+class RunResult:
+    """One system under one workload: per-request records reduced to the reported statistics."""
+
+    name: str
+    duration: float
+    records: list[RequestRecord]
+
+    def stats(self) -> dict:
+        ok = [r for r in self.records if not r.error and r.token_times]
+        tokens = sum(len(r.token_times) for r in ok)
+        return {
+            "name": self.name,
+            "duration_s": self.duration,
+            "completed": len(ok),
+            "failed": len(self.records) - len(ok),
+            "output_tokens": tokens,
+            "request_throughput": len(ok) / self.duration if self.duration else float("nan"),
+            "output_token_throughput": tokens / self.duration if self.duration else float("nan"),
+            "ttft_s": summarize([r.ttft for r in ok]),
+            "tpot_s": summarize([t for r in ok if (t := r.tpot) is not None]),
+            "itl_s": summarize([gap for r in ok for gap in r.itl]),
+            "e2e_s": summarize([r.e2e for r in ok]),
+            "errors": sorted({r.error for r in self.records if r.error})[:5],
+        }
+
+
+def make_prompts(tokenizer, count: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
+    """`count` different prompts of exactly `prompt_tokens` tokens whose text re-encodes to the same ids.
+
+    The gateway takes text, so a prompt must survive decode -> encode unchanged to have the asked length there.
+    """
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        words = [rng.choice(PROMPT_WORDS) for _ in range(prompt_tokens * 2)]
+        ids = tokenizer.encode(" " + " ".join(words))[:prompt_tokens]
+        while tokenizer.encode(tokenizer.decode(ids)) != ids:  # a cut inside a word can merge differently
+            ids = ids[:-1] + tokenizer.encode(" the")
+            ids = ids[:prompt_tokens]
+        if len(ids) != prompt_tokens:
+            raise ValueError(f"could not build a prompt of {prompt_tokens} tokens")
+        prompts.append(ids)
+    return prompts
+
+
+def arrival_delays(workload: Workload) -> list[float]:
+    """Seconds between consecutive request sends: Poisson (exponential gaps) at `request_rate`, or all at once."""
+    if workload.request_rate == float("inf"):
+        return [0.0] * workload.num_requests
+    rng = np.random.default_rng(workload.seed)
+    return list(rng.exponential(1.0 / workload.request_rate, workload.num_requests))
+
+
+async def run_against_gateway(
+    address: str,
+    workload: Workload,
+    prompts: list[str],
+    on_done: Callable[[], None] = lambda: None,
+    timeout: float = 600.0,
+) -> RunResult:
+    """Send the workload's requests (prompt i cycles through `prompts`) and record what each one saw."""
+    limit = asyncio.Semaphore(workload.concurrency)
+    records = [RequestRecord() for _ in range(workload.num_requests)]
+    async with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+
+        async def one(i: int) -> None:
+            request = gateway_pb2.GenerateRequest(
+                prompt=prompts[i % len(prompts)],
+                max_new_tokens=workload.output_tokens,
+                ignore_eos=workload.ignore_eos,
+                request_id=f"bench-{i}",
+            )
+            try:
+                done = await complete(stub, request, timeout=timeout)
+                records[i].token_times = done.token_times
+                if not done.token_times:
+                    records[i].error = "no tokens"
+            except Exception as exc:  # a failed request is counted, not fatal to the run
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                records[i].error = f"{type(exc).__name__}: {details}"
+            finally:
+                limit.release()
+                on_done()
+
+        started = time.perf_counter()
+        tasks = []
+        for i, delay in enumerate(arrival_delays(workload)):
+            if delay:
+                await asyncio.sleep(delay)
+            await limit.acquire()
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - started
+    return RunResult("cluster", duration, records)
+
+
+def comparison(results: dict[str, dict]) -> dict[str, float]:
+    """The ratios the issue asks for: cluster vs the in-process baselines."""
+    cluster = results.get("cluster")
+    ratios: dict[str, float] = {}
+    if not cluster:
+        return ratios
+    for name in ("generate_sequential", "generate_static_batch"):
+        base = results.get(name)
+        if base:
+            ratios[f"throughput_vs_{name}"] = cluster["output_token_throughput"] / base["output_token_throughput"]
+            ratios[f"e2e_mean_vs_{name}"] = cluster["e2e_s"]["mean"] / base["e2e_s"]["mean"]
+            ratios[f"ttft_mean_vs_{name}"] = cluster["ttft_s"]["mean"] / base["ttft_s"]["mean"]
+    return ratios
+
+
+def format_table(results: dict[str, dict], ratios: dict[str, float]) -> str:
+    """Plain-text side-by-side table of every system in the run, in milliseconds."""
+    names = list(results)
+    rows = [("", *names)]
+    rows.append(("requests ok/failed", *(f"{results[n]['completed']}/{results[n]['failed']}" for n in names)))
+    rows.append(("wall time (s)", *(f"{results[n]['duration_s']:.2f}" for n in names)))
+    rows.append(("requests/s", *(f"{results[n]['request_throughput']:.2f}" for n in names)))
+    rows.append(("output tokens/s", *(f"{results[n]['output_token_throughput']:.1f}" for n in names)))
+    for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        for stat in ("mean", "p50", "p90", "p99"):
+            label = f"{metric[:-2].upper()} {stat} (ms)"
+            rows.append((label, *(f"{results[n][metric][stat] * 1000:.1f}" for n in names)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines += [f"{name}: {value:.2f}x" for name, value in ratios.items()]
+    return "\n".join(lines)
+
+
+def save_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+        f.write("\n")
+
+
+def plot(path: str, runs: list[RunResult], title: str) -> None:
+    """Latency distributions (TTFT, TPOT, E2E) per system, and output throughput, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    labels = [r.name for r in runs]
+    for ax, (metric, getter) in zip(
+        axes[:3],
+        (
+            ("TTFT", lambda r: [x.ttft for x in r.records if x.token_times]),
+            ("TPOT", lambda r: [t for x in r.records if (t := x.tpot)]),
+            ("E2E", lambda r: [x.e2e for x in r.records if x.token_times]),
+        ),
+    ):
+        data = [[v * 1000 for v in getter(r)] or [float("nan")] for r in runs]
+        ax.boxplot(data, tick_labels=labels, showfliers=True)
+        ax.set_title(f"{metric} (ms)")
+        ax.tick_params(axis="x", labelrotation=20)
+    throughput = [r.stats()["output_token_throughput"] for r in runs]
+    axes[3].bar(labels, throughput, color=["tab:blue", "tab:gray", "tab:orange", "tab:green"][: len(runs)])
+    axes[3].set_title("output tokens/s")
+    axes[3].tick_params(axis="x", labelrotation=20)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,357 @@
+"""The `disagg bench` command: baselines first (on an otherwise idle machine), then the cluster, then the report.
+
+Order matters on a small CPU: the in-process `generate()` baselines run before the local cluster starts (or while
+a remote one is idle), so they never share cores with the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import os
+import shlex
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from disagg import config as cfg
+
+if TYPE_CHECKING:  # the flags are built for every `disagg` command; the heavy imports wait for `bench` itself
+    from disagg.tools.bench import RunResult, Workload
+
+
+def add_bench_flags(parser: argparse.ArgumentParser) -> None:
+    cfg.add_model_flags(parser)
+    parser.set_defaults(load_format="dummy", threads=1)
+    w = parser.add_argument_group("workload")
+    w.add_argument("--num-requests", type=int, default=64)
+    w.add_argument("--concurrency", type=int, default=1, help="most requests in flight")
+    w.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrivals per second (default inf: all at once, limited by --concurrency)",
+    )
+    w.add_argument("--prompt-tokens", type=int, default=128)
+    w.add_argument("--output-tokens", type=int, default=64)
+    w.add_argument("--ignore-eos", default=True, action=argparse.BooleanOptionalAction)
+    w.add_argument("--warmup-requests", type=int, default=2, help="sent before timing starts (not counted)")
+    c = parser.add_argument_group("cluster")
+    c.add_argument("--address", default="", help="benchmark this gateway instead of starting a local cluster")
+    c.add_argument(
+        "--kv-cache",
+        default="on",
+        choices=["on", "off", "both"],
+        help="'both' runs the cluster twice (KV cache on, then off) for the comparison",
+    )
+    c.add_argument(
+        "--kv-transport",
+        default="relayed",
+        choices=cfg.KV_TRANSPORTS,
+        help="how the local cluster's KV cache reaches the decode worker",
+    )
+    c.add_argument("--prefill-args", default="", help="extra flags for the prefill worker, e.g. '--threads 2'")
+    c.add_argument("--decode-args", default="", help="extra flags for the decode worker")
+    c.add_argument("--start-timeout", type=float, default=300.0)
+    c.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="alternate baseline and cluster rounds this many times; the best round of each is reported",
+    )
+    b = parser.add_argument_group("baselines")
+    b.add_argument("--baseline", default="all", choices=["all", "sequential", "static", "none"])
+    b.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=8,
+        help="requests of the one-at-a-time baseline (each costs a full generate(); stats are per request)",
+    )
+    b.add_argument("--baseline-threads", type=int, default=0, help="torch threads of the baselines (0 = all cores)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--output", default="", help="path prefix: writes PREFIX.json, PREFIX.md and PREFIX.png")
+    o.add_argument("--name", default="", help="experiment name in the record")
+    o.add_argument("--notes", default="", help="free text for the record's Notes (e.g. 'machine busy')")
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+
+def _worker_args(args: argparse.Namespace, kv_on: bool) -> list[str]:
+    return [
+        "--model",
+        args.model,
+        "--load-format",
+        args.load_format,
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--kv-cache" if kv_on else "--no-kv-cache",
+    ]
+
+
+async def _start_cluster(args: argparse.Namespace, kv_on: bool):
+    from disagg.tools.cluster import Cluster
+
+    cluster = Cluster(
+        _worker_args(args, kv_on),
+        ["--kv-transport", args.kv_transport],
+        prefill_args=shlex.split(args.prefill_args),
+        decode_args=shlex.split(args.decode_args),
+    )
+    return cluster, await cluster.start(args.start_timeout)
+
+
+async def _cluster_run(
+    args: argparse.Namespace, address: str, workload: Workload, prompts: list[str], name: str
+) -> RunResult:
+    from disagg.tools.bench import Workload, run_against_gateway
+
+    if args.warmup_requests:
+        warm = Workload(
+            args.warmup_requests,
+            workload.prompt_tokens,
+            min(8, workload.output_tokens),
+            concurrency=args.warmup_requests,
+        )
+        await run_against_gateway(address, warm, prompts)
+    bar = _progress(workload.num_requests, name)
+    result = await run_against_gateway(address, workload, prompts, on_done=bar.update)
+    bar.close()
+    result.name = name
+    return result
+
+
+def _baselines(
+    args: argparse.Namespace, lm, prompt_ids: list[list[int]], workload: Workload, first_round: bool
+) -> list[RunResult]:
+    """One round of the in-process baselines; the one-at-a-time one runs in the first round only when it is not
+    the comparison that matters (concurrency > 1)."""
+    from disagg.tools.bench import Workload
+    from disagg.tools.bench_baseline import generate_sequential, generate_static_batches
+
+    runs = []
+    if first_round:
+        generate_sequential(lm, prompt_ids[:1], Workload(1, workload.prompt_tokens, 4))  # warm-up, not counted
+    if args.baseline in ("all", "sequential") and (first_round or workload.concurrency == 1):
+        seq = Workload(
+            min(args.baseline_requests, workload.num_requests),
+            workload.prompt_tokens,
+            workload.output_tokens,
+            1,
+            ignore_eos=workload.ignore_eos,
+        )
+        bar = _progress(seq.num_requests, "generate() one at a time")
+        runs.append(generate_sequential(lm, prompt_ids, seq, on_done=bar.update))
+        bar.close()
+    if args.baseline in ("all", "static") and workload.concurrency > 1:
+        bar = _progress(workload.num_requests, f"generate() static batches of {workload.concurrency}")
+        runs.append(generate_static_batches(lm, prompt_ids, workload, on_done=bar.update))
+        bar.close()
+    return runs
+
+
+async def _all_runs(
+    args: argparse.Namespace, lm, prompt_ids: list[list[int]], prompts: list[str], workload: Workload
+) -> dict[str, list[RunResult]]:
+    """Start the cluster(s), then alternate rounds: baselines (cluster idle), then each cluster under load."""
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.kv_cache]
+    clusters, addresses = [], {}
+    try:
+        for kv_on in modes:
+            name = "cluster" if kv_on else "cluster_kv_off"
+            if args.address:
+                addresses[name] = args.address
+            else:
+                cluster, addresses[name] = await _start_cluster(args, kv_on)
+                clusters.append(cluster)
+        runs: dict[str, list[RunResult]] = {}
+        for round_index in range(args.repeats):
+            if args.baseline != "none":
+                for run in _baselines(args, lm, prompt_ids, workload, first_round=round_index == 0):
+                    runs.setdefault(run.name, []).append(run)
+            for name, address in addresses.items():
+                runs.setdefault(name, []).append(await _cluster_run(args, address, workload, prompts, name))
+        return runs
+    finally:
+        for cluster in clusters:
+            await asyncio.to_thread(cluster.stop)
+
+
+def _policy_text(args: argparse.Namespace) -> str:
+    prefill, decode = cfg.BatchPolicy(max_batch_size=16), cfg.BatchPolicy()
+
+    def flag(extra: str, name: str, default):
+        words = shlex.split(extra)
+        return words[words.index(name) + 1] if name in words else default
+
+    return (
+        f"prefill {flag(args.prefill_args, '--max-batch-size', prefill.max_batch_size)} / "
+        f"{flag(args.prefill_args, '--wait-window-ms', prefill.wait_window_ms)} ms "
+        f"(token budget {flag(args.prefill_args, '--token-budget', prefill.token_budget)}); "
+        f"decode {flag(args.decode_args, '--max-batch-size', decode.max_batch_size)} / "
+        f"{flag(args.decode_args, '--wait-window-ms', decode.wait_window_ms)} ms; "
+        f"generate() static batches: {args.concurrency} / none"
+    )
+
+
+def _records(
+    args,
+    lm,
+    workload: Workload,
+    prompt: str,
+    results: dict[str, dict],
+    ratios: dict[str, float],
+    load_before: tuple[float, ...],
+    command: str,
+    repeats: dict[str, list[float]],
+) -> str:
+    from disagg.tools.bench import format_table
+    from disagg.tools.experiment_record import ExperimentRecord, gpu_utilization, hardware, stats_line
+
+    transport = "as the gateway is configured" if args.address else args.kv_transport
+    threads = (
+        f"cluster workers --threads {args.threads} each (extra: prefill '{args.prefill_args}', decode "
+        f"'{args.decode_args}'), KV transport {transport}; "
+        f"baseline torch threads {args.baseline_threads or os.cpu_count()}"
+    )
+    busy = f"load average before the run {load_before[0]:.2f} (1 min) on {os.cpu_count()} cores" + (
+        "; the machine was shared with other work, timings are noisy" if load_before[0] > 0.5 else ""
+    )
+    ratio_text = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+    model = f"{lm.name}" + (" (dummy seeded weights)" if args.load_format == "dummy" else "")
+    blocks = []
+    for name, stats in results.items():
+        kv_on = name != "cluster_kv_off"
+        notes = [
+            f"{workload.num_requests if name.startswith('cluster') or 'static' in name else stats['completed']} "
+            f"requests, concurrency {1 if name == 'generate_sequential' else workload.concurrency}, "
+            f"{workload.prompt_tokens} prompt tokens, {workload.output_tokens} output tokens, "
+            f"ignore_eos={workload.ignore_eos}",
+            threads,
+            busy,
+        ]
+        if len(repeats.get(name, [])) > 1:
+            notes.append(f"best of {len(repeats[name])} alternating rounds (output tokens/s of each: {repeats[name]})")
+        if name.startswith("cluster"):
+            notes.append(f"ratios: {ratio_text}" if ratio_text else "no baseline in this run")
+        if args.notes:
+            notes.append(args.notes)
+        metrics = {
+            "load_model": f"{lm.load_model_seconds:.2f} s (load_model in the bench process; workers load the same way)",
+            "load_tokenizer": f"{lm.load_tokenizer_seconds * 1000:.0f} ms",
+            "prefill": f"TTFT {stats_line(stats['ttft_s'])}",
+            "decode_loop": f"TPOT {stats_line(stats['tpot_s'])}; ITL {stats_line(stats['itl_s'])}; "
+            f"E2E {stats_line(stats['e2e_s'])}",
+            "token/s": f"{stats['output_token_throughput']:.1f} output tokens/s, "
+            f"{stats['request_throughput']:.2f} requests/s ({stats['completed']} ok, {stats['failed']} "
+            f"failed, {stats['duration_s']:.1f} s wall)",
+            "GPU Utilization": gpu_utilization(args.device),
+            "Notes": "; ".join(notes),
+        }
+        record = ExperimentRecord(
+            name=f"{args.name or 'bench'}: {name}",
+            date=datetime.date.today().isoformat(),
+            hardware=hardware(),
+            model=model,
+            dtype=args.dtype,
+            prompt=prompt,
+            kv_cache=kv_on,
+            batch_policy=_policy_text(args)
+            if name.startswith("cluster")
+            else (
+                "1 / none (one at a time)"
+                if name == "generate_sequential"
+                else f"{workload.concurrency} / none (static batches)"
+            ),
+            metrics=metrics,
+        )
+        blocks.append(record.render())
+    table = format_table(results, ratios)
+    return (
+        f"# {args.name or 'disagg bench'}\n\nCommand:\n\n```\n{command}\n```\n\n"
+        f"Side by side:\n\n```\n{table}\n```\n\n" + "\n\n".join(blocks) + "\n"
+    )
+
+
+def bench_main(args: argparse.Namespace) -> None:
+    import torch
+
+    from disagg.model.loading import load_model
+    from disagg.tools.bench import Workload, comparison, format_table, make_prompts, plot, save_json
+    from disagg.tools.experiment_record import hardware
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    command = shlex.join(["disagg", *getattr(args, "argv", sys.argv[1:])])
+    load_before = os.getloadavg()
+    torch.set_num_threads(args.baseline_threads or os.cpu_count() or 1)
+    lm = load_model(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, seed=args.seed)
+    workload = Workload(
+        args.num_requests,
+        args.prompt_tokens,
+        args.output_tokens,
+        args.concurrency,
+        args.request_rate,
+        args.ignore_eos,
+        args.seed,
+    )
+    prompt_ids = make_prompts(lm.tokenizer, args.num_requests, args.prompt_tokens, args.seed)
+    prompts = [lm.tokenizer.decode(ids) for ids in prompt_ids]
+
+    all_runs = asyncio.run(_all_runs(args, lm, prompt_ids, prompts, workload))
+    # Best of the repeats for each system: on a shared machine, noise only ever slows a run down.
+    runs = [max(found, key=lambda r: r.stats()["output_token_throughput"]) for found in all_runs.values()]
+    results = {run.name: run.stats() for run in runs}
+    repeats = {
+        name: [round(r.stats()["output_token_throughput"], 2) for r in found] for name, found in all_runs.items()
+    }
+    ratios = comparison(results)
+    if "cluster" in results and "cluster_kv_off" in results:
+        on, off = results["cluster"], results["cluster_kv_off"]
+        ratios["kv_off_e2e_vs_on"] = off["e2e_s"]["mean"] / on["e2e_s"]["mean"]
+        ratios["kv_off_tpot_vs_on"] = off["tpot_s"]["mean"] / on["tpot_s"]["mean"]
+        ratios["kv_off_throughput_vs_on"] = off["output_token_throughput"] / on["output_token_throughput"]
+    print(format_table(results, ratios))
+    if args.output:
+        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+        prompt_text = prompts[0][:80].replace('"', "'").replace("\n", " ") + f"... ({args.prompt_tokens} tokens)"
+        payload = {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "hardware": hardware(),
+            "workload": {**dataclasses.asdict(workload), "request_rate": str(workload.request_rate)},
+            "model": args.model,
+            "load_format": args.load_format,
+            "dtype": args.dtype,
+            "threads": {
+                "workers": args.threads,
+                "prefill_args": args.prefill_args,
+                "decode_args": args.decode_args,
+                "baseline": args.baseline_threads or os.cpu_count(),
+            },
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "results": results,
+            "ratios": ratios,
+            "output_tokens_per_s_of_every_repeat": repeats,
+        }
+        save_json(args.output + ".json", payload)
+        with open(args.output + ".md", "w") as f:
+            f.write(_records(args, lm, workload, prompt_text, results, ratios, load_before, command, repeats))
+        plot(
+            args.output + ".png",
+            runs,
+            f"{args.model} {args.dtype}: {args.num_requests} requests, concurrency "
+            f"{args.concurrency}, {args.prompt_tokens}+{args.output_tokens} tokens",
+        )
+        print(f"wrote {args.output}.json, .md and .png", file=sys.stderr)

@@ -1,0 +1,258 @@
+"""The `disagg` command: run a component, a local cluster, or talk to a gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+import sys
+
+from disagg import config as cfg
+
+
+def _up(args: argparse.Namespace) -> None:
+    from disagg.tools.cluster import Cluster
+
+    worker_args = [
+        "--model",
+        args.model,
+        "--load-format",
+        args.load_format,
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--kv-cache" if args.kv_cache else "--no-kv-cache",
+    ]
+    gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
+    cluster = Cluster(
+        worker_args,
+        gateway_args,
+        args.prefill_workers,
+        args.decode_workers,
+        gateway_port=args.port,
+        prefill_args=shlex.split(args.prefill_args),
+        decode_args=shlex.split(args.decode_args),
+    )
+
+    async def run() -> None:
+        address = await cluster.start(args.start_timeout)
+        print(
+            f"disagg cluster ready: gateway on {address} "
+            f"({args.prefill_workers} prefill, {args.decode_workers} decode, model {args.model})",
+            flush=True,
+        )
+        for child in [cluster.gateway, *cluster.prefill, *cluster.decode]:
+            print(f"  {child.name} metrics: http://{child.metrics_address}/metrics", flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (2, 15):  # SIGINT, SIGTERM
+            loop.add_signal_handler(sig, stopping.set)
+        while not stopping.is_set():
+            for child in cluster.prefill + cluster.decode + [cluster.gateway]:
+                if child.process.poll() is not None:
+                    print(f"{child.name} exited with code {child.process.returncode}", file=sys.stderr)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 1.0)
+
+    try:
+        asyncio.run(run())
+    finally:
+        cluster.stop()
+        print("disagg cluster stopped", flush=True)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import grpc
+
+    from disagg.config import TlsOptions
+    from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+    from disagg.tools.client import channel, stream, wait_serving
+
+    request = gateway_pb2.GenerateRequest(
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        request_id=args.request_id,
+        apply_chat_template=args.chat,
+    )
+    if args.top_p is not None:
+        request.top_p = args.top_p
+    if args.seed is not None:
+        request.seed = args.seed
+
+    async def run() -> int:
+        tokens, first, last, finish = 0, None, 0.0, ""
+        tls = TlsOptions(
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, tls_server_name=args.tls_server_name
+        )
+        async with channel(args.address, tls) as ch:
+            if args.wait_ready:
+                await wait_serving(ch, args.wait_ready)
+            try:
+                async for response, at in stream(
+                    gateway_pb2_grpc.GatewayStub(ch), request, args.timeout, args.auth_token
+                ):
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+                    tokens += len(response.token_ids)
+                    first = at if first is None and response.token_ids else first
+                    last, finish = at, response.finish_reason or finish
+            except grpc.aio.AioRpcError as error:  # show code and message, not a traceback
+                print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+                return 1
+        rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
+        print(
+            f"\n[{tokens} tokens, finish={finish}, time to first token {first * 1000:.0f} ms, "
+            f"{rate:.1f} tokens/s after it, total {last:.2f} s]",
+            file=sys.stderr,
+        )
+        return 0
+
+    sys.exit(asyncio.run(run()))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from disagg.tools.bench_cmd import bench_main
+
+    bench_main(args)
+
+
+def _bench_handoff(args: argparse.Namespace) -> None:
+    from disagg.tools.handoff_bench import handoff_main
+
+    handoff_main(args)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from disagg.tools.inspect_cmd import inspect_main
+
+    inspect_main(args)
+
+
+def _component(name: str):
+    def run(args: argparse.Namespace) -> None:
+        from disagg.telemetry.setup import configure_logging
+
+        configure_logging()
+        if name == "gateway":
+            from gateway.main import main as gateway_main
+
+            gateway_main(cfg.gateway_config(args))
+        elif name == "prefill":
+            from prefill_worker.main import main as prefill_main
+
+            prefill_main(cfg.worker_config(args))
+        else:
+            from decode_worker.main import main as decode_main
+
+            decode_main(cfg.worker_config(args))
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disagg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local cluster (gateway + workers) and wait for Ctrl-C")
+    cfg.add_model_flags(up)
+    up.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
+    up.add_argument("--prefill-workers", type=int, default=1)
+    up.add_argument("--decode-workers", type=int, default=1)
+    up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)
+    up.add_argument(
+        "--kv-transport",
+        default="relayed",
+        choices=cfg.KV_TRANSPORTS,
+        help="how the KV cache reaches the decode workers (see disagg gateway --help)",
+    )
+    up.add_argument("--prefill-args", default="", help="extra flags for each prefill worker, e.g. '--max-batch-size 8'")
+    up.add_argument("--decode-args", default="", help="extra flags for each decode worker")
+    up.add_argument("--gateway-args", default="", help="extra flags for the gateway")
+    up.add_argument("--start-timeout", type=float, default=600.0)
+    up.set_defaults(func=_up)
+
+    gen = sub.add_parser("generate", help="stream a completion from a gateway")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--max-new-tokens", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template (instruct models)")
+    gen.add_argument("--request-id", default="")
+    gen.add_argument("--timeout", type=float, default=600.0)
+    gen.add_argument(
+        "--wait-ready",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the gateway to report healthy",
+    )
+    gen.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN", ""), help="gateway bearer token")
+    gen.add_argument("--tls-ca", default="", help="PEM CA to verify the gateway (enables TLS)")
+    gen.add_argument("--tls-cert", default="", help="client certificate, for mutual TLS")
+    gen.add_argument("--tls-key", default="", help="key of --tls-cert")
+    gen.add_argument("--tls-server-name", default="", help="name in the gateway's certificate, if not the address")
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser(
+        "bench",
+        allow_abbrev=False,  # '--out' of 'bench handoff' must not abbreviate '--output'
+        help="load-test a gateway (or a local cluster it starts) against in-process generate() baselines",
+    )
+    from disagg.tools.bench_cmd import add_bench_flags
+
+    add_bench_flags(bench)
+    bench.set_defaults(func=_bench)
+    reports = bench.add_subparsers(
+        dest="report", metavar="{handoff}", help="instead of the load test: 'disagg bench handoff --help'"
+    )
+    handoff = reports.add_parser(
+        "handoff",
+        help="KV handoff cost per prompt length, transport and wire format, "
+        "and greedy agreement of lossy wire formats on the bundled model",
+    )
+    from disagg.tools.handoff_bench import add_handoff_flags
+
+    add_handoff_flags(handoff)
+    handoff.set_defaults(func=_bench_handoff)
+
+    inspect = sub.add_parser("inspect", help="walk through prefill and decode of one prompt, step by step")
+    from disagg.tools.inspect_cmd import add_inspect_flags
+
+    add_inspect_flags(inspect)
+    inspect.set_defaults(func=_inspect)
+
+    for name, help_text in (
+        ("gateway", "run the gateway"),
+        ("prefill", "run a prefill worker"),
+        ("decode", "run a decode worker"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        if name == "gateway":
+            cfg.add_gateway_flags(p)
+        else:
+            cfg.add_worker_flags(p, prefill=name == "prefill")
+        p.set_defaults(func=_component(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command, for records that must say how they were produced
+    args.func(args)

@@ -1,0 +1,143 @@
+"""`disagg up`: a local cluster of worker and gateway processes on loopback, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from disagg.config import TlsOptions
+from disagg.rpc.channel import open_channel
+from disagg.tools.client import wait_serving
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    address: str
+    process: subprocess.Popen
+    argv: list[str]
+    env: dict[str, str]
+    metrics_address: str = ""  # host:port of its Prometheus /metrics endpoint ("" when off)
+
+    def restart(self) -> None:
+        """Start the same command again on the same port (after it died or was killed)."""
+        if self.process.poll() is None:
+            raise RuntimeError(f"{self.name} is still running")
+        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+
+
+def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None = None, metrics_port: int = 0) -> Child:
+    argv = [
+        sys.executable,
+        "-m",
+        "disagg",
+        *command,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+    ]
+    full_env = {**os.environ, **(env or {})}
+    return Child(
+        name,
+        f"127.0.0.1:{port}",
+        subprocess.Popen(argv, env=full_env, start_new_session=True),
+        argv,
+        full_env,
+        f"127.0.0.1:{metrics_port}" if metrics_port else "",
+    )
+
+
+async def wait_healthy(children: list[Child], timeout: float, tls: TlsOptions | None = None) -> None:
+    """Until every child answers SERVING; raises if one exits first or the timeout passes."""
+    for child in children:
+        async with open_channel(child.address, tls) as ch:
+            waiter = asyncio.ensure_future(wait_serving(ch, timeout))
+            while not waiter.done():
+                if child.process.poll() is not None:
+                    waiter.cancel()
+                    raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+                await asyncio.wait([waiter], timeout=0.5)
+            waiter.result()
+
+
+def stop(children: list[Child], grace: float = 15.0) -> None:
+    """SIGTERM each child in the given order (gateway first), waiting for each; SIGKILL stragglers."""
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", child.name, grace)
+                child.process.kill()
+                child.process.wait()
+
+
+class Cluster:
+    """N prefill workers, M decode workers and a gateway, all children of this process."""
+
+    def __init__(
+        self,
+        worker_args: list[str],
+        gateway_args: list[str],
+        prefill_workers: int = 1,
+        decode_workers: int = 1,
+        gateway_port: int = 0,
+        prefill_args: list[str] = (),
+        decode_args: list[str] = (),
+        env: dict[str, str] | None = None,
+        tls: TlsOptions | None = None,
+        metrics: bool = True,
+    ):
+        self._metrics_port = free_port if metrics else (lambda: 0)  # each child serves /metrics on its own port
+        self.prefill = [
+            spawn(f"prefill-{i}", ["prefill", *worker_args, *prefill_args], free_port(), env, self._metrics_port())
+            for i in range(prefill_workers)
+        ]
+        self.decode = [
+            spawn(f"decode-{i}", ["decode", *worker_args, *decode_args], free_port(), env, self._metrics_port())
+            for i in range(decode_workers)
+        ]
+        self.gateway: Child | None = None
+        self._gateway_args = [
+            *gateway_args,
+            "--prefill",
+            ",".join(c.address for c in self.prefill),
+            "--decode",
+            ",".join(c.address for c in self.decode),
+        ]
+        self._gateway_port = gateway_port or free_port()
+        self._env = env
+        self.tls = tls  # how to reach the children for health checks, when they serve TLS
+
+    async def start(self, timeout: float = 600.0) -> str:
+        try:
+            await wait_healthy(self.prefill + self.decode, timeout, self.tls)
+            self.gateway = spawn(
+                "gateway", ["gateway", *self._gateway_args], self._gateway_port, self._env, self._metrics_port()
+            )
+            await wait_healthy([self.gateway], timeout, self.tls)
+        except BaseException:
+            self.stop()
+            raise
+        return self.gateway.address
+
+    def stop(self) -> None:
+        stop(([self.gateway] if self.gateway else []) + self.prefill + self.decode)
