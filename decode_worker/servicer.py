@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
 
 from disagg import telemetry
 from disagg.engine.budget import KvBudget
 from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent
 from disagg.errors import InvalidRequest, ProtocolError
+from disagg.kv.framing import HandoffMessage
 from disagg.kv.inbox import KvInbox
 from disagg.kv.receive import Handoff, receive_handoff
 from disagg.model.loading import LoadedModel
@@ -29,7 +33,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.inbox = KvInbox(lm.fingerprint, max_bytes=budget.limit)
         self.active = 0  # Decode calls in progress: receiving KV, waiting or running
 
-    def load(self) -> dict:
+    def load(self) -> dict[str, int]:
         return dict(
             active_sequences=self.active,
             queued=len(self.engine.waiting),
@@ -37,7 +41,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             kv_budget_bytes=self.budget.limit,
         )
 
-    async def PushKv(self, request_iterator, context):
+    async def PushKv(
+        self, request_iterator: AsyncIterator[HandoffMessage], context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PushKvResponse:
         """The direct transport: a prefill worker's push of one cache, kept until its Decode call claims it."""
         observed = telemetry.observe_kv_push(request_iterator)
         try:
@@ -46,7 +52,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             telemetry.record_kv_push(observed)
         return worker_pb2.PushKvResponse(received_bytes=received)
 
-    async def Decode(self, request_iterator, context):
+    async def Decode(
+        self, request_iterator: AsyncIterator[HandoffMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         self.active += 1
         reserved = 0
         try:
@@ -66,7 +74,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             self.budget.release(reserved)
             self.active -= 1
 
-    async def _decode(self, handoff: Handoff):
+    async def _decode(self, handoff: Handoff) -> AsyncIterator[worker_pb2.DecodeResponse]:
         start = handoff.start
         params = sampling_from_pb(start.sampling)
         if params.max_new_tokens <= 0:

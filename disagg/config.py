@@ -9,10 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from disagg.kv.codec import WIRE_DTYPE_CHOICES
 from disagg.kv.transports import KV_TRANSPORTS
 from disagg.model.dtypes import DTYPES
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Options = TypeVar("Options", bound="DataclassInstance")
+FlagValue = str | int | float | bool | tuple[str, ...]  # the types of the config fields that are flags
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class GatewayConfig:
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
 
 
-def _env_default(flag: str, default):
+def _env_default(flag: str, default: FlagValue) -> FlagValue:
     value = os.environ.get("DISAGG_" + flag.lstrip("-").upper().replace("-", "_"))
     if value is None:
         return default
@@ -98,7 +105,7 @@ def _env_default(flag: str, default):
     return type(default)(value)
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, default, help_text: str, **kwargs) -> None:
+def _flag(parser: argparse.ArgumentParser, name: str, default: FlagValue, help_text: str, **kwargs: Any) -> None:
     default = _env_default(name, default)
     if isinstance(default, bool):
         parser.add_argument(name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
@@ -216,7 +223,7 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     add_tls_flags(parser)
 
 
-def _pick(cls, args: argparse.Namespace, **overrides):
+def _pick(cls: type[Options], args: argparse.Namespace, **overrides: object) -> Options:
     values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
     return cls(**{**values, **overrides})
 

@@ -38,7 +38,7 @@ class ProtocolError(DisaggError):
 class UpstreamError(DisaggError):
     """A worker call failed; carries the worker's status so the client sees the real cause."""
 
-    def __init__(self, code, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
 

@@ -11,7 +11,9 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -22,6 +24,7 @@ from disagg.kv.framing import is_chunk_message
 from disagg.kv.transports import DIRECT, TRANSPORT_VALUES
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
 from disagg.rpc.channel import CallEnded, send
+from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 from disagg.rpc.streams import ReadAhead
 from gateway.validation import to_prefill_request
 from gateway.worker_pool import Worker, WorkerPool
@@ -32,18 +35,22 @@ RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 class WorkerFailed(Exception):
-    def __init__(self, worker: Worker, reason: str):
+    def __init__(self, worker: Worker[Any], reason: str):
         super().__init__(f"{worker.kind} worker {worker.address}: {reason}")
         self.worker = worker
 
 
-def _failure(worker: Worker, code: grpc.StatusCode, details: str) -> Exception:
+def _failure(worker: Worker[Any], code: grpc.StatusCode, details: str) -> Exception:
     if code in RESUMABLE:
         return WorkerFailed(worker, f"{code.name}: {details}")
     return UpstreamError(code, f"{worker.kind} worker {worker.address}: {details}")
 
 
-async def _receive(worker: Worker, call, pushes_to: Worker | None = None):
+async def _receive(
+    worker: Worker[Any],
+    call: grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall,
+    pushes_to: Worker[RelayDecodeStub] | None = None,
+) -> AsyncIterator[Any]:  # (a relayed Prefill call's serialized messages, a Decode call's DecodeResponses)
     """The call's messages; a worker's failure surfaces as WorkerFailed or UpstreamError.
 
     `pushes_to`: the decode worker a prefill call pushes its KV cache to; ABORTED from the prefill worker means
@@ -58,7 +65,7 @@ async def _receive(worker: Worker, call, pushes_to: Worker | None = None):
         raise _failure(worker, error.code(), error.details()) from error
 
 
-async def _send(worker: Worker, call, message=None) -> None:
+async def _send(worker: Worker[RelayDecodeStub], call: grpc.aio.StreamStreamCall, message: bytes | None = None) -> None:
     """Write one message (None: half-close) to a client-streaming call; a failure names the worker's status."""
     try:
         await send(call, message)
@@ -87,7 +94,7 @@ class Progress:
         resumed.sampling.CopyFrom(self.sampling)
         return resumed
 
-    def response(self, text: str, token_ids, finish_reason: str = "") -> gateway_pb2.GenerateResponse:
+    def response(self, text: str, token_ids: Sequence[int], finish_reason: str = "") -> gateway_pb2.GenerateResponse:
         self.generated.extend(token_ids)
         response = gateway_pb2.GenerateResponse(text=text, token_ids=token_ids, finish_reason=finish_reason)
         if not self.sent_any:
@@ -99,12 +106,16 @@ class Progress:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, config: GatewayConfig, prefill: WorkerPool, decode: WorkerPool):
+    def __init__(
+        self, config: GatewayConfig, prefill: WorkerPool[RelayPrefillStub], decode: WorkerPool[RelayDecodeStub]
+    ):
         self.config, self.prefill, self.decode = config, prefill, decode
         self.transport = TRANSPORT_VALUES[config.kv_transport]
         self.in_flight = 0
 
-    async def Generate(self, request: gateway_pb2.GenerateRequest, context):
+    async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         if self.in_flight >= self.config.max_inflight:
             raise Overloaded(f"gateway has {self.in_flight} requests in flight (--max-inflight); retry later")
         progress = Progress(to_prefill_request(request, self.config))
@@ -129,7 +140,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         finally:
             self.in_flight -= 1
 
-    def _timeout(self, context, deadline: float) -> float:
+    def _timeout(self, context: grpc.aio.ServicerContext, deadline: float) -> float:
         """Seconds left for worker calls: the client's deadline or the server's limit, whichever comes first."""
         left = deadline - time.monotonic()
         client_left = context.time_remaining()
@@ -138,11 +149,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise DeadlineExceeded("request deadline exceeded")
         return left
 
-    async def _attempt(self, progress: Progress, context, deadline: float):
+    async def _attempt(
+        self, progress: Progress, context: grpc.aio.ServicerContext, deadline: float
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         request = progress.prefill_request()
         metadata = telemetry.call_metadata(request.request_id)
+        prefill_worker: Worker[RelayPrefillStub] | None  # None once its stream is done
         prefill_worker = self.prefill.pick()
-        decode_worker = decode_call = pushes_to = None
+        decode_worker: Worker[RelayDecodeStub] | None = None
+        pushes_to: Worker[RelayDecodeStub] | None = None
+        decode_call: grpc.aio.StreamStreamCall | None = None
         if self.transport == DIRECT:  # the decode worker is chosen first: the prefill worker pushes the KV to it
             decode_worker = pushes_to = self.decode.pick()
             decode_worker.in_flight += 1
@@ -174,11 +190,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     yield progress.response(first.text, [first.token_id], first.finish_reason)
                     if first.finish_reason:
                         return
+                assert decode_worker is not None  # chosen before its call was made
                 await _send(decode_worker, decode_call, raw)
             prefill_worker.in_flight -= 1
             prefill_worker = None
             if decode_call is None:
                 raise ProtocolError("prefill worker ended the stream without SequenceStart")
+            assert decode_worker is not None  # chosen before its call was made
             await _send(decode_worker, decode_call)
             async for out in _receive(decode_worker, decode_call):
                 yield progress.response(out.text, out.token_ids, out.finish_reason)

@@ -12,6 +12,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,14 +22,15 @@ from disagg.errors import NoWorkerAvailable
 from disagg.rpc.channel import open_channel
 
 log = logging.getLogger(__name__)
+Stub = TypeVar("Stub")  # the stub class a pool's workers are called through (RelayPrefillStub, RelayDecodeStub)
 
 
 @dataclass
-class Worker:
+class Worker(Generic[Stub]):
     kind: str
     address: str
     channel: grpc.aio.Channel
-    stub: object
+    stub: Stub
     health: health_pb2_grpc.HealthStub
     in_flight: int = 0
     healthy: bool = True
@@ -41,16 +43,22 @@ def resolve(address: str) -> list[str]:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
     except (OSError, ValueError):
         return [address]
-    ips = sorted({info[4][0] for info in infos})
+    ips = sorted({cast(str, info[4][0]) for info in infos})  # (an AF_INET or AF_INET6 address: its host is a str)
     return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips] or [address]
 
 
-class WorkerPool:
-    def __init__(self, kind: str, addresses: tuple[str, ...], stub_class: Callable, tls: TlsOptions | None = None):
+class WorkerPool(Generic[Stub]):
+    def __init__(
+        self,
+        kind: str,
+        addresses: tuple[str, ...],
+        stub_class: Callable[[grpc.aio.Channel], Stub],
+        tls: TlsOptions | None = None,
+    ):
         if not addresses:
             raise ValueError(f"no {kind} worker addresses configured")
         self.kind, self._addresses, self._stub_class, self._tls = kind, addresses, stub_class, tls
-        self.workers: dict[str, Worker] = {}
+        self.workers: dict[str, Worker[Stub]] = {}
         self._refresh_addresses()
 
     def _refresh_addresses(self) -> None:
@@ -61,7 +69,7 @@ class WorkerPool:
                     self.kind, address, channel, self._stub_class(channel), health_pb2_grpc.HealthStub(channel)
                 )
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Worker:
+    def pick(self, exclude: frozenset[str] = frozenset()) -> Worker[Stub]:
         """The healthy worker with the fewest requests in flight."""
         candidates = [w for w in self.workers.values() if w.healthy and w.address not in exclude]
         if not candidates:
@@ -69,7 +77,7 @@ class WorkerPool:
             raise NoWorkerAvailable(f"no healthy {self.kind} worker available ({states})")
         return min(candidates, key=lambda w: w.in_flight)
 
-    def mark_failed(self, worker: Worker) -> None:
+    def mark_failed(self, worker: Worker[Stub]) -> None:
         """Take a worker out of rotation at once; the health loop puts it back when it answers SERVING."""
         if worker.healthy:
             log.warning("%s worker %s marked down", self.kind, worker.address)
@@ -79,7 +87,7 @@ class WorkerPool:
         """One health pass over every worker (re-resolving names first)."""
         self._refresh_addresses()
 
-        async def one(worker: Worker) -> None:
+        async def one(worker: Worker[Stub]) -> None:
             try:
                 reply = await worker.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 up = reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
+
+import grpc
 
 from disagg import telemetry
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
@@ -18,6 +22,10 @@ from disagg.model.sampling import SamplingParams
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.rpc.convert import layout_to_pb, sampling_from_pb, sampling_to_pb
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import BatchEncoding
+
 
 def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
     if request.prompt_token_ids:
@@ -28,10 +36,12 @@ def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> lis
         if not lm.tokenizer.chat_template:
             raise InvalidRequest(f"apply_chat_template: model {lm.name!r} has no chat template")
         messages = [{"role": "user", "content": request.prompt}]
+        # return_dict=True: a BatchEncoding (transformers annotates the union of all that it may return)
         return list(
-            lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-                "input_ids"
-            ]
+            cast(
+                "BatchEncoding",
+                lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True),
+            )["input_ids"]
         )
     return lm.tokenizer.encode(request.prompt)
 
@@ -73,7 +83,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         self.segments = segments or SharedMemorySegments()
         self.active = 0  # Prefill calls in progress
 
-    def load(self) -> dict:
+    def load(self) -> dict[str, int]:
         return dict(active_sequences=self.active, queued=len(self.engine.waiting))
 
     def _layout(self, seq_len: int) -> KvLayout:
@@ -82,7 +92,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             DTYPE_NAMES[self.lm.dtype], layers, heads, seq_len, head_dim, self.lm.fingerprint, self.wire_dtype
         )
 
-    async def Prefill(self, request: worker_pb2.PrefillRequest, context):
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.PrefillResponse | bytes]:  # bytes: chunk messages, serialized already
         self.active += 1
         try:
             async for response in self._prefill(request, context.time_remaining()):
@@ -90,7 +102,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         finally:
             self.active -= 1
 
-    async def _prefill(self, request: worker_pb2.PrefillRequest, time_remaining: float | None):
+    async def _prefill(
+        self, request: worker_pb2.PrefillRequest, time_remaining: float | None
+    ) -> AsyncIterator[worker_pb2.PrefillResponse | bytes]:
         prompt = prompt_token_ids(self.lm, request)
         generated = list(request.generated_token_ids)
         input_ids = prompt + generated
@@ -117,11 +131,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 self.segments,
                 time_remaining,
             )
-        layers: asyncio.Queue | None = None
+        layers: asyncio.Queue[tuple[int, torch.Tensor, torch.Tensor] | None] | None = None
         if self.layerwise and sender is not None:  # K/V of each layer as the forward pass computes it, then None
             layers = asyncio.Queue()
             job.on_kv_layer = lambda *item: loop.call_soon_threadsafe(layers.put_nowait, item)
-            job.deliver = lambda result: (deliver(result), loop.call_soon_threadsafe(layers.put_nowait, None))
+
+            def deliver_then_end(result: PrefillResult | BaseException) -> None:  # then the end of the layers
+                deliver(result)
+                loop.call_soon_threadsafe(layers.put_nowait, None)
+
+            job.deliver = deliver_then_end
         self.engine.submit(job)
         pb_layout = layout_to_pb(layout, kv_included=sender is not None)
         pb_layout.transport = destination.transport or RELAYED
@@ -142,6 +161,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 if done.done() and not first_sent:  # the forward pass ended: the first token before queued layers
                     first_sent = True
                     yield _first_token(job, done.result())
+                assert sender is not None  # (layers are queued only with a sender)
                 for message in await sender.send_layer(*item):
                     yield message
             result = await done
@@ -149,6 +169,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 yield _first_token(job, result)
             if sender is not None and result.finish_reason is None:
                 if layers is None:
+                    assert result.kv is not None  # a sender means the engine keeps the KV cache
                     for layer, (keys, values) in enumerate(result.kv):
                         for message in await sender.send_layer(layer, keys, values):
                             yield message
@@ -173,7 +194,7 @@ def _first_token(job: PrefillJob, result: PrefillResult) -> worker_pb2.PrefillRe
     )
 
 
-def _settle(future: asyncio.Future, result) -> None:
+def _settle(future: asyncio.Future[PrefillResult], result: PrefillResult | BaseException) -> None:
     if future.done():
         return
     if isinstance(result, BaseException):

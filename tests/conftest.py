@@ -19,6 +19,18 @@ GPT2_ARGS = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
 LLAMA_ARGS = ["--model", BUNDLED_MODEL]
 
 
+# Tiers (README "Tests"): a test that needs worker processes is marked `cluster`, from the fixtures it uses or by
+# an explicit mark; the rest (pure functions, in-process engines and servicers) is the fast tier.
+CLUSTER_FIXTURES = {"scraped", "traces", "traced", "direct_trace"}  # besides every fixture named *cluster
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & CLUSTER_FIXTURES or any(name.endswith("cluster") for name in names):
+            item.add_marker(pytest.mark.cluster)
+
+
 @dataclass
 class RunningCluster:
     address: str

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.rpc.channel import open_channel
@@ -44,3 +47,31 @@ async def start_extra(name: str, command: list[str], port: int, timeout: float =
     child = spawn(name, command, port)
     await wait_healthy([child], timeout)
     return child
+
+
+@contextlib.contextmanager
+def paused(children: list[Child]) -> Iterator[None]:
+    """SIGSTOP the children for the block: their work cannot finish, however fast the machine (deadline tests)."""
+    for child in children:
+        child.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for child in children:
+            child.process.send_signal(signal.SIGCONT)
+
+
+async def first_token_then_deadline(stub, request, decode: list[Child], timeout: float | None = None) -> Exception:
+    """Read a Generate stream until its first token, then pause the decode workers so that the deadline (client
+    `timeout` or the server's limit) passes while the request is running; returns the call's final error."""
+    call = stub.Generate(request, timeout=timeout)
+    with contextlib.ExitStack() as stack:
+        running = False
+        try:
+            async for response in call:
+                if response.token_ids and not running:  # the first token: the request is running
+                    stack.enter_context(paused(decode))
+                    running = True
+        except Exception as error:  # the deadline's status
+            return error
+    raise AssertionError("the stream finished before its deadline although its decode workers were paused")

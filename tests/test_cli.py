@@ -6,9 +6,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from disagg.tools.cluster import free_port
 
 
+@pytest.mark.cluster
 def test_up_generate_and_clean_shutdown():
     port = free_port()
     up = subprocess.Popen(

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from disagg.tools.cli import main
 
 
+@pytest.mark.cluster
 def test_bench_handoff_writes_a_record(tmp_path):
     out = tmp_path / "handoff"
     variants = ("auto", "float16", "int8", "auto:layerwise", "direct/auto", "shared-memory/auto:layerwise")

@@ -215,3 +215,8 @@ def test_chunk_reader_leaves_anything_unexpected_to_protobuf():
     assert wire.event_of(deserialize(start)) == "start" and wire.event_of(deserialize(good)) == "kv_chunk"
     with pytest.raises(Exception):  # noqa: B017 (protobuf's DecodeError; gRPC turns it into a status)
         deserialize(good[:-1])
+
+
+def test_every_handoff_message_carries_the_chunk_at_the_hand_framed_field_number():
+    for message in wire.HANDOFF_MESSAGES:
+        assert message.DESCRIPTOR.fields_by_name["kv_chunk"].number == wire.KV_CHUNK_FIELD, message

@@ -14,7 +14,7 @@ from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worke
 from disagg.tools.client import channel, complete
 from disagg.tools.cluster import free_port, stop
 from tests.conftest import GPT2_ARGS, start_cluster
-from tests.reliability_helpers import start_extra, wait_idle, worker_load
+from tests.reliability_helpers import first_token_then_deadline, start_extra, wait_idle, worker_load
 
 LONG = dict(prompt="The history of computing", max_new_tokens=400, ignore_eos=True)
 
@@ -49,9 +49,13 @@ async def test_client_cancel_frees_the_sequence_everywhere(pair_cluster):
 
 async def test_client_deadline_is_honoured_end_to_end(pair_cluster):
     async with channel(pair_cluster.address) as ch:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await complete(gateway_pb2_grpc.GatewayStub(ch), gateway_pb2.GenerateRequest(**LONG), timeout=1.0)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        error = await first_token_then_deadline(
+            gateway_pb2_grpc.GatewayStub(ch),
+            gateway_pb2.GenerateRequest(**LONG),
+            pair_cluster.cluster.decode,
+            timeout=2.0,
+        )
+    assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await wait_idle(workers(pair_cluster))
 
 
@@ -68,9 +72,10 @@ async def test_server_side_request_timeout(pair_cluster):
     )
     try:
         async with channel(gateway.address) as ch:
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await complete(gateway_pb2_grpc.GatewayStub(ch), gateway_pb2.GenerateRequest(**LONG))
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            error = await first_token_then_deadline(
+                gateway_pb2_grpc.GatewayStub(ch), gateway_pb2.GenerateRequest(**LONG), pair_cluster.cluster.decode
+            )
+        assert isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_idle(workers(pair_cluster))
     finally:
         stop([gateway])

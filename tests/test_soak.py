@@ -33,6 +33,7 @@ CLEAR_ERRORS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
 
 
 @pytest.mark.soak
+@pytest.mark.cluster
 async def test_soak_with_cancellations_and_killed_workers(llama_model):
     rng = random.Random(1234)
     prompts = [prompt_of(llama_model.tokenizer, n) for n in (5, 9, 14, 20, 27, 33, 41, 50)]

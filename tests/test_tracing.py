@@ -231,6 +231,7 @@ def test_tracing_switches(monkeypatch):
         telemetry.state.tracing, telemetry.state.exporting = saved
 
 
+@pytest.mark.cluster
 def test_a_refused_handoff_keeps_its_status_and_marks_the_trace():
     """Decode holds other weights, so it refuses the KV cache mid-stream: through the instrumented channels the
     client still sees DATA_LOSS, and the trace records the failure on the gateway and decode spans."""

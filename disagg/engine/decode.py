@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from disagg.config import BatchPolicy
 from disagg.engine.thread import EngineThread
@@ -35,7 +36,7 @@ class DecodeSequence:
     context: list[int]  # prompt + generated tokens except the newest (whose KV is not computed yet)
     output: OutputStream
     kv: KvLayers | None
-    deliver: Callable[[TokenEvent | BaseException], None]
+    deliver: Callable[[TokenEvent | BaseException], object]  # (what it returns is ignored)
     enqueued_at: float = field(default_factory=time.monotonic)
     # time.monotonic() stamps and step batch sizes, read by disagg.telemetry once the request ends.
     admitted_at: float = 0.0  # left the queue for the running batch
@@ -99,10 +100,11 @@ class DecodeEngine(EngineThread[DecodeSequence]):
                 seq = self.waiting.popleft()
                 seq.admitted_at = time.monotonic()
                 last = seq.output.tokens[-1]
-                if self.kv_cache:
-                    self.batch.add(seq.request_id, seq.kv, last)
+                if self.kv_cache:  # the batch is a DecodeBatch, and the handoff brought the KV cache
+                    assert seq.kv is not None
+                    cast(DecodeBatch, self.batch).add(seq.request_id, seq.kv, last)
                 else:
-                    self.batch.add(seq.request_id, seq.context, last)
+                    cast(RecomputeBatch, self.batch).add(seq.request_id, seq.context, last)
                 seq.kv = None  # the batch holds the only copy now
                 seq.kv_loaded_at = time.monotonic()
                 self.running[seq.request_id] = seq

@@ -35,11 +35,11 @@ class PrefillJob:
     request_id: str
     input_ids: list[int]  # prompt, plus tokens already generated when resuming a sequence
     output: OutputStream
-    deliver: Callable[[PrefillResult | BaseException], None]
+    deliver: Callable[[PrefillResult | BaseException], object]  # (what it returns is ignored)
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
     # layer-wise streaming: called from the engine thread with (layer, keys, values) during the forward pass
-    on_kv_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+    on_kv_layer: Callable[[int, torch.Tensor, torch.Tensor], object] | None = None
 
 
 class PrefillEngine(EngineThread[PrefillJob]):
@@ -71,12 +71,13 @@ class PrefillEngine(EngineThread[PrefillJob]):
         started, started_at = time.perf_counter(), time.monotonic()
         try:
             layer_sinks = [job.on_kv_layer for job in batch]
-            on_layer = None
+            on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None
             if any(layer_sinks):
 
-                def on_layer(row, layer, keys, values):
-                    if layer_sinks[row] is not None:
-                        layer_sinks[row](layer, keys, values)
+                def on_layer(row: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+                    sink = layer_sinks[row]
+                    if sink is not None:
+                        sink(layer, keys, values)
 
             outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache, on_layer=on_layer)
         except Exception as exc:

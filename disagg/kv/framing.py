@@ -9,6 +9,11 @@ decode side reads a view of what gRPC received.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import Message
+
 from disagg.kv.codec import Chunk
 from disagg.pb.disagg.v1 import worker_pb2
 
@@ -16,6 +21,9 @@ KV_CHUNK_FIELD = 2
 KV_CHUNK_TAG = bytes([KV_CHUNK_FIELD << 3 | 2])
 _UINT32, _UINT64 = (1 << 32) - 1, (1 << 64) - 1
 HANDOFF_MESSAGES = (worker_pb2.PrefillResponse, worker_pb2.DecodeRequest, worker_pb2.PushKvRequest)  # (tested)
+# A handoff message as `handoff_deserializer` makes it: a Chunk, or the protobuf message of another event. Any, as
+# the code tells them apart by `event_of` (the oneof's name), which no type checker follows.
+HandoffMessage = Any
 
 
 def _varint(value: int) -> bytes:
@@ -85,21 +93,21 @@ def chunk_from_message(raw: bytes) -> Chunk | None:
     return Chunk(tensor_index=fields[1] & _UINT32, offset=fields[2] & _UINT64, data=data, crc32=fields[4] & _UINT32)
 
 
-def serialize(message) -> bytes:
+def serialize(message: Message | bytes) -> bytes:
     """A response or request serializer that also passes `chunk_message` bytes through."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def handoff_deserializer(message_type):
+def handoff_deserializer(message_type: type[Message]) -> Callable[[bytes], HandoffMessage]:
     """DecodeRequest / PushKvRequest deserializer: a KV chunk becomes a `Chunk` over the received bytes, any other
     event its protobuf message."""
 
-    def deserialize(raw: bytes):
+    def deserialize(raw: bytes) -> HandoffMessage:
         return chunk_from_message(raw) or message_type.FromString(raw)
 
     return deserialize
 
 
-def event_of(message) -> str:
+def event_of(message: HandoffMessage) -> str:
     """The oneof event of a handoff message as `handoff_deserializer` made it ("kv_chunk" for a Chunk)."""
     return "kv_chunk" if isinstance(message, Chunk) else message.WhichOneof("event")

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, KvIntegrityError, Overloaded, ProtocolError
 from disagg.kv.codec import KvAssembler, KvLayout
-from disagg.kv.framing import event_of
+from disagg.kv.framing import HandoffMessage, event_of
 from disagg.kv.types import KvLayers
 from disagg.rpc.convert import layout_from_pb
 
 
 @dataclass
 class _Pending:
-    future: asyncio.Future
+    future: asyncio.Future[KvLayers]
     created: float = field(default_factory=time.monotonic)
     layout: KvLayout | None = None
 
@@ -54,7 +55,7 @@ class KvInbox:
             self._pending[handle] = _Pending(asyncio.get_running_loop().create_future())
         return self._pending[handle]
 
-    async def receive(self, requests) -> int:
+    async def receive(self, requests: AsyncIterator[HandoffMessage]) -> int:
         """A PushKv stream: header, then chunks; returns the bytes received."""
         message = await anext(aiter(requests), None)
         if message is None or event_of(message) != "header" or not message.header.handle:
@@ -116,7 +117,7 @@ class KvInbox:
         self._abandoned[handle] = time.monotonic()
 
 
-def _fail(future: asyncio.Future, error: BaseException) -> None:
+def _fail(future: asyncio.Future[KvLayers], error: BaseException) -> None:
     """Settle with an error that a claim may or may not be waiting for (no "exception never retrieved")."""
     if not future.done():
         future.set_exception(error)

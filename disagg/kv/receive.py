@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from disagg.errors import DisaggError, KvIntegrityError, ProtocolError
 from disagg.kv.codec import KvAssembler
-from disagg.kv.framing import event_of
+from disagg.kv.framing import HandoffMessage, event_of
 from disagg.kv.inbox import KvInbox
 from disagg.kv.shared_memory import adopt_shared_memory
 from disagg.kv.transports import DIRECT
@@ -30,14 +31,18 @@ class Handoff:
 
 
 async def receive_handoff(
-    requests, lm: LoadedModel, kv_cache: bool, inbox: KvInbox | None = None, timeout: float = 60.0
+    requests: AsyncIterator[HandoffMessage],
+    lm: LoadedModel,
+    kv_cache: bool,
+    inbox: KvInbox | None = None,
+    timeout: float = 60.0,
 ) -> Handoff:
     """Read SequenceStart, then FirstToken and the KV cache in any order, until both are complete.
 
     The cache comes as KvChunk messages in this stream (relayed), as one KvSharedMemory message (co-located
     workers), or pushed by the prefill worker to `inbox` under the layout's handle (direct).
     """
-    start = None
+    start: worker_pb2.SequenceStart | None = None
     try:
         with ReadAhead(requests) as messages:  # the next chunk arrives while this one is checked and copied
             try:
@@ -60,10 +65,16 @@ async def receive_handoff(
 
 
 async def _receive_cache(
-    start: worker_pb2.SequenceStart, requests, lm: LoadedModel, kv_cache: bool, inbox: KvInbox | None, timeout: float
+    start: worker_pb2.SequenceStart,
+    requests: AsyncIterator[HandoffMessage],
+    lm: LoadedModel,
+    kv_cache: bool,
+    inbox: KvInbox | None,
+    timeout: float,
 ) -> Handoff:
     """After SequenceStart: FirstToken and the cache, in any order."""
-    first = assembler = None
+    first: worker_pb2.FirstToken | None = None
+    assembler: KvAssembler | None = None
     if kv_cache:
         if start.kv_layout.total_bytes == 0:
             raise ProtocolError(
@@ -93,15 +104,17 @@ async def _receive_cache(
             first = message.first_token
         if first is not None and (assembler is None or assembler.complete):
             if kv_cache and assembler is None:  # direct: the prefill worker pushes the cache to the inbox
+                assert inbox is not None  # (a direct push without an inbox was refused above)
                 layers = await inbox.claim(start.kv_layout.handle, layout_from_pb(start.kv_layout), timeout)
                 return Handoff(start, first, layers)
             return Handoff(start, first, assembler.layers() if assembler else None)
     if first is None:
         raise ProtocolError("stream ended before FirstToken")
+    assert assembler is not None  # FirstToken came, so only a cache still incomplete keeps us here
     raise KvIntegrityError(f"KV cache incomplete: {assembler.received} of {assembler.layout.total_bytes} bytes")
 
 
-async def drain(requests, max_messages: int = 256, seconds: float = 5.0) -> None:
+async def drain(requests: AsyncIterator[HandoffMessage], max_messages: int = 256, seconds: float = 5.0) -> None:
     """Read and drop what the client is still sending before refusing its handoff.
 
     A gRPC client whose write races with the server's early abort sees a local INTERNAL error instead of the

@@ -73,7 +73,7 @@ class KvSender:
 
 
 class RelayedSender(KvSender):
-    async def send_layer(self, layer, keys, values) -> list:
+    async def send_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list:
         return self.encode(layer, keys, values)
 
 
@@ -81,7 +81,8 @@ class PushClients:
     """The prefill worker's channels to decode workers for direct pushes, one per address, opened on first use."""
 
     def __init__(self, tls: TlsOptions | None = None):
-        self.tls, self._stubs = tls, {}
+        self.tls = tls
+        self._stubs: dict[str, PushKvStub] = {}
 
     def stub(self, address: str) -> PushKvStub:
         if address not in self._stubs:
@@ -94,7 +95,9 @@ class DirectSender(KvSender):
 
     name = "direct"
 
-    def __init__(self, layout: KvLayout, chunk_bytes: int, stub, handle: str, request_id: str, timeout: float | None):
+    def __init__(
+        self, layout: KvLayout, chunk_bytes: int, stub: PushKvStub, handle: str, request_id: str, timeout: float | None
+    ):
         super().__init__(layout, chunk_bytes)
         self.call = stub.PushKv(timeout=timeout, metadata=telemetry.call_metadata(request_id))
         self.header = worker_pb2.KvPushHeader(
@@ -108,7 +111,7 @@ class DirectSender(KvSender):
         except CallEnded as ended:
             raise _push_failure(ended.code, ended.details) from ended
 
-    async def send_layer(self, layer, keys, values) -> list:
+    async def send_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list:
         if not self.sent_header:
             await self._write(worker_pb2.PushKvRequest(header=self.header))
             self.sent_header = True
@@ -145,7 +148,7 @@ class SharedMemorySender(KvSender):
         self.segment = segments.create(layout.total_bytes)
         self.crcs = [0] * (2 * layout.num_layers)
 
-    async def send_layer(self, layer, keys, values) -> list:
+    async def send_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> list:
         with self.serialize.encoding() as encoded:
             for index, tensor in ((2 * layer, keys), (2 * layer + 1, values)):
                 raw = wire_bytes(tensor, self.layout.wire)

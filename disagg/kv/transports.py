@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from disagg.pb.disagg.v1 import worker_pb2
 
 RELAYED = worker_pb2.KV_TRANSPORT_RELAYED
@@ -15,8 +17,11 @@ def _flag_name(enum_name: str) -> str:
 
 
 # "relayed" -> KV_TRANSPORT_RELAYED, ...: every value but UNSPECIFIED (which means relayed on the wire).
-TRANSPORT_VALUES: dict[str, int] = {
-    _flag_name(name): value for name, value in worker_pb2.KvTransport.items() if value != 0
+# (EnumTypeWrapper.items() is typed as plain ints; they are this enum's values.)
+TRANSPORT_VALUES: dict[str, worker_pb2.KvTransport] = {
+    _flag_name(name): cast("worker_pb2.KvTransport", value)
+    for name, value in worker_pb2.KvTransport.items()
+    if value != 0
 }
 TRANSPORT_NAMES: dict[int, str] = {value: name for name, value in TRANSPORT_VALUES.items()}
 KV_TRANSPORTS: tuple[str, ...] = tuple(TRANSPORT_VALUES)

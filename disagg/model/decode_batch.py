@@ -8,11 +8,16 @@ the batch empties. With the KV cache off, `RecomputeBatch` keeps the same interf
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from disagg.kv.types import KvLayers
 from disagg.model.prefill import left_padded
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import CacheLayerMixin, DummyLayer, LinearAttentionCacheLayerMixin
 
 _GROW_COLUMNS = 64
 # Every step's attention reads all `length` columns of every row, so columns that are padding in every row are
@@ -29,7 +34,9 @@ class _SlabLayer(DynamicLayer):
         self.keys, self.values = keys[:rows, :, :length], values[:rows, :, :length]
         self.device, self.is_initialized = keys.device, True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self._length + key_states.shape[-2]
         self._slab_keys[: self._rows, :, self._length : end] = key_states
         self._slab_values[: self._rows, :, self._length : end] = value_states
@@ -43,7 +50,8 @@ class _SlabLayer(DynamicLayer):
 
 class _SlabCache(Cache):
     def __init__(self, layers: list[_SlabLayer]):
-        super().__init__(layers=layers)
+        # (list is invariant: Cache takes a list of the union of its layer kinds, which a list[_SlabLayer] is not)
+        super().__init__(layers=cast("list[CacheLayerMixin | LinearAttentionCacheLayerMixin | DummyLayer]", layers))
 
 
 class DecodeBatch:

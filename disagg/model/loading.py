@@ -16,7 +16,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from disagg.model.dtypes import DTYPES
 
@@ -36,8 +44,8 @@ class LoadedModel:
     """A model ready to run, with what the serving code needs to know about it."""
 
     name: str
-    model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerFast
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     dtype: torch.dtype
     device: torch.device
     eos_token_ids: frozenset[int]
@@ -47,7 +55,7 @@ class LoadedModel:
     load_tokenizer_seconds: float
 
     @property
-    def config(self):
+    def config(self) -> PreTrainedConfig:
         return self.model.config
 
     def kv_shape(self) -> tuple[int, int, int]:
@@ -117,7 +125,7 @@ def _resolve_source(name: str, load_format: str) -> tuple[str, str | None]:
     return name, None if name in _GPT2_TOKENIZER_MODELS else name
 
 
-def weights_fingerprint(name: str, model: torch.nn.Module, dtype: torch.dtype) -> str:
+def weights_fingerprint(name: str, model: PreTrainedModel, dtype: torch.dtype) -> str:
     """A short hash of model identity, dtype and a sample of every weight tensor.
 
     Two workers must hold the same weights for a KV cache made by one to mean anything to the other.

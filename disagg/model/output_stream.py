@@ -6,12 +6,19 @@ the text a client sees never depends on where a token was made.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 from disagg.model.sampling import SamplingParams
 
 FINISH_LENGTH, FINISH_STOP, FINISH_EOS = "length", "stop", "eos"
+
+
+class Detokenizer(Protocol):
+    """What OutputStream needs of a tokenizer (a transformers tokenizer, or a test's stand-in)."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str | list[str]: ...
 
 
 @dataclass
@@ -23,7 +30,7 @@ class OutputStream:
     stop string.
     """
 
-    tokenizer: object
+    tokenizer: Detokenizer
     params: SamplingParams
     eos_token_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)
@@ -35,7 +42,8 @@ class OutputStream:
 
     def _decode_new(self) -> str:
         """Text that the newest token completes, or "" while it ends inside a multi-byte character."""
-        decode = self.tokenizer.decode
+        # a flat list of ids decodes to one str (a list of str only comes from a batch of lists)
+        decode = cast("Callable[..., str]", self.tokenizer.decode)
         prefix = decode(self.tokens[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full = decode(self.tokens[self._prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):

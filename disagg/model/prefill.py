@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from disagg.kv.types import KvLayers
 
@@ -42,19 +44,23 @@ class _LayerReportingCache(DynamicCache):
     """A DynamicCache that reports each layer as soon as the forward pass has written its K and V (layer-wise
     streaming: during a prefill, a layer's cache entry is final once its attention has stored it)."""
 
-    def __init__(self, config, on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]):
+    def __init__(self, config: PreTrainedConfig, on_layer: Callable[[int, torch.Tensor, torch.Tensor], None]):
         super().__init__(config=config)
         self._on_layer = on_layer
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         result = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        self._on_layer(layer_idx, self.layers[layer_idx].keys, self.layers[layer_idx].values)
+        layer = cast(DynamicLayer, self.layers[layer_idx])  # (a DynamicCache's layers are DynamicLayers)
+        assert layer.keys is not None and layer.values is not None  # just stored by update
+        self._on_layer(layer_idx, layer.keys, layer.values)
         return result
 
 
 @torch.inference_mode()
 def prefill(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     prompts: list[list[int]],
     *,
     want_kv: bool = True,
@@ -67,7 +73,7 @@ def prefill(
     """
     device = next(model.parameters()).device
     input_ids, mask, positions = left_padded(prompts, device)
-    cache = None
+    cache: _LayerReportingCache | None = None
     if want_kv and on_layer is not None:
 
         def report(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:

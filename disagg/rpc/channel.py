@@ -6,6 +6,7 @@ import asyncio
 import pathlib
 
 import grpc
+from google.protobuf.message import Message
 
 from disagg.config import TlsOptions
 
@@ -37,7 +38,7 @@ def open_channel(address: str, tls: TlsOptions | None = None) -> grpc.aio.Channe
         private_key=read_file(tls.tls_key),
         certificate_chain=read_file(tls.tls_cert),
     )
-    options = [*CHANNEL_OPTIONS]
+    options: list[tuple[str, int | str]] = [*CHANNEL_OPTIONS]
     if tls.tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls.tls_server_name))
     return grpc.aio.secure_channel(address, credentials, options=options)
@@ -51,7 +52,9 @@ class CallEnded(Exception):
         self.code, self.details = code, details
 
 
-async def send(call, message=None) -> None:
+async def send(
+    call: grpc.aio.StreamUnaryCall | grpc.aio.StreamStreamCall, message: Message | bytes | None = None
+) -> None:
     """Write one message (None: half-close) to a client-streaming call.
 
     A write that fails because the peer already ended the call raises CallEnded with the peer's own status (for

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 OWN_SERVICES_PREFIX = "/disagg.v1."
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
 def wrap_handler(
@@ -30,6 +31,7 @@ def wrap_handler(
 ) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour replaced by `wrap_stream(behavior)` (response-streaming RPCs) or
     `wrap_unary(behavior)` (unary responses); a shape with no wrapper given is returned unchanged."""
+    behavior: StreamBehavior | UnaryBehavior
     if handler.unary_stream or handler.stream_stream:
         if wrap_stream is None:
             return handler
@@ -60,7 +62,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, count_error: Callable[[str, grpc.StatusCode], None] = lambda method, code: None):
         self._count_error = count_error
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or not method.startswith(OWN_SERVICES_PREFIX):
@@ -74,7 +78,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, message)
 
         def wrap_stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def streaming(request, context):
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
                     async for item in behavior(request, context):
                         yield item
@@ -86,7 +90,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return streaming
 
         def wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:
-            async def unary(request, context):
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
@@ -105,7 +109,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         if not handler_call_details.method.startswith(OWN_SERVICES_PREFIX):
             return await continuation(handler_call_details)
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
@@ -113,10 +119,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
 
-        async def refuse(request, context):
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-        async def refuse_stream(request, context):
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             await refuse(request, context)
             yield  # pragma: no cover - makes this an async generator
 

@@ -87,7 +87,7 @@ class Server:
             lambda s: worker_pb2_grpc.add_WorkerLoadServiceServicer_to_server(servicer, s),
         )
 
-    async def _set_health(self, status) -> None:
+    async def _set_health(self, status: int) -> None:  # a health_pb2.HealthCheckResponse.ServingStatus
         for name in ["", *self._service_names]:
             result = self.health.set(name, status)
             if isinstance(result, Awaitable):

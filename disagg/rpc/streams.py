@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 
 class ReadAhead:
@@ -15,13 +16,14 @@ class ReadAhead:
     block stops the reading task.
     """
 
-    def __init__(self, messages: AsyncIterator, depth: int = 8):
-        self._queue: asyncio.Queue = asyncio.Queue(depth)
+    def __init__(self, messages: AsyncIterator[Any], depth: int = 8):
+        # (True, message) for each message, then (False, the error or None) for the end
+        self._queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(depth)
         self._closed = False
         self._task = asyncio.create_task(self._pump(messages))
 
-    async def _pump(self, messages: AsyncIterator) -> None:
-        end = None
+    async def _pump(self, messages: AsyncIterator[Any]) -> None:
+        end: BaseException | None = None
         try:
             async for message in messages:
                 await self._queue.put((True, message))
@@ -31,10 +33,10 @@ class ReadAhead:
             end = error
         await self._queue.put((False, end))
 
-    def __aiter__(self):
+    def __aiter__(self) -> ReadAhead:
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> Any:
         more, item = await self._queue.get()
         if more:
             return item
@@ -46,7 +48,7 @@ class ReadAhead:
     def __enter__(self) -> ReadAhead:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:

@@ -43,10 +43,10 @@ class ObservedHandoff:
     def __init__(self, messages: AsyncIterator[Any], transfer: KvTransfer) -> None:
         self._messages, self.transfer = messages.__aiter__(), transfer
 
-    def __aiter__(self):
+    def __aiter__(self) -> ObservedHandoff:
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> Any:  # a handoff message as handoff_deserializer made it (protobuf or Chunk)
         message = await self._messages.__anext__()
         now, transfer = time.monotonic(), self.transfer
         kind = event_of(message)
@@ -88,15 +88,17 @@ def _record_transfer(transfer: KvTransfer, clock: Clock) -> None:
     """The `kv.transfer` span and metrics: first to last KV message received on this worker."""
     if transfer.first is None:
         return
-    seconds = (transfer.last or transfer.first) - transfer.first
+    first = transfer.first
+    last = transfer.last or first  # (set with first: every message sets it)
+    seconds = last - first
     if (m := current(DecodeMetrics)) is not None:
         m.observe_kv(transfer.bytes, seconds)
     if recording(transfer.parent):
         span_between(
             clock,
             "kv.transfer",
-            transfer.first,
-            transfer.last,
+            first,
+            last,
             {
                 "disagg.kv.bytes": transfer.bytes,
                 "disagg.kv.chunks": transfer.chunks,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind
 
+from disagg.pb.disagg.v1 import gateway_pb2
 from disagg.rpc.interceptors import StreamBehavior
 from disagg.telemetry.metrics import GatewayMetrics, count_error, current
 from disagg.telemetry.propagation import carrier
@@ -25,7 +27,7 @@ GENERATE_METHOD = "/disagg.v1.Gateway/Generate"
 
 @dataclass
 class GatewayRequest:
-    request: Any
+    request: gateway_pb2.GenerateRequest
     span: Span | None = None
     started: float = field(default_factory=time.perf_counter)
     model: str = "unknown"
@@ -36,7 +38,7 @@ class GatewayRequest:
     prompt_tokens: int = 0
     finish_reason: str = ""
 
-    def observe(self, response: Any) -> None:
+    def observe(self, response: gateway_pb2.GenerateResponse) -> None:
         now = time.perf_counter()
         if response.request_id:
             self.request_id = response.request_id
@@ -51,6 +53,7 @@ class GatewayRequest:
                     self.span.add_event("gen_ai.first_token", {"gen_ai.server.time_to_first_token": now - self.started})
                 n_gaps, gap = n - 1, 0.0
             else:
+                assert self.last_token_at is not None  # set with first_token_at
                 n_gaps, gap = n, (now - self.last_token_at) / n
             if m is not None:
                 for _ in range(n_gaps):
@@ -64,14 +67,15 @@ class GatewayRequest:
     def finish(self, error: BaseException | None, context: Any) -> None:
         duration = time.perf_counter() - self.started
         m, span = current(GatewayMetrics), self.span
+        first, last = self.first_token_at, self.last_token_at
         if m is not None:
             m.e2e.labels(self.model).observe(duration)
             m.generation_tokens.labels(self.model).inc(self.tokens)
             if self.finish_reason:
                 m.requests.labels(self.model, self.finish_reason).inc()
                 m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
-                if self.tokens > 1:
-                    m.tpot.labels(self.model).observe((self.last_token_at - self.first_token_at) / (self.tokens - 1))
+                if self.tokens > 1 and first is not None and last is not None:  # (both set with the first token)
+                    m.tpot.labels(self.model).observe((last - first) / (self.tokens - 1))
         if error is not None:
             code = grpc_code(error, context)
             if code == grpc.StatusCode.CANCELLED:  # the error interceptor never sees these
@@ -97,7 +101,7 @@ _gateway_request: contextvars.ContextVar[GatewayRequest | None] = contextvars.Co
 )
 
 
-def _request_attributes(request: Any) -> dict[str, Any]:
+def _request_attributes(request: gateway_pb2.GenerateRequest) -> dict[str, Any]:
     return {
         "gen_ai.operation.name": OPERATION,
         "gen_ai.request.max_tokens": request.max_new_tokens,
@@ -111,9 +115,11 @@ def _request_attributes(request: Any) -> dict[str, Any]:
 def observe_generate(generate: StreamBehavior) -> StreamBehavior:
     """Wraps Gateway.Generate: the request's root span (`text_completion <model>`) and the client-side metrics."""
 
-    async def traced_generate(request, context):
+    async def traced_generate(
+        request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         req = GatewayRequest(request, request_id=request.request_id)  # (or the one the gateway makes, later)
-        token = None
+        token: contextvars.Token[otel_context.Context] | None = None
         if tracing.tracing:
             parent = propagate.extract(carrier(context.invocation_metadata()))
             req.span = tracer.start_span(
@@ -124,7 +130,7 @@ def observe_generate(generate: StreamBehavior) -> StreamBehavior:
             )
             token = otel_context.attach(trace.set_span_in_context(req.span, parent))
         _gateway_request.set(req)
-        error = None
+        error: BaseException | None = None
         try:
             async for response in generate(request, context):
                 req.observe(response)

@@ -6,12 +6,16 @@ One trace per request: the gateway's `text_completion <model>` span is the root;
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextvars import Token
+from typing import Any
+
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 
-from disagg.rpc.interceptors import StreamBehavior, UnaryBehavior, wrap_handler
+from disagg.rpc.interceptors import Continuation, StreamBehavior, UnaryBehavior, wrap_handler
 from disagg.telemetry.gateway import GENERATE_METHOD, observe_generate
 from disagg.telemetry.propagation import REQUEST_ID_KEY, carrier
 from disagg.telemetry.setup import state
@@ -24,7 +28,9 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
     """Gateway/Generate: the root span and the client-side latency metrics. Worker RPCs: a span joined to the
     caller's trace (only while tracing is on)."""
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None:
@@ -36,7 +42,7 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
         metadata = carrier(handler_call_details.invocation_metadata)
         service, _, rpc = method[1:].rpartition("/")
 
-        def start_span():
+        def start_span() -> tuple[Span, Token[otel_context.Context]]:
             span = tracer.start_span(
                 method[1:],
                 context=propagate.extract(metadata),
@@ -51,7 +57,7 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
             return span, otel_context.attach(trace.set_span_in_context(span))
 
         def wrap_stream(behavior: StreamBehavior) -> StreamBehavior:
-            async def traced(request, context):
+            async def traced(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 span, token = start_span()
                 closed = False
                 try:
@@ -72,7 +78,7 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
             return traced
 
         def wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:  # stream-unary: PushKv
-            async def traced_unary(request, context):
+            async def traced_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 span, token = start_span()
                 try:
                     return await behavior(request, context)

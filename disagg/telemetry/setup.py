@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, start_http_server
 
 from disagg.telemetry import metrics
+
+if TYPE_CHECKING:  # the SDK is imported only when spans are exported
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ class TracingState:
 
     tracing = False  # interceptors and spans in use (everything but OTEL_SDK_DISABLED)
     exporting = False  # an SDK provider with an exporter is installed
-    provider = None
+    provider: TracerProvider | None = None
 
 
 state = TracingState()

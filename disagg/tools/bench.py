@@ -14,11 +14,15 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.client import channel, complete
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PERCENTILES = (50, 90, 99)
 PROMPT_WORDS = (
@@ -131,7 +135,7 @@ class RunResult:
         }
 
 
-def make_prompts(tokenizer, count: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
+def make_prompts(tokenizer: PreTrainedTokenizerBase, count: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
     """`count` different prompts of exactly `prompt_tokens` tokens whose text re-encodes to the same ids.
 
     The gateway takes text, so a prompt must survive decode -> encode unchanged to have the asked length there.

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
+from transformers import GenerationMixin
 from transformers.generation.streamers import BaseStreamer
 
 from disagg.model.loading import LoadedModel
@@ -22,7 +24,8 @@ class _TokenClock(BaseStreamer):
     """Records when each generated token of the batch is ready (generate's first `put` is the prompt)."""
 
     def __init__(self, started: float):
-        self.started, self.times, self._prompt_seen = started, [], False
+        self.started, self._prompt_seen = started, False
+        self.times: list[float] = []
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:
@@ -42,7 +45,8 @@ def _generate_batch(lm: LoadedModel, prompts: list[list[int]], workload: Workloa
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=lm.device)
     started = time.perf_counter()
     clock = _TokenClock(started)
-    out = lm.model.generate(
+    # (AutoModelForCausalLM's models are GenerationMixins too; PreTrainedModel alone does not declare generate)
+    out = cast(GenerationMixin, lm.model).generate(
         input_ids,
         attention_mask=mask,
         max_new_tokens=workload.output_tokens,

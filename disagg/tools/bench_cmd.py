@@ -14,12 +14,16 @@ import os
 import shlex
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from disagg import config as cfg
 
 if TYPE_CHECKING:  # the flags are built for every `disagg` command; the heavy imports wait for `bench` itself
+    from tqdm import tqdm
+
+    from disagg.model.loading import LoadedModel
     from disagg.tools.bench import RunResult, Workload
+    from disagg.tools.cluster import Cluster
 
 
 def add_bench_flags(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +80,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--notes", default="", help="free text for the record's Notes (e.g. 'machine busy')")
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str) -> tqdm:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
@@ -100,7 +104,7 @@ def _worker_args(args: argparse.Namespace, kv_on: bool) -> list[str]:
     ]
 
 
-async def _start_cluster(args: argparse.Namespace, kv_on: bool):
+async def _start_cluster(args: argparse.Namespace, kv_on: bool) -> tuple[Cluster, str]:
     from disagg.tools.cluster import Cluster
 
     cluster = Cluster(
@@ -133,7 +137,7 @@ async def _cluster_run(
 
 
 def _baselines(
-    args: argparse.Namespace, lm, prompt_ids: list[list[int]], workload: Workload, first_round: bool
+    args: argparse.Namespace, lm: LoadedModel, prompt_ids: list[list[int]], workload: Workload, first_round: bool
 ) -> list[RunResult]:
     """One round of the in-process baselines; the one-at-a-time one runs in the first round only when it is not
     the comparison that matters (concurrency > 1)."""
@@ -162,7 +166,7 @@ def _baselines(
 
 
 async def _all_runs(
-    args: argparse.Namespace, lm, prompt_ids: list[list[int]], prompts: list[str], workload: Workload
+    args: argparse.Namespace, lm: LoadedModel, prompt_ids: list[list[int]], prompts: list[str], workload: Workload
 ) -> dict[str, list[RunResult]]:
     """Start the cluster(s), then alternate rounds: baselines (cluster idle), then each cluster under load."""
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.kv_cache]
@@ -191,7 +195,7 @@ async def _all_runs(
 def _policy_text(args: argparse.Namespace) -> str:
     prefill, decode = cfg.BatchPolicy(max_batch_size=16), cfg.BatchPolicy()
 
-    def flag(extra: str, name: str, default):
+    def flag(extra: str, name: str, default: object) -> object:
         words = shlex.split(extra)
         return words[words.index(name) + 1] if name in words else default
 
@@ -206,8 +210,8 @@ def _policy_text(args: argparse.Namespace) -> str:
 
 
 def _records(
-    args,
-    lm,
+    args: argparse.Namespace,
+    lm: LoadedModel,
     workload: Workload,
     prompt: str,
     results: dict[str, dict],
@@ -306,7 +310,7 @@ def bench_main(args: argparse.Namespace) -> None:
         args.seed,
     )
     prompt_ids = make_prompts(lm.tokenizer, args.num_requests, args.prompt_tokens, args.seed)
-    prompts = [lm.tokenizer.decode(ids) for ids in prompt_ids]
+    prompts = [cast(str, lm.tokenizer.decode(ids)) for ids in prompt_ids]  # (one list of ids decodes to one str)
 
     all_runs = asyncio.run(_all_runs(args, lm, prompt_ids, prompts, workload))
     # Best of the repeats for each system: on a shared machine, noise only ever slows a run down.

@@ -8,6 +8,7 @@ import contextlib
 import os
 import shlex
 import sys
+from collections.abc import Callable
 
 from disagg import config as cfg
 
@@ -43,6 +44,7 @@ def _up(args: argparse.Namespace) -> None:
 
     async def run() -> None:
         address = await cluster.start(args.start_timeout)
+        assert cluster.gateway is not None  # started by cluster.start
         print(
             f"disagg cluster ready: gateway on {address} "
             f"({args.prefill_workers} prefill, {args.decode_workers} decode, model {args.model})",
@@ -91,7 +93,8 @@ def _generate(args: argparse.Namespace) -> None:
         request.seed = args.seed
 
     async def run() -> int:
-        tokens, first, last, finish = 0, None, 0.0, ""
+        tokens, last, finish = 0, 0.0, ""
+        first: float | None = None
         tls = TlsOptions(
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, tls_server_name=args.tls_server_name
         )
@@ -110,9 +113,10 @@ def _generate(args: argparse.Namespace) -> None:
             except grpc.aio.AioRpcError as error:  # show code and message, not a traceback
                 print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
                 return 1
-        rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
+        rate = (tokens - 1) / (last - first) if first is not None and tokens > 1 and last > first else float("nan")
+        ttft = "n/a" if first is None else f"{first * 1000:.0f} ms"  # (None: the stream carried no token)
         print(
-            f"\n[{tokens} tokens, finish={finish}, time to first token {first * 1000:.0f} ms, "
+            f"\n[{tokens} tokens, finish={finish}, time to first token {ttft}, "
             f"{rate:.1f} tokens/s after it, total {last:.2f} s]",
             file=sys.stderr,
         )
@@ -139,7 +143,7 @@ def _inspect(args: argparse.Namespace) -> None:
     inspect_main(args)
 
 
-def _component(name: str):
+def _component(name: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         from disagg.telemetry.setup import configure_logging
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from disagg.config import TlsOptions
@@ -100,8 +101,8 @@ class Cluster:
         prefill_workers: int = 1,
         decode_workers: int = 1,
         gateway_port: int = 0,
-        prefill_args: list[str] = (),
-        decode_args: list[str] = (),
+        prefill_args: Sequence[str] = (),
+        decode_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         tls: TlsOptions | None = None,
         metrics: bool = True,

@@ -1,6 +1,6 @@
 """The Markdown experiment record that the project's users keep, one block per measured system.
 
-The field names and their order are the users' format (issue #6); `render` fills every field and says
+The field names and their order are the users' format; `render` fills every field and says
 "N/A (CPU only)" for GPU figures on a CPU.
 """
 

@@ -14,6 +14,7 @@ format, compared token by token with the lossless cache's continuation.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import multiprocessing as mp
@@ -21,12 +22,21 @@ import os
 import platform
 import statistics
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from disagg.kv.codec import WIRE_FORMATS as KV_WIRE_FORMATS
 from disagg.kv.transports import KV_TRANSPORTS
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
+    from transformers import BatchEncoding
+
+    from disagg.kv.types import KvLayers
+    from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 
 PROMPT_LENGTHS = (128, 512, 1000)
 # "auto" (the bench model is float32, so lossless float32) and each lossy format
@@ -58,7 +68,9 @@ FORWARD_END_HEADER = "x-bench-forward-end"
 COMPLETE_HEADER = "x-bench-kv-complete-at"
 
 
-def _prefill_process(model: str, load_format: str, dtype: str, threads: int, chunk_bytes: int, ready) -> None:
+def _prefill_process(
+    model: str, load_format: str, dtype: str, threads: int, chunk_bytes: int, ready: Queue[str]
+) -> None:
     from disagg.config import BatchPolicy
     from disagg.engine.prefill import PrefillEngine
     from disagg.model.loading import load_model
@@ -107,7 +119,7 @@ def _prefill_process(model: str, load_format: str, dtype: str, threads: int, chu
     asyncio.run(serve())
 
 
-def _decode_process(model: str, load_format: str, dtype: str, ready) -> None:
+def _decode_process(model: str, load_format: str, dtype: str, ready: Queue[str]) -> None:
     from decode_worker.servicer import DecodeServicer
     from disagg import telemetry
     from disagg.kv.inbox import KvInbox
@@ -150,7 +162,12 @@ def _decode_process(model: str, load_format: str, dtype: str, ready) -> None:
 
 
 async def _one_handoff(
-    prefill_stub, decode_stub, decode_address: str, prompt: list[int], variant: str, request_id: str
+    prefill_stub: RelayPrefillStub,
+    decode_stub: RelayDecodeStub,
+    decode_address: str,
+    prompt: list[int],
+    variant: str,
+    request_id: str,
 ) -> dict:
     """Hand one prompt's cache over as the gateway does (raw relay, or a handle); return its timings."""
     from disagg.kv.framing import is_chunk_message
@@ -202,8 +219,8 @@ async def _one_handoff(
 
 
 def measure_handoff(
-    lengths=PROMPT_LENGTHS,
-    formats=VARIANTS,
+    lengths: Sequence[int] = PROMPT_LENGTHS,
+    formats: Sequence[str] = VARIANTS,
     repeats: int = 3,
     model: str = "distilgpt2",
     load_format: str = "dummy",
@@ -231,7 +248,9 @@ def measure_handoff(
             child.join(10)
 
 
-async def _measure(prefill_address: str, decode_address: str, lengths, formats, repeats) -> list[dict]:
+async def _measure(
+    prefill_address: str, decode_address: str, lengths: Sequence[int], formats: Sequence[str], repeats: int
+) -> list[dict]:
     from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
     from disagg.tools.client import channel
 
@@ -265,7 +284,10 @@ async def _measure(prefill_address: str, decode_address: str, lengths, formats, 
 
 @torch.inference_mode()
 def measure_agreement(
-    formats=("float16", "bfloat16", "int8"), new_tokens: int = 32, model: str | None = None, prompts=AGREEMENT_PROMPTS
+    formats: Sequence[str] = ("float16", "bfloat16", "int8"),
+    new_tokens: int = 32,
+    model: str | None = None,
+    prompts: Sequence[str] = AGREEMENT_PROMPTS,
 ) -> dict:
     """Greedy tokens after a cache that crossed each wire format vs the lossless cache, on the real bundled model."""
     from transformers import DynamicCache
@@ -278,7 +300,7 @@ def measure_agreement(
     lm = load_model(model or BUNDLED_MODEL)
     layers, heads, head_dim = lm.kv_shape()
 
-    def continuation(first: int, kv) -> list[int]:
+    def continuation(first: int, kv: KvLayers) -> list[int]:
         cache = DynamicCache(config=lm.model.config)
         for i, (k, v) in enumerate(kv):
             cache.update(k.clone(), v.clone(), i)
@@ -289,19 +311,23 @@ def measure_agreement(
             tokens.append(int(out.logits[0, -1].argmax()))
         return tokens
 
-    def through_wire(kv, wire: str | None) -> list:
+    def through_wire(kv: KvLayers, wire: str | None) -> KvLayers:
         layout = KvLayout(DTYPE_NAMES[lm.dtype], layers, heads, kv[0][0].shape[2], head_dim, lm.fingerprint, wire or "")
         assembler = KvAssembler(layout, lm.fingerprint)
         for chunk in encode_kv(kv, wire=wire):
             assembler.add(chunk)
         return assembler.layers()
 
-    result = {wire: dict(matching=0, total=0, identical_sequences=0, first_divergence=[]) for wire in formats}
+    result: dict[str, dict[str, Any]] = {
+        wire: dict(matching=0, total=0, identical_sequences=0, first_divergence=[]) for wire in formats
+    }
     for prompt in prompts:
-        ids = lm.tokenizer.apply_chat_template(
+        chat = lm.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
+        )
+        ids = cast("BatchEncoding", chat)["input_ids"]  # (return_dict=True: a BatchEncoding)
         out = prefill(lm.model, [list(ids)])[0]
+        assert out.kv is not None  # prefill keeps the KV cache unless told not to
         first = int(out.logits.argmax())
         reference = continuation(first, through_wire(out.kv, None))
         for wire in formats:
@@ -360,7 +386,7 @@ def render_markdown(record: dict) -> str:
             )
     targets = record.get("targets")
     if targets:
-        lines += ["", "## Issue #5 targets (1000-token prompt)\n"]
+        lines += ["", "## Handoff targets (1000-token prompt)\n"]
         lines += [f"- {line}" for line in targets]
     return "\n".join(lines) + "\n"
 
@@ -417,7 +443,7 @@ def _verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
 
-def add_handoff_flags(parser) -> None:
+def add_handoff_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default=",".join(map(str, PROMPT_LENGTHS)), help="prompt lengths, comma-separated")
     parser.add_argument(
         "--formats",
@@ -433,7 +459,7 @@ def add_handoff_flags(parser) -> None:
     parser.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. results/handoff)")
 
 
-def handoff_main(args) -> None:
+def handoff_main(args: argparse.Namespace) -> None:
     lengths = tuple(int(v) for v in args.lengths.split(","))
     formats = tuple(args.formats.split(","))
     record: dict[str, Any] = dict(

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 from disagg import config as cfg
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding
 
 
 def add_inspect_flags(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +27,7 @@ def add_inspect_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
 
 
-def _shape(shape) -> str:
+def _shape(shape: Iterable[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
@@ -40,11 +45,10 @@ def inspect_main(args: argparse.Namespace) -> None:
     lm = load_model(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, seed=args.seed)
     tok = lm.tokenizer
     if args.chat:
-        ids = list(
-            tok.apply_chat_template(
-                [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
+        chat = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
         )
+        ids = list(cast("BatchEncoding", chat)["input_ids"])  # (return_dict=True: a BatchEncoding)
     else:
         ids = tok.encode(args.prompt)
     params = SamplingParams(
@@ -64,6 +68,7 @@ def inspect_main(args: argparse.Namespace) -> None:
     print("  " + " ".join(f"{i}:{tok.decode([i])!r}" for i in ids))
     started = time.perf_counter()
     out = prefill(lm.model, [ids])[0]
+    assert out.kv is not None  # prefill keeps the KV cache unless told not to
     prefill_ms = (time.perf_counter() - started) * 1000
     print(f"input_ids shape  : {_shape([1, len(ids)])}")
     print(f"logits shape     : {_shape([1, 1, out.logits.shape[-1]])} (last position only: logits_to_keep=1)")
