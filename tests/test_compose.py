@@ -36,14 +36,16 @@ def _flag(command: list[str], name: str) -> str:
 
 
 def _published(service: dict) -> dict[int, int]:
-    """{container port: host port}, from the short ("9465:9464") or long form `config` writes."""
+    """{container port: host port (0: a free one per replica)}, from the short ("127.0.0.1::9464/tcp",
+    "9465:9464") or long form `config` writes."""
     ports = {}
     for port in service.get("ports", []):
         if isinstance(port, dict):
-            ports[int(port["target"])] = int(port["published"])
+            ports[int(port["target"])] = int(port.get("published") or 0)
         else:
             host, _, container = str(port).rpartition(":")
-            ports[int(container)] = int(host)
+            host_port = host.rpartition(":")[2] if host.count(":") else host
+            ports[int(container.split("/")[0])] = int(host_port or 0)
     return ports
 
 
@@ -59,6 +61,7 @@ def test_services(compose):
 def test_component_runs_from_the_repo_image_and_exports_to_jaeger(compose, name):
     service = compose["services"][name]
     assert pathlib.Path(service["build"]["context"]).resolve() == ROOT
+    assert service["build"]["args"]["BASE_IMAGE"] == "python:3.11-slim"  # DISAGG_BASE_IMAGE overrides it
     assert service["command"][0] == name
     env = service["environment"]
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == OTLP
@@ -79,12 +82,32 @@ def test_gateway_reaches_healthy_workers(compose):
         assert gateway["depends_on"][worker]["condition"] == "service_healthy"
         assert f"127.0.0.1:{port}" in " ".join(services[worker]["healthcheck"]["test"])
     assert 50051 in _published(gateway) and _flag(gateway["command"], "--port") == "50051"
+    assert "127.0.0.1:50051" in " ".join(gateway["healthcheck"]["test"])
+
+
+@pytest.mark.parametrize("name", ["prefill", "decode"])
+def test_workers_scale(compose, name):
+    """`--scale` needs no fixed host port (each replica gets a free one) and no container_name; the gateway's
+    address is the service name, which Docker's DNS answers with every replica."""
+    service = compose["services"][name]
+    assert _published(service) == {9464: 0}
+    assert "container_name" not in service
+    assert _flag(compose["services"]["gateway"]["command"], f"--{name}").split(":")[0] == name
+
+
+def test_shared_memory_transport_can_be_chosen(compose):
+    services = compose["services"]
+    assert services["prefill"]["ipc"] == "shareable"
+    assert services["decode"]["ipc"] == "service:prefill"
+    assert services["prefill"]["shm_size"]  # Docker's default /dev/shm (64 MB) is too small for KV caches
 
 
 def test_dockerfile_builds_the_cli_image():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"pip install torch==[\d.]+ --index-url https://download.pytorch.org/whl/cpu", text)
     assert 'ENTRYPOINT ["disagg"]' in text
-    for source in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, flags=re.M)
+    assert len(re.findall(r"^FROM \$\{BASE_IMAGE\}", text, flags=re.M)) == 2  # build stage and runtime stage
+    for source in re.findall(r"^COPY (?!--from=)(.+) \S+$", text, flags=re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"Dockerfile copies {path}, which the repository lacks"

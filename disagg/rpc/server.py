@@ -101,7 +101,8 @@ class Server:
         await self.grpc.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s", self.address)
-        print(f"{self._service_names[0].rpartition('.')[2]} listening on {self.address}", flush=True)
+        name = self._service_names[0].rpartition(".")[2] if self._service_names else "server"
+        print(f"{name} listening on {self.address}", flush=True)
 
     def stop_soon(self) -> None:
         self._stopping.set()
