@@ -28,3 +28,10 @@ if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null; then
   { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-compose >/dev/null; } \
     || echo "warning: could not install docker-compose; tests/test_compose.py will fail until it is" >&2
 fi
+# ip, tc (iproute2) and nft (nftables): network namespaces, veth pairs and injected faults for
+# tests/test_network_faults.py, which needs root and skips, saying why, where any of them is missing.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && { ! command -v ip >/dev/null || ! command -v tc >/dev/null || ! command -v nft >/dev/null; }; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables >/dev/null; } \
+    || echo "warning: could not install iproute2/nftables; tests/test_network_faults.py will skip" >&2
+fi

@@ -58,7 +58,9 @@ async def send(
     """Write one message (None: half-close) to a client-streaming call.
 
     A write that fails because the peer already ended the call raises CallEnded with the peer's own status (for
-    example DATA_LOSS for a KV cache it refused), not the local write error.
+    example DATA_LOSS for a KV cache it refused), not the local write error. A write that gRPC's core could not
+    send at all (the connection broke: a network partition, a dead peer's host) is UNAVAILABLE, as a read would
+    report it, not the INTERNAL that grpc.aio stamps on the call (which made callers treat a lost peer as a bug).
     """
     try:
         await (call.done_writing() if message is None else call.write(message))
@@ -70,4 +72,16 @@ async def send(
                 if isinstance(error, grpc.aio.AioRpcError)
                 else (grpc.StatusCode.UNAVAILABLE, "call ended before the message was sent")
             )
+        if _unsent(error):
+            code, details = grpc.StatusCode.UNAVAILABLE, f"connection to the peer lost while sending ({details})"
         raise CallEnded(code, details) from error
+
+
+def _unsent(error: BaseException) -> bool:
+    """grpc.aio's local status for a message its core failed to send: INTERNAL 'Internal error from Core' with a
+    failed execute_batch, set on the call in place of a peer status that never arrived."""
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() == grpc.StatusCode.INTERNAL
+        and "execute_batch" in (error.debug_error_string() or "")
+    )

@@ -146,6 +146,9 @@ def _inspect(args: argparse.Namespace) -> None:
 def _component(name: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         from disagg.telemetry.setup import configure_logging
+        from disagg.tools.lifeline import die_with_parent
+
+        die_with_parent()  # first: a child of `disagg up` must not outlive it, even one still loading its model
 
         configure_logging()
         if name == "gateway":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from disagg.config import TlsOptions
 from disagg.rpc.channel import open_channel
+from disagg.tools import lifeline
 from disagg.tools.client import wait_serving
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,12 @@ class Child:
         """Start the same command again on the same port (after it died or was killed)."""
         if self.process.poll() is None:
             raise RuntimeError(f"{self.name} is still running")
-        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        self.process = _popen(self.argv, self.env)
+
+
+def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A child in its own session (Ctrl-C reaches only `disagg up`) that still dies with this process."""
+    return subprocess.Popen(argv, env={**env, **lifeline.child_env()}, start_new_session=True)
 
 
 def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None = None, metrics_port: int = 0) -> Child:
@@ -58,7 +64,7 @@ def spawn(name: str, command: list[str], port: int, env: dict[str, str] | None =
     return Child(
         name,
         f"127.0.0.1:{port}",
-        subprocess.Popen(argv, env=full_env, start_new_session=True),
+        _popen(argv, full_env),
         argv,
         full_env,
         f"127.0.0.1:{metrics_port}" if metrics_port else "",
