@@ -1,4 +1,9 @@
-"""DecodeService: receive a handed-over sequence (start, first token, KV chunks), decode it in the shared batch."""
+"""DecodeService: receive a handed-over sequence (start, first token, KV chunks), decode it in the shared batch.
+
+Admission comes first: at SequenceStart the sequence reserves its final KV size in the worker's budget, before
+anything is allocated, and the call's initial metadata (`disagg-admitted: 1`) tells the sender to go on; a refusal
+is RESOURCE_EXHAUSTED at once, so the gateway can take the same handoff to another decode worker.
+"""
 
 from __future__ import annotations
 
@@ -8,36 +13,39 @@ from collections.abc import AsyncIterator
 import grpc
 
 from disagg import telemetry
-from disagg.engine.budget import KvBudget
 from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent
 from disagg.errors import InvalidRequest, ProtocolError
+from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.framing import HandoffMessage
 from disagg.kv.inbox import KvInbox
 from disagg.kv.receive import Handoff, receive_handoff
+from disagg.kv.transports import DIRECT
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.rpc.convert import sampling_from_pb
 
+ADMITTED = ("disagg-admitted", "1")  # initial metadata: the sequence's KV is reserved, send the cache
+
 
 def final_kv_bytes(lm: LoadedModel, start: worker_pb2.SequenceStart) -> int:
     """KV bytes the sequence holds when it reaches max_new_tokens (what the budget reserves up front)."""
     layers, heads, head_dim = lm.kv_shape()
-    tokens = len(start.prompt_token_ids) + start.sampling.max_new_tokens
+    tokens = len(start.prompt_token_ids) + len(start.generated_token_ids) + start.sampling.max_new_tokens
     return 2 * layers * heads * head_dim * tokens * lm.dtype.itemsize
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     def __init__(self, lm: LoadedModel, engine: DecodeEngine, budget: KvBudget):
         self.lm, self.engine, self.budget = lm, engine, budget
-        self.inbox = KvInbox(lm.fingerprint, max_bytes=budget.limit)
+        self.inbox = KvInbox(lm.fingerprint, budget)
         self.active = 0  # Decode calls in progress: receiving KV, waiting or running
 
     def load(self) -> dict[str, int]:
         return dict(
             active_sequences=self.active,
             queued=len(self.engine.waiting),
-            kv_bytes=self.engine.batch.kv_bytes + self.inbox.bytes_held,
+            kv_bytes=self.budget.used,  # reserved by waiting and pushed sequences + what the running slab holds
             kv_budget_bytes=self.budget.limit,
         )
 
@@ -56,7 +64,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self, request_iterator: AsyncIterator[HandoffMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         self.active += 1
-        reserved = 0
+        reservation: Reservation | None = None
+
+        async def admit(start: worker_pb2.SequenceStart) -> None:
+            nonlocal reservation
+            if self.engine.kv_cache:
+                nbytes, label = final_kv_bytes(self.lm, start), f"sequence {start.request_id}"
+                reservation = (
+                    self.inbox.reserve(start.kv_layout.handle, nbytes, label)
+                    if start.kv_layout.transport == DIRECT
+                    else self.budget.reserve(nbytes, label)
+                )
+            await context.send_initial_metadata((ADMITTED,))
+
         try:
             handoff = await receive_handoff(
                 telemetry.observe_kv_transfer(request_iterator),
@@ -64,17 +84,18 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 self.engine.kv_cache,
                 self.inbox,
                 context.time_remaining() or 60.0,
+                admit=admit,
             )
-            if self.engine.kv_cache:
-                reserved = final_kv_bytes(self.lm, handoff.start)
-                self.budget.reserve(reserved)
-            async for response in self._decode(handoff):
+            async for response in self._decode(handoff, reservation):
                 yield response
         finally:
-            self.budget.release(reserved)
+            if reservation is not None:  # exactly once, whichever way the call ends
+                reservation.release()
             self.active -= 1
 
-    async def _decode(self, handoff: Handoff) -> AsyncIterator[worker_pb2.DecodeResponse]:
+    async def _decode(
+        self, handoff: Handoff, reservation: Reservation | None
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         start = handoff.start
         params = sampling_from_pb(start.sampling)
         if params.max_new_tokens <= 0:
@@ -84,14 +105,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         if output.finish_reason is not None:
             raise ProtocolError(f"sequence already finished ({output.finish_reason}); nothing to decode")
 
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         seq = DecodeSequence(
             start.request_id,
             [*start.prompt_token_ids, *start.generated_token_ids],
             output,
             handoff.kv,
-            deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            deliver=events.put_nowait,  # on this loop: the engine notifies it once per step
+            reservation=reservation,
         )
         self.engine.submit(seq)
         finished = False

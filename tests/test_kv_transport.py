@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from disagg.errors import KvIntegrityError, Overloaded, ProtocolError
+from disagg.kv.budget import KvBudget
 from disagg.kv.codec import KvAssembler, KvLayout, encode_kv
 from disagg.kv.framing import chunk_from_message, chunk_message
 from disagg.kv.inbox import KvInbox
@@ -137,7 +138,7 @@ async def test_inbox_pairs_push_and_claim_in_either_order(claim_first):
 
 
 async def test_inbox_refusals():
-    inbox = KvInbox("fp", ttl_seconds=60, max_bytes=layout().total_bytes)
+    inbox = KvInbox("fp", KvBudget(layout().cache_bytes), ttl_seconds=60)
     with pytest.raises(KvIntegrityError, match="was made by model"):
         await inbox.receive(pushes("other-model", cache(), layout(fingerprint="other")))
     await inbox.receive(pushes("a", cache(), layout()))
@@ -153,12 +154,13 @@ async def test_inbox_refusals():
 
 
 async def test_inbox_drops_what_nobody_claims():
-    inbox = KvInbox("fp", ttl_seconds=0.05)
+    inbox = KvInbox("fp", KvBudget(0), ttl_seconds=0.05)
     await inbox.receive(pushes("lost", cache(), layout()))
+    assert inbox.budget.used == layout().cache_bytes  # reserved from the header, before anything was allocated
     await asyncio.sleep(0.1)
     with pytest.raises(KvIntegrityError, match="not pushed within"):
         await inbox.claim("other", layout(), timeout=0.01)  # any call sweeps expired entries
-    assert inbox.bytes_held == 0
+    assert inbox.bytes_held == 0 and inbox.budget.used == 0
 
 
 @pytest.fixture(scope="module", params=["direct", "shared-memory"])
@@ -235,7 +237,7 @@ async def test_a_decode_call_that_ends_before_its_claim_drops_the_pushed_cache(g
 
     with pytest.raises(asyncio.CancelledError):
         await receive_handoff(decode_stream(), gpt2_model, kv_cache=True, inbox=inbox)
-    assert inbox.bytes_held == 0
+    assert inbox.bytes_held == 0 and inbox.budget.used == 0
     with pytest.raises(ProtocolError, match="has ended"):
         await inbox.receive(pushes("h", kv, lay))  # a second push of it (a retry) is refused too
 

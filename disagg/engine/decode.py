@@ -1,11 +1,18 @@
 """Decode worker engine: continuous batching over handed-over sequences.
 
 Sequences wait until their KV cache has fully arrived (the servicer submits them only then), join the running
-batch at the next step, stream one token per step, and leave the batch the step they finish or are cancelled.
+batch at the next step (as many as the KV budget lets the slab grow for, with one reallocation for all of them),
+stream one token per step, and leave the batch the step they finish or are cancelled.
+
+The engine thread holds the lock that `submit()` and `cancel()` take from the event loop only to pop or filter
+the queue: copying caches into the slab, the forward pass and trimming memory all happen outside it. Each step's
+tokens reach the event loop in one wake-up (`notify`), not one per token.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -14,11 +21,15 @@ from typing import cast
 
 from disagg.config import BatchPolicy
 from disagg.engine.thread import EngineThread
+from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.types import KvLayers
 from disagg.model.decode_batch import DecodeBatch, RecomputeBatch
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import sample_batch
+
+# Columns a roomy slab keeps beyond the longest remaining run: a joiner that needs a few more does not reallocate.
+_SPARE_COLUMNS = 64
 
 
 @dataclass
@@ -36,7 +47,8 @@ class DecodeSequence:
     context: list[int]  # prompt + generated tokens except the newest (whose KV is not computed yet)
     output: OutputStream
     kv: KvLayers | None
-    deliver: Callable[[TokenEvent | BaseException], object]  # (what it returns is ignored)
+    deliver: Callable[[TokenEvent | BaseException], object]  # called through the engine's `notify`
+    reservation: Reservation | None = None  # its share of the KV budget (the servicer releases it)
     enqueued_at: float = field(default_factory=time.monotonic)
     # time.monotonic() stamps and step batch sizes, read by disagg.telemetry once the request ends.
     admitted_at: float = 0.0  # left the queue for the running batch
@@ -56,9 +68,19 @@ class StepStats:
 class DecodeEngine(EngineThread[DecodeSequence]):
     name = "decode"
 
-    def __init__(self, lm: LoadedModel, policy: BatchPolicy, kv_cache: bool = True):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        policy: BatchPolicy,
+        kv_cache: bool = True,
+        budget: KvBudget | None = None,
+        notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
+    ):
+        """`notify(fn)` runs fn where the sequences' `deliver` callbacks belong (the servicer passes its event
+        loop's call_soon_threadsafe; by default they are called on the engine thread)."""
         super().__init__(policy)
-        self.lm, self.kv_cache = lm, kv_cache
+        self.lm, self.kv_cache, self.notify = lm, kv_cache, notify
+        self.budget = budget if budget is not None else KvBudget(0)
         layers, heads, head_dim = lm.kv_shape()
         self.batch = (
             DecodeBatch(layers, heads, head_dim, lm.dtype, lm.device) if kv_cache else RecomputeBatch(lm.device)
@@ -93,26 +115,78 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         for request_id in cancelled & self.running.keys():
             self._leave(request_id)
 
+    @staticmethod
+    def _steps_left(seq: DecodeSequence) -> int:
+        return max(1, seq.output.params.max_new_tokens - len(seq.output.tokens))
+
+    def _plan(self, joining: list[DecodeSequence]) -> tuple[int, int] | None:
+        """(rows, columns) of the slab with `joining` in it, if the KV budget lets it grow that far: with room to
+        spare (rows doubled, columns for the longest remaining run plus a margin) when that fits, else exact."""
+        batch = cast(DecodeBatch, self.batch)
+        steps = max(self._steps_left(s) for s in [*self.running.values(), *joining])
+        rows, columns = batch.plan([len(s.context) for s in joining], steps)
+        have_rows, have_columns = batch._capacity()
+        candidates = [
+            (min(self.policy.max_batch_size, max(rows, 2 * have_rows)), columns + _SPARE_COLUMNS),
+            (rows, columns),
+        ]
+        if rows <= have_rows and columns <= have_columns and max(len(s.context) for s in joining) <= batch.length:
+            candidates = [(have_rows, have_columns)]  # fits as it is: no reallocation
+        reservations = [s.reservation for s in joining]
+        for candidate in candidates:
+            if self.budget.join_slab(batch.bytes_for(*candidate), reservations):
+                return candidate
+        return None
+
     def _admit(self) -> int:
-        joined = 0
+        """Move waiting sequences into the batch: the longest prefix of the queue the KV budget admits."""
+        with self.lock:  # only to look at the queue; submit() appends meanwhile, nothing else changes it
+            candidates = list(itertools.islice(self.waiting, max(0, self.policy.max_batch_size - len(self.running))))
+        if not candidates:
+            return 0
+        joining: list[DecodeSequence] = []
+        columns = 0
+        if self.kv_cache:
+            for n in range(len(candidates), 0, -1):  # most first: usually all fit, one plan
+                planned = self._plan(candidates[:n])
+                if planned is not None:
+                    joining, columns = candidates[:n], planned[1]
+                    break
+        else:
+            joining = candidates
+        if not joining:
+            return 0  # the budget has no room for the next one yet: it waits for sequences to leave
         with self.lock:
-            while self.waiting and len(self.running) < self.policy.max_batch_size:
-                seq = self.waiting.popleft()
-                seq.admitted_at = time.monotonic()
-                last = seq.output.tokens[-1]
-                if self.kv_cache:  # the batch is a DecodeBatch, and the handoff brought the KV cache
-                    assert seq.kv is not None
-                    cast(DecodeBatch, self.batch).add(seq.request_id, seq.kv, last)
-                else:
-                    cast(RecomputeBatch, self.batch).add(seq.request_id, seq.context, last)
-                seq.kv = None  # the batch holds the only copy now
-                seq.kv_loaded_at = time.monotonic()
-                self.running[seq.request_id] = seq
-                joined += 1
-        return joined
+            for _ in joining:
+                self.waiting.popleft()
+        now = time.monotonic()
+        for seq in joining:
+            seq.admitted_at = now
+        try:
+            if self.kv_cache:  # the batch is a DecodeBatch, and every handoff brought its KV cache
+                entries = [(s.request_id, s.kv, s.output.tokens[-1]) for s in joining]
+                cast(DecodeBatch, self.batch).add_many(cast("list[tuple[str, KvLayers, int]]", entries), columns)
+            else:
+                for seq in joining:
+                    cast(RecomputeBatch, self.batch).add(seq.request_id, seq.context, seq.output.tokens[-1])
+        except Exception as exc:  # its clients hear why at once, instead of waiting for their deadline
+            for seq in joining:
+                if seq.request_id in self.batch.seq_ids:
+                    self.batch.remove(seq.request_id)
+            self.notify(functools.partial(_deliver_all, [(seq, exc) for seq in joining]))
+            self.budget.set_slab(self.batch.kv_bytes)
+            raise
+        loaded = time.monotonic()
+        for seq in joining:
+            seq.kv = None  # the batch holds the only copy now
+            seq.kv_loaded_at = loaded
+            self.running[seq.request_id] = seq
+        self.budget.set_slab(self.batch.kv_bytes)
+        return len(joining)
 
     def _leave(self, request_id: str) -> None:
         self.batch.remove(request_id)  # first: a sequence that no longer counts as active holds no KV
+        self.budget.set_slab(self.batch.kv_bytes)
         self.running.pop(request_id, None)
 
     def run_once(self) -> None:
@@ -124,21 +198,30 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         try:
             logits = self.batch.step(self.lm.model)
         except Exception as exc:
-            for seq_id in list(self.running):
-                self.running[seq_id].deliver(exc)
-                self._leave(seq_id)
+            failed = list(self.running.values())
+            for seq in failed:
+                self._leave(seq.request_id)
+            self.notify(functools.partial(_deliver_all, [(seq, exc) for seq in failed]))
             raise
         seqs = [self.running[seq_id] for seq_id in self.batch.seq_ids]
         tokens = sample_batch(logits, [s.output.params for s in seqs], [len(s.output.tokens) for s in seqs])
         self.batch.set_last_tokens(tokens)
-        finished = []
+        finished: list[str] = []
+        events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
+        now = time.monotonic()
         for seq, token in zip(seqs, tokens):
             text = seq.output.append(token)
             seq.batch_sizes.append(len(seqs))
-            seq.last_token_at = time.monotonic()
-            seq.deliver(TokenEvent(token, text, seq.output.finish_reason))
+            seq.last_token_at = now
+            events.append((seq, TokenEvent(token, text, seq.output.finish_reason)))
             if seq.output.finish_reason is not None:
                 finished.append(seq.request_id)
         for request_id in finished:
             self._leave(request_id)
+        self.notify(functools.partial(_deliver_all, events))  # one wake-up of the event loop for the whole step
         self.last_step = StepStats(len(seqs), joined, len(finished), time.perf_counter() - started)
+
+
+def _deliver_all(events: list[tuple[DecodeSequence, TokenEvent | BaseException]]) -> None:
+    for seq, event in events:
+        seq.deliver(event)

@@ -62,11 +62,15 @@ class EngineThread(Generic[Job]):
 
     def _wait_for_batch(self) -> bool:
         """Block until there is work; when idle, give the wait window a chance to fill the batch."""
+        while True:
+            with self.lock:
+                if self._stopped or self.waiting or self.busy():
+                    break
+                if self.lock.wait(IDLE_TRIM_SECONDS if self._worked else None) or not self._worked:
+                    continue  # woken (or still idle, already trimmed): look again
+                self._worked = False
+            release_free_memory()  # a few ms, once per idle spell, outside the lock: submit() never waits for it
         with self.lock:
-            while not self._stopped and not self.waiting and not self.busy():
-                if not self.lock.wait(IDLE_TRIM_SECONDS if self._worked else None):  # idle since the last work
-                    release_free_memory()  # a few ms, once per idle spell; a submit() waits for it meanwhile
-                    self._worked = False
             self._worked = True
             if self._stopped:
                 return False

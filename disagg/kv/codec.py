@@ -56,6 +56,11 @@ class KvLayout:
         return self.kv_heads * self.seq_len * self.head_dim * DTYPES[self.wire].itemsize
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes of the cache once received, in the model's dtype (what the receiver holds)."""
+        return 2 * self.num_layers * self.kv_heads * self.seq_len * self.head_dim * DTYPES[self.dtype].itemsize
+
+    @property
     def total_bytes(self) -> int:
         return 2 * self.num_layers * self.tensor_bytes
 

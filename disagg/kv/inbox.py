@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, KvIntegrityError, Overloaded, ProtocolError
+from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.codec import KvAssembler, KvLayout
 from disagg.kv.framing import HandoffMessage, event_of
 from disagg.kv.types import KvLayers
@@ -19,15 +20,23 @@ class _Pending:
     future: asyncio.Future[KvLayers]
     created: float = field(default_factory=time.monotonic)
     layout: KvLayout | None = None
+    reservation: Reservation | None = None  # made by whichever of push and Decode call came first
 
 
 class KvInbox:
     """Caches pushed by prefill workers (direct transport), held until the Decode call naming their handle claims
     them. Push and claim may come in either order; what nobody claims within `ttl_seconds` is dropped, and a push
-    for a Decode call that already ended is refused."""
+    for a Decode call that already ended is refused.
 
-    def __init__(self, fingerprint: str, ttl_seconds: float = 60.0, max_pending: int = 1024, max_bytes: int = 0):
-        self.fingerprint, self.ttl, self.max_pending, self.max_bytes = fingerprint, ttl_seconds, max_pending, max_bytes
+    Pushed bytes count against the worker's KV budget: a push reserves its cache from its header before anything
+    is allocated (or finds the reservation its Decode call already made), and the Decode call grows it to the
+    sequence's final size; a cache dropped unclaimed releases it."""
+
+    def __init__(
+        self, fingerprint: str, budget: KvBudget | None = None, ttl_seconds: float = 60.0, max_pending: int = 1024
+    ):
+        self.fingerprint, self.ttl, self.max_pending = fingerprint, ttl_seconds, max_pending
+        self.budget = budget if budget is not None else KvBudget(0)
         self._pending: dict[str, _Pending] = {}
         self._abandoned: dict[str, float] = {}  # handles whose Decode call ended unclaimed, and when
 
@@ -44,7 +53,7 @@ class KvInbox:
         """The pending handoff of `handle`, created by whichever of push and claim comes first."""
         now = time.monotonic()
         for stale in [h for h, p in self._pending.items() if p.layout is not None and now - p.created > self.ttl]:
-            _fail(self._pending.pop(stale).future, KvIntegrityError(f"KV cache {stale} was never claimed"))
+            self._drop(stale, KvIntegrityError(f"KV cache {stale} was never claimed"))
         for stale in [h for h, at in self._abandoned.items() if now - at > self.ttl]:
             del self._abandoned[stale]
         if handle in self._abandoned:
@@ -66,11 +75,8 @@ class KvInbox:
             raise ProtocolError(f"KV cache {header.handle} pushed twice")
         try:
             layout = layout_from_pb(header.kv_layout)
-            if self.max_bytes and self.bytes_held + layout.total_bytes > self.max_bytes:
-                raise Overloaded(
-                    f"pushed KV caches would hold {self.bytes_held + layout.total_bytes} bytes, over "
-                    f"this worker's KV budget of {self.max_bytes}"
-                )
+            if pending.reservation is None:  # before the assembler allocates anything
+                pending.reservation = self.budget.reserve(layout.cache_bytes, f"pushed KV cache {header.handle}")
             assembler = KvAssembler(layout, expected_fingerprint=self.fingerprint)
             pending.layout = layout
             async for message in requests:
@@ -91,6 +97,25 @@ class KvInbox:
             if not isinstance(error, DisaggError):
                 error = KvIntegrityError(f"the push of KV cache {handle} ended early ({type(error).__name__})")
             _fail(pending.future, error)
+            if pending.reservation is not None:  # the claim fails too: nothing will be held
+                pending.reservation.release()
+
+    def reserve(self, handle: str, nbytes: int, label: str) -> Reservation:
+        """The Decode call's reservation for the cache pushed under `handle`: the push's, grown to `nbytes`, or a
+        new one the push will find (Overloaded when it does not fit)."""
+        pending = self._entry(handle)
+        if pending.reservation is None:
+            pending.reservation = self.budget.reserve(nbytes, label)
+        else:
+            pending.reservation.resize(nbytes)
+        return pending.reservation
+
+    def _drop(self, handle: str, error: BaseException) -> None:
+        pending = self._pending.pop(handle, None)
+        if pending is not None:
+            _fail(pending.future, error)
+            if pending.reservation is not None:
+                pending.reservation.release()
 
     async def claim(self, handle: str, layout: KvLayout, timeout: float) -> KvLayers:
         """The pushed cache of `handle` once complete; its layout must be the one the Decode call announced."""
@@ -111,9 +136,7 @@ class KvInbox:
     def abandon(self, handle: str) -> None:
         """The Decode call naming `handle` ended before it claimed the cache: drop it, and refuse it if it is
         still to come."""
-        pending = self._pending.pop(handle, None)
-        if pending is not None:
-            _fail(pending.future, ProtocolError(f"the Decode call of KV cache {handle} has ended"))
+        self._drop(handle, ProtocolError(f"the Decode call of KV cache {handle} has ended"))
         self._abandoned[handle] = time.monotonic()
 
 

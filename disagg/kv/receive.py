@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from disagg.errors import DisaggError, KvIntegrityError, ProtocolError
@@ -36,32 +36,43 @@ async def receive_handoff(
     kv_cache: bool,
     inbox: KvInbox | None = None,
     timeout: float = 60.0,
+    admit: Callable[[worker_pb2.SequenceStart], Awaitable[None]] | None = None,
 ) -> Handoff:
     """Read SequenceStart, then FirstToken and the KV cache in any order, until both are complete.
 
     The cache comes as KvChunk messages in this stream (relayed), as one KvSharedMemory message (co-located
-    workers), or pushed by the prefill worker to `inbox` under the layout's handle (direct).
+    workers), or pushed by the prefill worker to `inbox` under the layout's handle (direct). `admit(start)` runs
+    after SequenceStart and before anything is allocated for the cache (the KV budget's reservation); its refusal
+    ends the call at once, before the sender has sent the cache.
     """
     start: worker_pb2.SequenceStart | None = None
     try:
         with ReadAhead(requests) as messages:  # the next chunk arrives while this one is checked and copied
+            admitting = False
             try:
-                async for message in messages:
-                    kind = event_of(message)
-                    if kind != "start":
-                        raise ProtocolError(f"{kind} before SequenceStart")
-                    start = message.start
-                    break
-                if start is None:
-                    raise ProtocolError("stream ended before SequenceStart")
+                start = await _sequence_start(messages)
+                admitting = admit is not None
+                if admit is not None:
+                    await admit(start)
+                admitting = False
                 return await _receive_cache(start, messages, lm, kv_cache, inbox, timeout)
             except DisaggError:
-                await drain(messages)  # the same reader: no read is cancelled and restarted in between
+                if not admitting:  # (a refused admission: the sender waits for it before the cache, nothing to read)
+                    await drain(messages)  # the same reader: no read is cancelled and restarted in between
                 raise
     except BaseException:  # failed or cancelled: a directly pushed cache nobody will claim goes now, not at its TTL
         if start is not None and start.kv_layout.transport == DIRECT and inbox is not None:
             inbox.abandon(start.kv_layout.handle)
         raise
+
+
+async def _sequence_start(messages: AsyncIterator[HandoffMessage]) -> worker_pb2.SequenceStart:
+    async for message in messages:
+        kind = event_of(message)
+        if kind != "start":
+            raise ProtocolError(f"{kind} before SequenceStart")
+        return message.start
+    raise ProtocolError("stream ended before SequenceStart")
 
 
 async def _receive_cache(

@@ -86,39 +86,58 @@ class DecodeBatch:
     def _capacity(self) -> tuple[int, int]:
         return (self._keys[0].shape[0], self._keys[0].shape[2]) if self._keys else (0, 0)
 
-    def _reserve(self, rows: int, columns: int, shift: int = 0) -> None:
-        """Make room for `rows` x `columns`, moving existing columns right by `shift` (a longer row joined)."""
-        have_rows, have_columns = self._capacity()
-        if rows <= have_rows and columns <= have_columns and shift == 0:
-            return
-        rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
-        columns = max(columns, have_columns) + _GROW_COLUMNS
-        used = len(self.seq_ids)
-        grown: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        for old, new in zip((self._keys, self._values), grown):
+    def bytes_for(self, rows: int, columns: int) -> int:
+        """Bytes of a slab of `rows` x `columns` (K and V of every layer)."""
+        return 2 * self.num_layers * rows * self.kv_heads * columns * self.head_dim * self.dtype.itemsize
+
+    def plan(self, seq_lens: list[int], steps: int) -> tuple[int, int]:
+        """(rows, columns) a slab needs for the rows it has plus joiners of `seq_lens` tokens, for `steps` more
+        steps: sized so, it takes no more memory until a sequence joins again."""
+        return len(self.seq_ids) + len(seq_lens), max([self.length, *seq_lens]) + steps
+
+    def _reallocate(self, rows: int, columns: int, shift: int) -> None:
+        """A slab of exactly `rows` x `columns`, existing rows moved right by `shift` columns (a longer row joined).
+
+        Layer by layer, K then V: each old tensor is dropped as soon as it is copied, so the old and the new slab
+        overlap by one tensor, not a whole slab. Only padding needs zeros (attention weighs it 0, but 0 x NaN from
+        uninitialised memory would poison the output), so the rest is left to be written.
+        """
+        used, first = len(self.seq_ids), not self._keys
+        for slabs in (self._keys, self._values):
             for i in range(self.num_layers):
-                slab = torch.zeros((rows, self.kv_heads, columns, self.head_dim), dtype=self.dtype, device=self.device)
-                if old:
-                    slab[:used, :, shift : shift + self.length] = old[i][:used, :, : self.length]
-                new.append(slab)
-        self._keys, self._values = grown
+                new = torch.empty((rows, self.kv_heads, columns, self.head_dim), dtype=self.dtype, device=self.device)
+                if not first:
+                    new[:used, :, :shift] = 0
+                    new[:used, :, shift : shift + self.length] = slabs[i][:used, :, : self.length]
+                    slabs[i] = new
+                else:
+                    slabs.append(new)
         self._pad = self._pad + shift
         self.length += shift
 
     def add(self, seq_id: str, kv: KvLayers, last_token: int) -> None:
         """Join a sequence whose cache holds every token before `last_token`."""
-        seq_len = kv[0][0].shape[2]
-        shift = max(0, seq_len - self.length)
-        self._reserve(len(self.seq_ids) + 1, max(self.length, seq_len) + 1, shift)
-        row, start = len(self.seq_ids), self.length - seq_len
-        for i, (key, value) in enumerate(kv):
-            self._keys[i][row, :, :start] = 0
-            self._values[i][row, :, :start] = 0
-            self._keys[i][row, :, start : self.length] = key[0].to(self.device, self.dtype)
-            self._values[i][row, :, start : self.length] = value[0].to(self.device, self.dtype)
-        self.seq_ids.append(seq_id)
-        self._pad = torch.cat([self._pad, torch.tensor([start])])
-        self._last = torch.cat([self._last, torch.tensor([last_token])])
+        self.add_many([(seq_id, kv, last_token)])
+
+    def add_many(self, joiners: list[tuple[str, KvLayers, int]], columns: int = 0) -> None:
+        """Join sequences (id, cache of every token before the last, last token), reallocating at most once: to
+        `columns` (from `plan`) or, when 0, with room to grow by a few columns."""
+        seq_lens = [kv[0][0].shape[2] for _, kv, _ in joiners]
+        length = max([self.length, *seq_lens])
+        rows, (have_rows, have_columns) = len(self.seq_ids) + len(joiners), self._capacity()
+        columns = max(columns or length + 1 + _GROW_COLUMNS, length + 1)
+        if rows > have_rows or length + 1 > have_columns or length > self.length:
+            self._reallocate(rows, max(columns, length + 1), length - self.length)
+        for (seq_id, kv, last_token), seq_len in zip(joiners, seq_lens):
+            row, start = len(self.seq_ids), self.length - seq_len
+            for i, (key, value) in enumerate(kv):
+                self._keys[i][row, :, :start] = 0
+                self._values[i][row, :, :start] = 0
+                self._keys[i][row, :, start : self.length] = key[0].to(self.device, self.dtype)
+                self._values[i][row, :, start : self.length] = value[0].to(self.device, self.dtype)
+            self.seq_ids.append(seq_id)
+            self._pad = torch.cat([self._pad, torch.tensor([start])])
+            self._last = torch.cat([self._last, torch.tensor([last_token])])
 
     def remove(self, seq_id: str) -> None:
         """Leave the batch; the slab is released when the last sequence leaves."""
@@ -146,8 +165,9 @@ class DecodeBatch:
     @torch.inference_mode()
     def step(self, model: torch.nn.Module) -> torch.Tensor:
         """One forward step for every row; returns logits [rows, vocab] (float32)."""
-        rows = len(self.seq_ids)
-        self._reserve(rows, self.length + 1)
+        rows, (have_rows, have_columns) = len(self.seq_ids), self._capacity()
+        if self.length + 1 > have_columns:  # not planned for this many steps: grow (the engine plans, others may not)
+            self._reallocate(have_rows, self.length + 1 + _GROW_COLUMNS, 0)
         columns = torch.arange(self.length + 1)
         mask = (columns[None, :] >= self._pad[:, None]).long().to(self.device)
         positions = (self.length - self._pad)[:, None].to(self.device)
