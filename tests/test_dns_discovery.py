@@ -116,6 +116,7 @@ async def _until(condition, timeout: float, what: str) -> float:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.cluster
 async def test_gateway_follows_dns_adds_and_drains_workers_without_losing_requests(workers):
     prefill, decode_a, decode_b = workers
     name = f"{NAME}:{decode_a.address.rpartition(':')[2]}"

@@ -111,15 +111,72 @@ async def test_decode_worker_never_admits_past_its_kv_budget(pair_cluster):
     try:
         async with channel(gateway.address) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
-            # 36 KiB per token: 20 tokens fit in 1 MiB, 60 do not.
-            ok = await complete(stub, gateway_pb2.GenerateRequest(prompt="hi there", max_new_tokens=8, ignore_eos=True))
-            assert len(ok.token_ids) == 8
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await complete(stub, gateway_pb2.GenerateRequest(prompt="hi there", max_new_tokens=60, ignore_eos=True))
-            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "KV budget" in caught.value.details()
-        assert (await worker_load(decode.address)).kv_budget_bytes == 1 << 20
+            # 36 KiB per token: 20 tokens fit in 1 MiB, 60 do not. Refusals must neither widen the budget (the bug
+            # that released a reservation never made) nor shrink it: the same two requests, three times over.
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await complete(
+                        stub, gateway_pb2.GenerateRequest(prompt="hi there", max_new_tokens=60, ignore_eos=True)
+                    )
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "KV budget" in caught.value.details()
+                ok = await complete(
+                    stub, gateway_pb2.GenerateRequest(prompt="hi there", max_new_tokens=8, ignore_eos=True)
+                )
+                assert len(ok.token_ids) == 8
+        load = await worker_load(decode.address)
+        assert load.kv_budget_bytes == 1 << 20 and load.kv_bytes == 0 and load.active_sequences == 0
     finally:
+        stop([gateway, decode])
+
+
+@pytest.mark.parametrize("transport", ["direct", "relayed"])
+async def test_pushes_and_running_sequences_stay_within_the_budget(pair_cluster, transport):
+    """32 concurrent long prompts into an 8 MiB decode worker: each request completes or is refused with
+    RESOURCE_EXHAUSTED, and GetLoad's kv_bytes (pushed, waiting and running KV) never passes the budget."""
+    budget_mb = 8  # ~230 distilgpt2 tokens: one or two of these sequences at a time
+    decode = await start_extra(
+        f"decode-{transport}", ["decode", *GPT2_ARGS, "--kv-budget-mb", str(budget_mb)], free_port()
+    )
+    prefill = ",".join(c.address for c in pair_cluster.cluster.prefill)
+    gateway = await start_extra(
+        f"gateway-{transport}",
+        ["gateway", "--prefill", prefill, "--decode", decode.address, "--kv-transport", transport],
+        free_port(),
+    )
+    samples: list[worker_pb2.GetLoadResponse] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            samples.append(await worker_load(decode.address))
+            await asyncio.sleep(0.02)
+
+    try:
+        sampler = asyncio.create_task(sample())
+        async with channel(gateway.address) as ch:
+            stub = gateway_pb2_grpc.GatewayStub(ch)
+            prompt = "The history of computing " * 20  # ~100 tokens, + 16 new: ~4 MiB each at the end
+            results = await asyncio.gather(
+                *(
+                    complete(stub, gateway_pb2.GenerateRequest(prompt=prompt, max_new_tokens=16, ignore_eos=True))
+                    for _ in range(32)
+                ),
+                return_exceptions=True,
+            )
+        done.set()
+        await sampler
+        served = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert served and all(len(r.token_ids) == 16 for r in served)
+        assert all(
+            isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused
+        ), refused[:1]
+        assert len(samples) > 10 and max(s.kv_bytes for s in samples) > 0
+        assert all(s.kv_bytes <= s.kv_budget_bytes == budget_mb << 20 for s in samples)
+        assert (await wait_idle([decode]))[0].kv_bytes == 0
+    finally:
+        done.set()
         stop([gateway, decode])
 
 
