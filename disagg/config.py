@@ -89,6 +89,7 @@ class GatewayConfig:
     max_attempts: int = 3  # worker failures survived by one request (retry / migration)
     kv_transport: str = "relayed"  # how KV reaches decode: relayed (through here), direct, shared-memory
     health_interval_seconds: float = 1.0
+    load_kv_weight: float = 4.0  # how many sequences a full KV budget weighs in the choice of worker
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -218,7 +219,19 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "'shared-memory' (co-located workers sharing /dev/shm)",
         choices=KV_TRANSPORTS,
     )
-    _flag(parser, "--health-interval-seconds", d.health_interval_seconds, "how often worker health is checked")
+    _flag(
+        parser,
+        "--health-interval-seconds",
+        d.health_interval_seconds,
+        "how often worker health and load are checked (a load reading counts for two intervals)",
+    )
+    _flag(
+        parser,
+        "--load-kv-weight",
+        d.load_kv_weight,
+        "in the choice of worker, how many sequences a worker's full KV budget weighs (score = active + queued + "
+        "started since its load report + this x kv_bytes / kv_budget_bytes)",
+    )
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     add_tls_flags(parser)
 

@@ -15,8 +15,9 @@ from gateway.worker_pool import WorkerPool
 
 
 async def serve(config: GatewayConfig) -> None:
-    prefill = WorkerPool("prefill", config.prefill, RelayPrefillStub, config.tls)
-    decode = WorkerPool("decode", config.decode, RelayDecodeStub, config.tls)
+    ttl, weight = 2 * config.health_interval_seconds, config.load_kv_weight  # load readings (see worker_pool)
+    prefill = WorkerPool("prefill", config.prefill, RelayPrefillStub, config.tls, load_ttl=ttl, kv_weight=weight)
+    decode = WorkerPool("decode", config.decode, RelayDecodeStub, config.tls, load_ttl=ttl, kv_weight=weight)
     monitors = [asyncio.create_task(pool.monitor(config.health_interval_seconds)) for pool in (prefill, decode)]
 
     servicer = GatewayServicer(config, prefill, decode)

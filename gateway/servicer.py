@@ -3,11 +3,15 @@
 When a worker fails (UNAVAILABLE, or it cancelled the call while shutting down) the request resumes elsewhere: a
 prefill worker recomputes prompt + the tokens already sent, a decode worker continues from there, and the client's
 stream goes on with no token lost or repeated.
+
+A decode worker that cannot hold a sequence (its KV budget) is not failing: it refuses the Decode call with
+RESOURCE_EXHAUSTED right after reading SequenceStart, before anything else was sent, and the same SequenceStart
+goes to another decode worker while the prefill's KV waits in its stream (relayed, shared memory), so the prompt
+is not computed again. The client gets RESOURCE_EXHAUSTED only when every healthy decode worker refused.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 import uuid
@@ -32,6 +36,8 @@ from gateway.worker_pool import Worker, WorkerPool
 log = logging.getLogger(__name__)
 # Status codes that mean "this worker is gone or going", not "this request is wrong": try elsewhere.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# Initial metadata of a Decode call whose worker reserved the sequence's KV budget (see _open_admitted).
+ADMITTED = ("disagg-admitted", "1")
 
 
 class WorkerFailed(Exception):
@@ -40,9 +46,21 @@ class WorkerFailed(Exception):
         self.worker = worker
 
 
+class WorkerRefused(UpstreamError):
+    """RESOURCE_EXHAUSTED from a worker: healthy but full (a decode worker's KV budget, a queue at its limit).
+
+    Raised to the client as it is, unless the request can go to another worker (a decode worker, see _admit)."""
+
+    def __init__(self, worker: Worker[Any], details: str):
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{worker.kind} worker {worker.address}: {details}")
+        self.worker, self.details = worker, details
+
+
 def _failure(worker: Worker[Any], code: grpc.StatusCode, details: str) -> Exception:
     if code in RESUMABLE:
         return WorkerFailed(worker, f"{code.name}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return WorkerRefused(worker, details)
     return UpstreamError(code, f"{worker.kind} worker {worker.address}: {details}")
 
 
@@ -54,14 +72,19 @@ async def _receive(
     """The call's messages; a worker's failure surfaces as WorkerFailed or UpstreamError.
 
     `pushes_to`: the decode worker a prefill call pushes its KV cache to; ABORTED from the prefill worker means
-    that one failed.
+    that one failed, and RESOURCE_EXHAUSTED after SequenceStart (the prefill worker's own refusal, a full queue,
+    comes before it) that one refused the push.
     """
+    started = False
     try:
         async for message in call:
+            started = True
             yield message
     except grpc.aio.AioRpcError as error:
         if pushes_to is not None and error.code() == grpc.StatusCode.ABORTED:
             raise WorkerFailed(pushes_to, f"prefill worker {worker.address}: {error.details()}") from error
+        if pushes_to is not None and started and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise WorkerRefused(pushes_to, f"(via prefill worker {worker.address}) {error.details()}") from error
         raise _failure(worker, error.code(), error.details()) from error
 
 
@@ -73,6 +96,38 @@ async def _send(worker: Worker[RelayDecodeStub], call: grpc.aio.StreamStreamCall
         raise _failure(worker, ended.code, ended.details) from ended
 
 
+def _admitted(metadata: grpc.aio.Metadata | None) -> bool:
+    return metadata is not None and metadata.get(ADMITTED[0]) == ADMITTED[1]
+
+
+async def _open_admitted(
+    worker: Worker[RelayDecodeStub], start: bytes, timeout: float, metadata: Sequence[tuple[str, str]]
+) -> grpc.aio.StreamStreamCall:
+    """A Decode call on `worker` that was sent the SequenceStart and admitted it.
+
+    The decode worker reserves the sequence's KV budget on reading SequenceStart, before it allocates anything,
+    then sends initial metadata `disagg-admitted: 1`; one that cannot hold the sequence ends the call with
+    RESOURCE_EXHAUSTED instead (WorkerRefused, with the worker's reason). Nothing but the SequenceStart was sent,
+    so the caller may offer the same bytes to another worker. Other statuses are _failure's.
+    """
+    call = worker.stub.Decode(timeout=timeout, metadata=metadata)
+    try:
+        try:
+            await send(call, start)
+        except CallEnded as ended:
+            code, details = ended.code, ended.details
+        else:
+            if _admitted(await call.initial_metadata()):
+                return call
+            code, details = await call.code(), await call.details()  # (no admission: the call has ended)
+        if code == grpc.StatusCode.OK:
+            raise ProtocolError(f"decode worker {worker.address} ended the Decode call without admitting it")
+        raise _failure(worker, code, details)
+    except BaseException:
+        call.cancel()
+        raise
+
+
 @dataclass
 class Progress:
     """What the client has been sent so far: exactly what a resumed attempt needs."""
@@ -82,6 +137,7 @@ class Progress:
     sampling: worker_pb2.SamplingParams | None = None
     generated: list[int] = field(default_factory=list)
     sent_any: bool = False
+    refusals: dict[str, str] = field(default_factory=dict)  # decode worker address -> why it refused this request
 
     def prefill_request(self) -> worker_pb2.PrefillRequest:
         """The original request, or (after a failure) prompt + generated tokens with the resolved sampling."""
@@ -122,23 +178,73 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         deadline = time.monotonic() + self.config.request_timeout_seconds
         self.in_flight += 1
         try:
-            for attempt in itertools.count(1):
+            failures = 0
+            while True:
                 try:
                     async for response in self._attempt(progress, context, deadline):
                         yield response
                     return
+                except WorkerRefused as refused:
+                    if refused.worker.kind != "decode" or self.transport != DIRECT:
+                        self._pool(refused.worker).note_refusal(refused.worker)
+                        raise
+                    # direct: the prefill pushed the KV to that worker and cannot redirect it; prefill again for
+                    # another (not a failure: bounded by the decode workers, each refuses a request once)
+                    self._refused(progress, refused)
                 except WorkerFailed as failure:
-                    (self.prefill if failure.worker.kind == "prefill" else self.decode).mark_failed(failure.worker)
-                    if attempt >= self.config.max_attempts:
-                        raise NoWorkerAvailable(f"request failed on {attempt} workers; last: {failure}") from failure
+                    self._pool(failure.worker).mark_failed(failure.worker)
+                    failures += 1
+                    if failures >= self.config.max_attempts:
+                        raise NoWorkerAvailable(f"request failed on {failures} workers; last: {failure}") from failure
                     log.warning(
                         "request %s: %s; resuming after %d tokens",
                         progress.request.request_id,
                         failure,
                         len(progress.generated),
                     )
+                    progress.refusals.clear()  # later: the workers that refused may have room now
         finally:
             self.in_flight -= 1
+
+    def _pool(self, worker: Worker[Any]) -> WorkerPool[Any]:
+        return self.prefill if worker.kind == "prefill" else self.decode
+
+    def _refused(self, progress: Progress, refused: WorkerRefused) -> None:
+        """A decode worker refused this request: others go first for it (the pool) and it is not asked again."""
+        self.decode.note_refusal(refused.worker)
+        progress.refusals[refused.worker.address] = refused.details
+        log.info("request %s: %s; trying another decode worker", progress.request.request_id, refused)
+
+    def _pick_decode(self, progress: Progress) -> Worker[RelayDecodeStub]:
+        """The next decode worker to offer the sequence; RESOURCE_EXHAUSTED once every healthy one refused it."""
+        try:
+            return self.decode.pick(exclude=frozenset(progress.refusals))
+        except NoWorkerAvailable as none:
+            if not progress.refusals:
+                raise
+            reasons = "; ".join(f"{address}: {reason}" for address, reason in progress.refusals.items())
+            raise Overloaded(f"every healthy decode worker refused the sequence: {reasons}") from none
+
+    async def _admit(
+        self, progress: Progress, start: bytes, timeout: float, metadata: Sequence[tuple[str, str]]
+    ) -> tuple[Worker[RelayDecodeStub], grpc.aio.StreamStreamCall]:
+        """A decode worker that admitted the sequence (counted in flight), and its Decode call, SequenceStart sent.
+
+        Offers the SequenceStart to the best decode worker, then, while they refuse, to the next. The prefill
+        stream is not read meanwhile (its ReadAhead holds a few chunks, flow control the rest), so its KV goes to
+        whichever worker admits the sequence: the prompt is not computed again.
+        """
+        while True:
+            worker = self._pick_decode(progress)
+            worker.begin()
+            try:
+                return worker, await _open_admitted(worker, start, timeout, metadata)
+            except WorkerRefused as refused:
+                worker.end()
+                self._refused(progress, refused)
+            except BaseException:
+                worker.end()
+                raise
 
     def _timeout(self, context: grpc.aio.ServicerContext, deadline: float) -> float:
         """Seconds left for worker calls: the client's deadline or the server's limit, whichever comes first."""
@@ -152,21 +258,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _attempt(
         self, progress: Progress, context: grpc.aio.ServicerContext, deadline: float
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """One try: prefill, hand the KV to a decode worker that admits it, stream the tokens.
+
+        Relayed and shared memory: the decode worker is chosen when SequenceStart arrives, and a refusal moves the
+        same handoff to another one (_admit). Direct: it is chosen first, because the prefill worker pushes the KV
+        to it; its refusal (of the Decode call, or of the push, reported by the prefill worker) raises
+        WorkerRefused, and Generate runs the whole attempt again for another decode worker: a pushed cache cannot
+        be redirected, so that prompt is computed again.
+        """
         request = progress.prefill_request()
         metadata = telemetry.call_metadata(request.request_id)
+        timeout = self._timeout(context, deadline)  # (before any worker counts this attempt in flight)
         prefill_worker: Worker[RelayPrefillStub] | None  # None once its stream is done
         prefill_worker = self.prefill.pick()
         decode_worker: Worker[RelayDecodeStub] | None = None
         pushes_to: Worker[RelayDecodeStub] | None = None
         decode_call: grpc.aio.StreamStreamCall | None = None
         if self.transport == DIRECT:  # the decode worker is chosen first: the prefill worker pushes the KV to it
-            decode_worker = pushes_to = self.decode.pick()
-            decode_worker.in_flight += 1
+            decode_worker = pushes_to = self._pick_decode(progress)
+            decode_worker.begin()
             request.kv_destination.decode_address = decode_worker.address
             request.kv_destination.handle = f"{request.request_id}/{uuid.uuid4().hex}"
         request.kv_destination.transport = self.transport
-        prefill_worker.in_flight += 1
-        prefill_call = prefill_worker.stub.Prefill(request, timeout=self._timeout(context, deadline), metadata=metadata)
+        prefill_worker.begin()
+        prefill_call = prefill_worker.stub.Prefill(request, timeout=timeout, metadata=metadata)
         relayed = ReadAhead(_receive(prefill_worker, prefill_call, pushes_to))
         try:
             async for raw in relayed:
@@ -179,11 +294,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     progress.prompt_token_ids = list(message.start.prompt_token_ids)
                     progress.sampling = message.start.sampling
                     telemetry.note_model(message.start.model)
+                    timeout = self._timeout(context, deadline)
                     if decode_worker is None:
-                        decode_worker = self.decode.pick()
-                        decode_worker.in_flight += 1
-                    decode_call = decode_worker.stub.Decode(timeout=self._timeout(context, deadline), metadata=metadata)
-                elif decode_call is None:
+                        decode_worker, decode_call = await self._admit(progress, raw, timeout, metadata)
+                    else:  # direct: only the worker the KV is pushed to will do
+                        decode_call = await _open_admitted(decode_worker, raw, timeout, metadata)
+                    continue
+                if decode_call is None:
                     raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")
                 if kind == "first_token":
                     first = message.first_token
@@ -192,7 +309,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         return
                 assert decode_worker is not None  # chosen before its call was made
                 await _send(decode_worker, decode_call, raw)
-            prefill_worker.in_flight -= 1
+            prefill_worker.end()
             prefill_worker = None
             if decode_call is None:
                 raise ProtocolError("prefill worker ended the stream without SequenceStart")
@@ -207,8 +324,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             relayed.close()
             prefill_call.cancel()
             if prefill_worker is not None:
-                prefill_worker.in_flight -= 1
+                prefill_worker.end()
             if decode_call is not None:
                 decode_call.cancel()
             if decode_worker is not None:
-                decode_worker.in_flight -= 1
+                decode_worker.end()
