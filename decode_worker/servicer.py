@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+from decode_worker.forks import Deliver, forked_sequences, response_of
 from disagg import telemetry
 from disagg.engine.budget import KvBudget
-from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent
-from disagg.errors import InvalidRequest, ProtocolError
+from disagg.engine.decode import DecodeEngine, TokenEvent
 from disagg.kv.inbox import KvInbox
 from disagg.kv.receive import Handoff, receive_handoff
 from disagg.model.loading import LoadedModel
-from disagg.model.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import sampling_from_pb
 
 
 def final_kv_bytes(lm: LoadedModel, start: worker_pb2.SequenceStart) -> int:
@@ -58,7 +56,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 context.time_remaining() or 60.0,
             )
             if self.engine.kv_cache:
-                reserved = final_kv_bytes(self.lm, handoff.start)
+                reserved = final_kv_bytes(self.lm, handoff.start) * max(1, handoff.start.sampling.n)
                 self.budget.reserve(reserved)
             async for response in self._decode(handoff):
                 yield response
@@ -67,38 +65,24 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             self.active -= 1
 
     async def _decode(self, handoff: Handoff):
-        start = handoff.start
-        params = sampling_from_pb(start.sampling)
-        if params.max_new_tokens <= 0:
-            raise InvalidRequest("sampling.max_new_tokens must be resolved (> 0) before decode")
-        output = OutputStream(self.lm.tokenizer, params, self.lm.eos_token_ids)
-        output.replay([*start.generated_token_ids, handoff.first_token.token_id])
-        if output.finish_reason is not None:
-            raise ProtocolError(f"sequence already finished ({output.finish_reason}); nothing to decode")
-
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        seq = DecodeSequence(
-            start.request_id,
-            [*start.prompt_token_ids, *start.generated_token_ids],
-            output,
-            handoff.kv,
-            deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-        )
-        self.engine.submit(seq)
-        finished = False
+        events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
+
+        def deliver_to(index: int) -> Deliver:
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
+
+        running = forked_sequences(self.lm, handoff, deliver_to)  # n > 1: n sequences sharing the received KV
         try:
-            while not finished:
-                event = await events.get()
+            for seq in running.values():
+                self.engine.submit(seq)  # may refuse (queue full): the ones already in are cancelled below
+            while running:
+                index, event = await events.get()
                 if isinstance(event, BaseException):
                     raise event
-                finished = event.finish_reason is not None
-                if finished:  # record now: a stream the client closes is finalized later, maybe much later
-                    telemetry.record_decode(seq)
-                yield worker_pb2.DecodeResponse(
-                    token_ids=[event.token], text=event.text, finish_reason=event.finish_reason or ""
-                )
+                if event.finish_reason is not None:  # record now: a closed stream is finalized later, maybe much later
+                    telemetry.record_decode(running.pop(index))
+                yield response_of(index, event)
         finally:
-            if not finished:  # client gone, deadline passed or a failure: free the sequence's KV now
-                self.engine.cancel(start.request_id)
+            for seq in running.values():  # client gone, deadline passed or a failure: free the sequences' KV now
+                self.engine.cancel(seq.request_id)
                 telemetry.record_decode(seq)
