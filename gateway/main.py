@@ -14,6 +14,17 @@ from gateway.servicer import GatewayServicer
 from gateway.worker_pool import WorkerPool
 
 
+async def start_http_front(config: GatewayConfig, servicer: GatewayServicer, prefill: WorkerPool, decode: WorkerPool):
+    """The OpenAI-compatible HTTP API (--http-port) on the same servicer, pools and event loop as gRPC."""
+    if not config.http_port:
+        return None
+    from gateway.openai_api import HttpFront, OpenAiApi  # only a gateway that serves HTTP imports its stack
+
+    front = HttpFront(OpenAiApi(config, servicer, prefill, decode), config)
+    await front.start()
+    return front
+
+
 async def serve(config: GatewayConfig) -> None:
     prefill = WorkerPool("prefill", config.prefill, RelayPrefillStub, config.tls)
     decode = WorkerPool("decode", config.decode, RelayDecodeStub, config.tls)
@@ -26,9 +37,12 @@ async def serve(config: GatewayConfig) -> None:
         gateway_pb2.DESCRIPTOR.services_by_name["Gateway"],
         lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s),
     )
+    http = await start_http_front(config, servicer, prefill, decode)  # None without --http-port
     await server.start()
 
     await server.serve_until_signal(config.grace_seconds)  # SIGTERM: NOT_SERVING, finish streams, stop
+    if http is not None:
+        await http.stop()
     for task in monitors:
         task.cancel()
     await prefill.close()
