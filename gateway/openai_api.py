@@ -34,6 +34,7 @@ from disagg import telemetry
 from disagg.config import GatewayConfig
 from disagg.pb.disagg.v1 import gateway_pb2
 from disagg.rpc.interceptors import status_of
+from disagg.rpc.streams import ReadAhead
 from gateway import openai_protocol as oa
 from gateway.servicer import GatewayServicer
 from gateway.worker_pool import WorkerPool
@@ -161,13 +162,16 @@ class OpenAiApi:
             return _error(error)
         except ClientDisconnect:
             return Response(status_code=499)
-        responses = self.generate(parsed.request, HttpCallContext(request))
+        # The pipeline runs in a task of its own (ReadAhead's), start to end: its span context and its cleanup stay
+        # in one task whether the answer is streamed or not, and closing it cancels its worker calls.
+        responses = ReadAhead(self.generate(parsed.request, HttpCallContext(request)), depth=64)
         try:
             first = await anext(responses)  # errors before any token get their own HTTP status
         except StopAsyncIteration:
+            responses.close()
             return _error(oa.HttpError(500, "the generation ended without output", "server_error"))
         except Exception as exc:
-            await responses.aclose()
+            responses.close()
             return _error(self._count(request, exc))
         if parsed.stream:
             return StreamingResponse(
@@ -178,7 +182,7 @@ class OpenAiApi:
         try:
             return await self._whole(request, parsed, first, responses)
         finally:
-            await responses.aclose()
+            responses.close()
 
     def _count(self, request: Request, exc: BaseException) -> oa.HttpError:
         code, message = status_of(exc)
@@ -192,7 +196,7 @@ class OpenAiApi:
         request: Request,
         parsed: oa.ParsedRequest,
         first: gateway_pb2.GenerateResponse,
-        responses: AsyncIterator[gateway_pb2.GenerateResponse],
+        responses: ReadAhead,
     ) -> Response:
         choices = [oa.Choice() for _ in range(max(1, parsed.request.n))]
         usage = gateway_pb2.Usage()
@@ -229,7 +233,7 @@ class OpenAiApi:
         request: Request,
         parsed: oa.ParsedRequest,
         first: gateway_pb2.GenerateResponse,
-        responses: AsyncIterator[gateway_pb2.GenerateResponse],
+        responses: ReadAhead,
     ) -> AsyncIterator[bytes]:
         """SSE: one chunk per message, the usage chunk if asked, [DONE]; a failure mid-stream is an error event."""
         request_id = first.request_id
@@ -254,7 +258,7 @@ class OpenAiApi:
         except Exception as exc:  # the status line is gone: say it in-band, then end the stream properly
             yield _sse(self._count(request, exc).body())
         finally:
-            await responses.aclose()  # a client that left cancels this task: the pipeline frees its workers' KV
+            responses.close()  # also when the client left (this task is cancelled): the workers free the KV
         yield DONE
 
 
