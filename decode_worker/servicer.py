@@ -12,18 +12,16 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from decode_worker.forks import Deliver, forked_sequences, response_of
 from disagg import telemetry
-from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent
-from disagg.errors import InvalidRequest, ProtocolError
+from disagg.engine.decode import DecodeEngine, TokenEvent
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.framing import HandoffMessage
 from disagg.kv.inbox import KvInbox
 from disagg.kv.receive import Handoff, receive_handoff
 from disagg.kv.transports import DIRECT
 from disagg.model.loading import LoadedModel
-from disagg.model.output_stream import OutputStream
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import sampling_from_pb
 
 ADMITTED = ("disagg-admitted", "1")  # initial metadata: the sequence's KV is reserved, send the cache
 
@@ -69,7 +67,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         async def admit(start: worker_pb2.SequenceStart) -> None:
             nonlocal reservation
             if self.engine.kv_cache:
-                nbytes, label = final_kv_bytes(self.lm, start), f"sequence {start.request_id}"
+                nbytes = final_kv_bytes(self.lm, start) * max(1, start.sampling.n)
+                label = f"sequence {start.request_id}"
                 reservation = (
                     self.inbox.reserve(start.kv_layout.handle, nbytes, label)
                     if start.kv_layout.transport == DIRECT
@@ -96,38 +95,25 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     async def _decode(
         self, handoff: Handoff, reservation: Reservation | None
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        start = handoff.start
-        params = sampling_from_pb(start.sampling)
-        if params.max_new_tokens <= 0:
-            raise InvalidRequest("sampling.max_new_tokens must be resolved (> 0) before decode")
-        output = OutputStream(self.lm.tokenizer, params, self.lm.eos_token_ids)
-        output.replay([*start.generated_token_ids, handoff.first_token.token_id])
-        if output.finish_reason is not None:
-            raise ProtocolError(f"sequence already finished ({output.finish_reason}); nothing to decode")
+        events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
 
-        events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        seq = DecodeSequence(
-            start.request_id,
-            [*start.prompt_token_ids, *start.generated_token_ids],
-            output,
-            handoff.kv,
-            deliver=events.put_nowait,  # on this loop: the engine notifies it once per step
-            reservation=reservation,
-        )
-        self.engine.submit(seq)
-        finished = False
+        def deliver_to(index: int) -> Deliver:  # called on this loop: the engine notifies it once per step
+            return lambda event: events.put_nowait((index, event))
+
+        running = forked_sequences(self.lm, handoff, deliver_to)  # n > 1: n sequences sharing the received KV
+        for seq in running.values():
+            seq.reservation = reservation  # one reservation for all n (the budget counts it once)
         try:
-            while not finished:
-                event = await events.get()
+            for seq in running.values():
+                self.engine.submit(seq)  # may refuse (queue full): the ones already in are cancelled below
+            while running:
+                index, event = await events.get()
                 if isinstance(event, BaseException):
                     raise event
-                finished = event.finish_reason is not None
-                if finished:  # record now: a stream the client closes is finalized later, maybe much later
-                    telemetry.record_decode(seq)
-                yield worker_pb2.DecodeResponse(
-                    token_ids=[event.token], text=event.text, finish_reason=event.finish_reason or ""
-                )
+                if event.finish_reason is not None:  # record now: a closed stream is finalized later, maybe much later
+                    telemetry.record_decode(running.pop(index))
+                yield response_of(index, event)
         finally:
-            if not finished:  # client gone, deadline passed or a failure: free the sequence's KV now
-                self.engine.cancel(start.request_id)
+            for seq in running.values():  # client gone, deadline passed or a failure: free the sequences' KV now
+                self.engine.cancel(seq.request_id)
                 telemetry.record_decode(seq)

@@ -75,6 +75,18 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class StreamInterval:
+    """The gateway's stream interval (gateway.stream_interval): tokens of a sequence per message."""
+
+    tokens: int = 1  # send once this many tokens of a sequence are held
+    milliseconds: float = 0.0  # or once its oldest held token is this old (0 = tokens only)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 1 or self.milliseconds > 0
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -93,6 +105,17 @@ class GatewayConfig:
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
+    # OpenAI-compatible HTTP front (gateway.openai_api) in the same process; 0 = off
+    http_port: int = 0
+    served_model_name: str = ""  # the `model` HTTP clients name; empty: any name, /v1/models lists the served one
+    max_body_bytes: int = 1 << 20  # HTTP request bodies larger than this are refused (413)
+    # Stream interval: one message per this many tokens of a sequence, or per this many ms (0 = tokens only)
+    stream_interval_tokens: int = 1
+    stream_interval_ms: float = 0.0
+
+    @property
+    def stream_interval(self) -> StreamInterval:
+        return StreamInterval(self.stream_interval_tokens, self.stream_interval_ms)
 
 
 def _env_default(flag: str, default: FlagValue) -> FlagValue:
@@ -233,6 +256,16 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "started since its load report + this x kv_bytes / kv_budget_bytes)",
     )
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
+    _flag(parser, "--http-port", d.http_port, "serve the OpenAI-compatible HTTP API on this port (0 = off)")
+    _flag(parser, "--served-model-name", d.served_model_name, "model name of the HTTP API (empty: accept any)")
+    _flag(parser, "--max-body-bytes", d.max_body_bytes, "largest HTTP request body accepted")
+    _flag(
+        parser,
+        "--stream-interval-tokens",
+        d.stream_interval_tokens,
+        "send a sequence's tokens in one message per this many (both fronts; the first token goes at once)",
+    )
+    _flag(parser, "--stream-interval-ms", d.stream_interval_ms, "or once the oldest held token is this old (0 = off)")
     add_tls_flags(parser)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from disagg import telemetry
 from disagg.config import GatewayConfig
@@ -12,6 +13,22 @@ from disagg.rpc.server import Server
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 from gateway.servicer import GatewayServicer
 from gateway.worker_pool import WorkerPool
+
+if TYPE_CHECKING:
+    from gateway.openai_api import HttpFront
+
+
+async def start_http_front(
+    config: GatewayConfig, servicer: GatewayServicer, prefill: WorkerPool, decode: WorkerPool
+) -> HttpFront | None:
+    """The OpenAI-compatible HTTP API (--http-port) on the same servicer, pools and event loop as gRPC."""
+    if not config.http_port:
+        return None
+    from gateway.openai_api import HttpFront, OpenAiApi  # only a gateway that serves HTTP imports its stack
+
+    front = HttpFront(OpenAiApi(config, servicer, prefill, decode), config)
+    await front.start()
+    return front
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -27,9 +44,12 @@ async def serve(config: GatewayConfig) -> None:
         gateway_pb2.DESCRIPTOR.services_by_name["Gateway"],
         lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s),
     )
+    http = await start_http_front(config, servicer, prefill, decode)  # None without --http-port
     await server.start()
 
     await server.serve_until_signal(config.grace_seconds)  # SIGTERM: NOT_SERVING, finish streams, stop
+    if http is not None:
+        await http.stop()
     for task in monitors:
         task.cancel()
     await prefill.close()

@@ -12,10 +12,11 @@ is not computed again. The client gets RESOURCE_EXHAUSTED only when every health
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
 from disagg.rpc.channel import CallEnded, send
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 from disagg.rpc.streams import ReadAhead
+from gateway.stream_interval import coalesced
 from gateway.validation import to_prefill_request
 from gateway.worker_pool import Worker, WorkerPool
 
@@ -135,9 +137,19 @@ class Progress:
     request: worker_pb2.PrefillRequest
     prompt_token_ids: list[int] | None = None
     sampling: worker_pb2.SamplingParams | None = None
-    generated: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # sequence 0's (n = 1 requests resume from these)
     sent_any: bool = False
     refusals: dict[str, str] = field(default_factory=dict)  # decode worker address -> why it refused this request
+    finished: set[int] = field(default_factory=set)  # indices of the n sequences that have their finish reason
+    completion_tokens: int = 0  # of all n sequences
+
+    @property
+    def n(self) -> int:
+        return max(1, self.request.sampling.n)
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) >= self.n
 
     def prefill_request(self) -> worker_pb2.PrefillRequest:
         """The original request, or (after a failure) prompt + generated tokens with the resolved sampling."""
@@ -150,14 +162,27 @@ class Progress:
         resumed.sampling.CopyFrom(self.sampling)
         return resumed
 
-    def response(self, text: str, token_ids: Sequence[int], finish_reason: str = "") -> gateway_pb2.GenerateResponse:
-        self.generated.extend(token_ids)
-        response = gateway_pb2.GenerateResponse(text=text, token_ids=token_ids, finish_reason=finish_reason)
+    def response(
+        self,
+        text: str,
+        token_ids: Sequence[int],
+        finish_reason: str = "",
+        index: int = 0,
+        logprobs: Sequence[gateway_pb2.TokenLogprob] = (),
+    ) -> gateway_pb2.GenerateResponse:
+        if index == 0:
+            self.generated.extend(token_ids)
+        self.completion_tokens += len(token_ids)
+        response = gateway_pb2.GenerateResponse(
+            text=text, token_ids=token_ids, finish_reason=finish_reason, index=index, logprobs=logprobs
+        )
         if not self.sent_any:
             response.request_id, self.sent_any = self.request.request_id, True
         if finish_reason:
-            response.usage.prompt_tokens = len(self.prompt_token_ids or ())
-            response.usage.completion_tokens = len(self.generated)
+            self.finished.add(index)
+            if self.done:
+                response.usage.prompt_tokens = len(self.prompt_token_ids or ())
+                response.usage.completion_tokens = self.completion_tokens
         return response
 
 
@@ -172,6 +197,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """The pipeline both fronts call (gRPC here, HTTP in gateway.openai_api): validate, route, retry, stream."""
+        responses = coalesced(self._generate(request, context), self.config.stream_interval)
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                yield response
+
+    async def _generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         if self.in_flight >= self.config.max_inflight:
             raise Overloaded(f"gateway has {self.in_flight} requests in flight (--max-inflight); retry later")
         progress = Progress(to_prefill_request(request, self.config))
@@ -194,6 +228,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 except WorkerFailed as failure:
                     self._pool(failure.worker).mark_failed(failure.worker)
                     failures += 1
+                    if progress.n > 1 and progress.sent_any:  # n sequences from one prefill: none resumes alone
+                        raise NoWorkerAvailable(
+                            f"n > 1 request cannot resume after its first tokens: {failure}"
+                        ) from failure
                     if failures >= self.config.max_attempts:
                         raise NoWorkerAvailable(f"request failed on {failures} workers; last: {failure}") from failure
                     log.warning(
@@ -304,8 +342,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")
                 if kind == "first_token":
                     first = message.first_token
-                    yield progress.response(first.text, [first.token_id], first.finish_reason)
-                    if first.finish_reason:
+                    logprobs = [first.logprob] if first.HasField("logprob") else []
+                    yield progress.response(first.text, [first.token_id], first.finish_reason, first.index, logprobs)
+                    if progress.done:
                         return
                 assert decode_worker is not None  # chosen before its call was made
                 await _send(decode_worker, decode_call, raw)
@@ -316,8 +355,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             assert decode_worker is not None  # chosen before its call was made
             await _send(decode_worker, decode_call)
             async for out in _receive(decode_worker, decode_call):
-                yield progress.response(out.text, out.token_ids, out.finish_reason)
-                if out.finish_reason:
+                yield progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
+                if progress.done:
                     return
             raise WorkerFailed(decode_worker, "stream ended without a finish reason")
         finally:

@@ -8,10 +8,13 @@ import uuid
 
 from disagg.config import GatewayConfig
 from disagg.errors import InvalidRequest
+from disagg.model.logprobs import MAX_TOP_LOGPROBS
 from disagg.pb.disagg.v1 import gateway_pb2, worker_pb2
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_STOP_CHARS = 256
+MAX_N = 16  # sequences forked from one prompt
+CHAT_ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 
 
 def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConfig) -> worker_pb2.PrefillRequest:
@@ -20,10 +23,7 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
     Limits that need the tokenizer (prompt + max_new_tokens within the context) are checked by the prefill
     worker, before its forward pass.
     """
-    if not request.prompt:
-        raise InvalidRequest("prompt must not be empty")
-    if len(request.prompt) > config.max_prompt_chars:
-        raise InvalidRequest(f"prompt has {len(request.prompt)} characters, the limit is {config.max_prompt_chars}")
+    _check_prompt(request, config)
     if request.max_new_tokens < 0:
         raise InvalidRequest(f"max_new_tokens must be >= 0 (0 = server default), got {request.max_new_tokens}")
     if not math.isfinite(request.temperature) or request.temperature < 0:
@@ -40,6 +40,12 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
     request_id = request.request_id  # it travels as gRPC metadata (x-request-id): printable ASCII only
     if len(request_id) > MAX_REQUEST_ID_CHARS or not (request_id.isascii() and request_id.isprintable()):
         raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters")
+    if not 0 <= request.n <= MAX_N:
+        raise InvalidRequest(f"n must be in 1..{MAX_N} (0 = 1), got {request.n}")
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.top_logprobs}")
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs")
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     sampling = worker_pb2.SamplingParams(
         max_new_tokens=request.max_new_tokens,
@@ -49,11 +55,33 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
         seed=seed,
         stop=request.stop,
         ignore_eos=request.ignore_eos,
+        n=max(1, request.n),
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
     )
     return worker_pb2.PrefillRequest(
         request_id=request.request_id or uuid.uuid4().hex,
         prompt=request.prompt,
+        messages=request.messages,
         sampling=sampling,
         apply_chat_template=request.apply_chat_template,
         default_max_new_tokens=config.default_max_new_tokens,
     )
+
+
+def _check_prompt(request: gateway_pb2.GenerateRequest, config: GatewayConfig) -> None:
+    """A prompt, or chat messages, not both; within the size limit."""
+    if request.messages:
+        if request.prompt:
+            raise InvalidRequest("give prompt or messages, not both")
+        for i, message in enumerate(request.messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {message.role!r}")
+        chars = sum(len(m.content) for m in request.messages)
+        if chars > config.max_prompt_chars:
+            raise InvalidRequest(f"messages have {chars} characters, the limit is {config.max_prompt_chars}")
+        return
+    if not request.prompt:
+        raise InvalidRequest("prompt must not be empty")
+    if len(request.prompt) > config.max_prompt_chars:
+        raise InvalidRequest(f"prompt has {len(request.prompt)} characters, the limit is {config.max_prompt_chars}")

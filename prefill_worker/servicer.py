@@ -18,9 +18,9 @@ from disagg.kv.transports import DIRECT, RELAYED
 from disagg.model.dtypes import DTYPE_NAMES
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
-from disagg.model.sampling import SamplingParams
+from disagg.model.sampling import SamplingParams, for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import layout_to_pb, sampling_from_pb, sampling_to_pb
+from disagg.rpc.convert import layout_to_pb, logprob_to_pb, sampling_from_pb, sampling_to_pb
 
 if TYPE_CHECKING:
     import torch
@@ -30,20 +30,26 @@ if TYPE_CHECKING:
 def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
     if request.prompt_token_ids:
         return list(request.prompt_token_ids)
+    if request.messages:
+        return chat_token_ids(lm, [{"role": m.role, "content": m.content} for m in request.messages])
     if not request.prompt:
         raise InvalidRequest("prompt must not be empty")
     if request.apply_chat_template:
-        if not lm.tokenizer.chat_template:
-            raise InvalidRequest(f"apply_chat_template: model {lm.name!r} has no chat template")
-        messages = [{"role": "user", "content": request.prompt}]
-        # return_dict=True: a BatchEncoding (transformers annotates the union of all that it may return)
-        return list(
-            cast(
-                "BatchEncoding",
-                lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True),
-            )["input_ids"]
-        )
+        return chat_token_ids(lm, [{"role": "user", "content": request.prompt}])
     return lm.tokenizer.encode(request.prompt)
+
+
+def chat_token_ids(lm: LoadedModel, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation rendered with the model's chat template, ending with the assistant's turn to speak."""
+    if not lm.tokenizer.chat_template:
+        raise InvalidRequest(f"model {lm.name!r} has no chat template (messages / apply_chat_template)")
+    try:
+        rendered = lm.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+    except Exception as exc:  # a template may refuse a conversation (roles out of order, ...): the client's fault
+        raise InvalidRequest(f"messages: the chat template refused them: {exc}") from exc
+    return list(cast("BatchEncoding", rendered)["input_ids"])  # return_dict=True: a BatchEncoding
 
 
 def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_tokens: int) -> SamplingParams:
@@ -111,6 +117,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         params = resolve_params(self.lm, request, len(input_ids))
         output = OutputStream(self.lm.tokenizer, params, self.lm.eos_token_ids)
         output.replay(generated)
+        if params.n > 1 and generated:
+            raise InvalidRequest("a sequence with n > 1 cannot be resumed")
+        forks = [
+            OutputStream(self.lm.tokenizer, for_sequence(params, i), self.lm.eos_token_ids) for i in range(1, params.n)
+        ]
 
         loop = asyncio.get_running_loop()
         done: asyncio.Future[PrefillResult] = loop.create_future()
@@ -118,7 +129,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         def deliver(result: PrefillResult | BaseException) -> None:
             loop.call_soon_threadsafe(_settle, done, result)
 
-        job = PrefillJob(request.request_id, input_ids, output, deliver)
+        job = PrefillJob(request.request_id, input_ids, output, deliver, forks=forks)
         layout, destination = self._layout(len(input_ids)), request.kv_destination
         sender = None
         if self.engine.kv_cache:
@@ -160,14 +171,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             while layers is not None and (item := await layers.get()) is not None:
                 if done.done() and not first_sent:  # the forward pass ended: the first token before queued layers
                     first_sent = True
-                    yield _first_token(job, done.result())
+                    for message in _first_tokens(job, done.result()):
+                        yield message
                 assert sender is not None  # (layers are queued only with a sender)
                 for message in await sender.send_layer(*item):
                     yield message
             result = await done
             if not first_sent:
-                yield _first_token(job, result)
-            if sender is not None and result.finish_reason is None:
+                for message in _first_tokens(job, result):
+                    yield message
+            if sender is not None and not result.all_finished:
                 if layers is None:
                     assert result.kv is not None  # a sender means the engine keeps the KV cache
                     for layer, (keys, values) in enumerate(result.kv):
@@ -182,16 +195,22 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 sender.abort()
 
 
-def _first_token(job: PrefillJob, result: PrefillResult) -> worker_pb2.PrefillResponse:
+def _first_tokens(job: PrefillJob, result: PrefillResult) -> list[worker_pb2.PrefillResponse]:
+    """One FirstToken per sequence (n of them from the one forward pass), each with its logprobs if asked."""
     telemetry.record_prefill(job, result)
-    return worker_pb2.PrefillResponse(
-        first_token=worker_pb2.FirstToken(
-            token_id=result.first_token,
-            text=result.text,
-            finish_reason=result.finish_reason or "",
+    messages = []
+    for index, sample in enumerate(result.samples):
+        first = worker_pb2.FirstToken(
+            token_id=sample.token,
+            text=sample.text,
+            finish_reason=sample.finish_reason or "",
             prefill_seconds=result.forward_seconds,
+            index=index,
         )
-    )
+        if sample.logprobs is not None:
+            first.logprob.CopyFrom(logprob_to_pb(sample.logprobs))
+        messages.append(worker_pb2.PrefillResponse(first_token=first))
+    return messages
 
 
 def _settle(future: asyncio.Future[PrefillResult], result: PrefillResult | BaseException) -> None:

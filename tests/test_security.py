@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from disagg.config import TlsOptions
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.client import channel, complete
+from disagg.tools.cluster import free_port
 from tests.conftest import GPT2_ARGS, start_cluster
 
 TOKEN = "s3cret-token"
@@ -90,7 +91,10 @@ def tls_cluster(certs):
     client = TlsOptions(
         tls_cert=str(certs / "client.pem"), tls_key=str(certs / "client.key"), tls_ca=str(certs / "ca.pem")
     )
-    running = start_cluster([*GPT2_ARGS, *tls_flags], [*tls_flags, "--auth-token", TOKEN], tls=client)
+    http_port = free_port()  # the OpenAI-compatible HTTP API: the same TLS and token (tests/test_openai_api.py)
+    gateway_flags = [*tls_flags, "--auth-token", TOKEN, "--http-port", str(http_port)]
+    running = start_cluster([*GPT2_ARGS, *tls_flags], gateway_flags, tls=client)
+    running.http_port = http_port
     yield running, client
     running.cluster.stop()
 
@@ -134,3 +138,24 @@ async def test_clients_without_a_certificate_or_without_tls_are_refused(tls_clus
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await generate(address, tls, TOKEN)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_http_api_needs_the_client_certificate_and_the_token(tls_cluster, certs):
+    import ssl
+
+    import httpx2
+
+    running, _ = tls_cluster
+    url = f"https://127.0.0.1:{running.http_port}/v1/completions"
+    body = {"model": "distilgpt2", "prompt": "secure hello", "max_tokens": 2}
+    with_cert = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    with_cert.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
+    async with httpx2.AsyncClient(verify=with_cert, timeout=30) as http:
+        ok = await http.post(url, json=body, headers={"authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        refused = await http.post(url, json=body, headers={"authorization": "Bearer wrong"})
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    without_cert = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    async with httpx2.AsyncClient(verify=without_cert, timeout=30) as http:
+        with pytest.raises(httpx2.HTTPError):  # mutual TLS: the handshake (or the first read) fails
+            await http.post(url, json=body, headers={"authorization": f"Bearer {TOKEN}"})

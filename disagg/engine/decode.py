@@ -25,6 +25,7 @@ from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.types import KvLayers
 from disagg.model.decode_batch import DecodeBatch, RecomputeBatch
 from disagg.model.loading import LoadedModel
+from disagg.model.logprobs import TokenLogprobs, batch_logprobs
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import sample_batch
 
@@ -37,6 +38,7 @@ class TokenEvent:
     token: int
     text: str
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None  # when the sequence's sampling asked for them
 
 
 @dataclass
@@ -206,14 +208,15 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         seqs = [self.running[seq_id] for seq_id in self.batch.seq_ids]
         tokens = sample_batch(logits, [s.output.params for s in seqs], [len(s.output.tokens) for s in seqs])
         self.batch.set_last_tokens(tokens)
+        logprobs = batch_logprobs(logits, tokens, [s.output.params for s in seqs], self.lm.tokenizer)
         finished: list[str] = []
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         now = time.monotonic()
-        for seq, token in zip(seqs, tokens):
+        for seq, token, token_logprobs in zip(seqs, tokens, logprobs):
             text = seq.output.append(token)
             seq.batch_sizes.append(len(seqs))
             seq.last_token_at = now
-            events.append((seq, TokenEvent(token, text, seq.output.finish_reason)))
+            events.append((seq, TokenEvent(token, text, seq.output.finish_reason, token_logprobs)))
             if seq.output.finish_reason is not None:
                 finished.append(seq.request_id)
         for request_id in finished:

@@ -12,9 +12,20 @@ from disagg.config import BatchPolicy
 from disagg.engine.thread import EngineThread
 from disagg.kv.types import KvLayers
 from disagg.model.loading import LoadedModel
+from disagg.model.logprobs import TokenLogprobs, token_logprobs
 from disagg.model.output_stream import OutputStream
 from disagg.model.prefill import prefill
 from disagg.model.sampling import sample_token
+
+
+@dataclass
+class FirstSample:
+    """The first token of one of a request's n sequences, sampled from the prompt's one set of logits."""
+
+    token: int
+    text: str
+    finish_reason: str | None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -26,6 +37,12 @@ class PrefillResult:
     forward_seconds: float
     batch_size: int
     forward_started: float = 0.0  # time.monotonic() when the batch's forward pass began (for trace spans)
+    samples: list[FirstSample] = field(default_factory=list)  # every sequence's first token (index 0 included)
+
+    @property
+    def all_finished(self) -> bool:
+        """No sequence needs decoding (then no KV cache is handed over)."""
+        return all(s.finish_reason is not None for s in self.samples)
 
 
 @dataclass
@@ -40,6 +57,15 @@ class PrefillJob:
     enqueued_at: float = field(default_factory=time.monotonic)
     # layer-wise streaming: called from the engine thread with (layer, keys, values) during the forward pass
     on_kv_layer: Callable[[int, torch.Tensor, torch.Tensor], object] | None = None
+    forks: list[OutputStream] = field(default_factory=list)  # sequences 1..n-1 of an n > 1 request
+
+    def first_sample(self, output: OutputStream, logits: torch.Tensor, tokenizer: object) -> FirstSample:
+        token = sample_token(logits, output.params, step=len(output.tokens))
+        text = output.append(token)
+        logprobs = (
+            token_logprobs(logits, token, output.params.top_logprobs, tokenizer) if output.params.logprobs else None
+        )
+        return FirstSample(token, text, output.finish_reason, logprobs)
 
 
 class PrefillEngine(EngineThread[PrefillJob]):
@@ -86,6 +112,10 @@ class PrefillEngine(EngineThread[PrefillJob]):
             raise
         seconds = time.perf_counter() - started
         for job, out in zip(batch, outputs):
-            token = sample_token(out.logits, job.output.params, step=len(job.output.tokens))
-            text = job.output.append(token)
-            job.deliver(PrefillResult(token, text, job.output.finish_reason, out.kv, seconds, len(batch), started_at))
+            samples = [job.first_sample(o, out.logits, self.lm.tokenizer) for o in [job.output, *job.forks]]
+            first = samples[0]
+            job.deliver(
+                PrefillResult(
+                    first.token, first.text, first.finish_reason, out.kv, seconds, len(batch), started_at, samples
+                )
+            )

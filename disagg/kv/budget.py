@@ -80,13 +80,14 @@ class KvBudget:
     def join_slab(self, slab_bytes: int, joining: list[Reservation | None]) -> bool:
         """Whether the slab may become `slab_bytes` with `joining` moved into it; if so, it is booked."""
         with self._lock:
-            moving = sum(r.nbytes for r in joining if r is not None and not r.released and not r.in_slab)
+            unique = {id(r): r for r in joining if r is not None}.values()  # (the n forks of a request share one)
+            moving = sum(r.nbytes for r in unique if not r.released and not r.in_slab)
             # (an empty batch can always take its first sequence exactly: one row of its final length is no more
             # than that sequence's own reservation)
             if self.limit and self.staged - moving + slab_bytes > self.limit:
                 return False
-            for r in joining:
-                if r is not None and not r.released:
+            for r in unique:
+                if not r.released:
                     r.in_slab = True
             self.staged -= moving
             self.slab = slab_bytes

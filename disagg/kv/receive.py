@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, KvIntegrityError, ProtocolError
 from disagg.kv.codec import KvAssembler
@@ -26,8 +26,9 @@ from disagg.rpc.streams import ReadAhead
 @dataclass
 class Handoff:
     start: worker_pb2.SequenceStart
-    first_token: worker_pb2.FirstToken
+    first_token: worker_pb2.FirstToken  # sequence 0's
     kv: KvLayers | None
+    first_tokens: list[worker_pb2.FirstToken] = field(default_factory=list)  # all n, by index (n > 1: one prefill)
 
 
 async def receive_handoff(
@@ -83,9 +84,10 @@ async def _receive_cache(
     inbox: KvInbox | None,
     timeout: float,
 ) -> Handoff:
-    """After SequenceStart: FirstToken and the cache, in any order."""
-    first: worker_pb2.FirstToken | None = None
+    """After SequenceStart: the n FirstTokens and the cache, in any order."""
     assembler: KvAssembler | None = None
+    expected = max(1, start.sampling.n)
+    firsts: dict[int, worker_pb2.FirstToken] = {}
     if kv_cache:
         if start.kv_layout.total_bytes == 0:
             raise ProtocolError(
@@ -112,16 +114,20 @@ async def _receive_cache(
             else:
                 adopt_shared_memory(message.shared_memory, assembler)
         elif kind == "first_token":
-            first = message.first_token
-        if first is not None and (assembler is None or assembler.complete):
+            index = message.first_token.index
+            if not 0 <= index < expected or index in firsts:
+                raise ProtocolError(f"FirstToken index {index} repeated or outside the sampling's n={expected}")
+            firsts[index] = message.first_token
+        if len(firsts) == expected and (assembler is None or assembler.complete):
+            ordered = [firsts[i] for i in range(expected)]
             if kv_cache and assembler is None:  # direct: the prefill worker pushes the cache to the inbox
                 assert inbox is not None  # (a direct push without an inbox was refused above)
                 layers = await inbox.claim(start.kv_layout.handle, layout_from_pb(start.kv_layout), timeout)
-                return Handoff(start, first, layers)
-            return Handoff(start, first, assembler.layers() if assembler else None)
-    if first is None:
-        raise ProtocolError("stream ended before FirstToken")
-    assert assembler is not None  # FirstToken came, so only a cache still incomplete keeps us here
+                return Handoff(start, ordered[0], layers, ordered)
+            return Handoff(start, ordered[0], assembler.layers() if assembler else None, ordered)
+    if len(firsts) < expected:
+        raise ProtocolError(f"stream ended after {len(firsts)} of {expected} FirstToken messages")
+    assert assembler is not None  # every FirstToken came, so only a cache still incomplete keeps us here
     raise KvIntegrityError(f"KV cache incomplete: {assembler.received} of {assembler.layout.total_bytes} bytes")
 
 

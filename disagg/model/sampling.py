@@ -7,9 +7,11 @@ run, across batch compositions, and across a migration to another worker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # odd (golden ratio): distinct sequence indices get distinct seeds
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,21 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # sequences forked from one prefill
+    logprobs: bool = False  # compute each token's log-probability
+    top_logprobs: int = 0  # and this many alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def for_sequence(params: SamplingParams, index: int) -> SamplingParams:
+    """The parameters of sequence `index` of an n > 1 request: sequence 0 is the request itself (so n=1 and
+    sequence 0 of n=3 give the same sample), the others sample with a seed derived from the request's."""
+    if index == 0:
+        return params
+    return replace(params, seed=(params.seed + index * _SEED_STRIDE) % (2**63))
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from disagg.kv.codec import KvLayout
+from disagg.model.logprobs import TokenLogprobs
 from disagg.model.sampling import SamplingParams
-from disagg.pb.disagg.v1 import worker_pb2
+from disagg.pb.disagg.v1 import gateway_pb2, worker_pb2
 
 
 def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
@@ -16,6 +17,9 @@ def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
         seed=pb.seed,
         stop=tuple(pb.stop),
         ignore_eos=pb.ignore_eos,
+        n=max(1, pb.n),
+        logprobs=pb.logprobs,
+        top_logprobs=pb.top_logprobs,
     )
 
 
@@ -28,6 +32,18 @@ def sampling_to_pb(params: SamplingParams) -> worker_pb2.SamplingParams:
         seed=params.seed,
         stop=params.stop,
         ignore_eos=params.ignore_eos,
+        n=params.n,
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
+    )
+
+
+def logprob_to_pb(lp: TokenLogprobs) -> gateway_pb2.TokenLogprob:
+    return gateway_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        token=lp.token,
+        logprob=lp.logprob,
+        top_logprobs=[gateway_pb2.TopLogprob(token_id=t, token=text, logprob=v) for t, text, v in lp.top],
     )
 
 

@@ -206,6 +206,81 @@ async def run_against_gateway(
     return RunResult("cluster", duration, records)
 
 
+def spread_token_times(chunk_times: list[float], tokens: int) -> list[float]:
+    """Per-token arrival times from SSE chunk times: the first chunk is the first token (always sent alone), the
+    rest are spread evenly over the other chunks (exact at a stream interval of 1 token, where chunk = token)."""
+    if not chunk_times or tokens <= 0:
+        return []
+    rest, chunks = tokens - 1, chunk_times[1:]
+    times = [chunk_times[0]]
+    for i, at in enumerate(chunks):
+        times += [at] * (rest * (i + 1) // len(chunks) - rest * i // len(chunks))
+    return times
+
+
+async def run_against_openai(
+    base_url: str,
+    workload: Workload,
+    prompts: list[str],
+    model: str,
+    on_done: Callable[[], None] = lambda: None,
+    timeout: float = 600.0,
+) -> RunResult:
+    """The same workload through the OpenAI-compatible HTTP front (streamed /v1/completions, usage chunk on)."""
+    import httpx2
+
+    limit = asyncio.Semaphore(workload.concurrency)
+    records = [RequestRecord() for _ in range(workload.num_requests)]
+    pool = httpx2.Limits(max_connections=workload.concurrency, max_keepalive_connections=workload.concurrency)
+    async with httpx2.AsyncClient(base_url=base_url, timeout=timeout, limits=pool) as http:
+
+        async def one(i: int) -> None:
+            body = {
+                "model": model,
+                "prompt": prompts[i % len(prompts)],
+                "max_tokens": workload.output_tokens,
+                "ignore_eos": workload.ignore_eos,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            chunk_times: list[float] = []
+            tokens = 0
+            try:
+                started = time.perf_counter()
+                async with http.stream("POST", "/completions", json=body) as reply:
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            raise RuntimeError(event["error"]["message"])
+                        if event["choices"]:
+                            chunk_times.append(time.perf_counter() - started)
+                        elif event.get("usage"):
+                            tokens = event["usage"]["completion_tokens"]
+                records[i].token_times = spread_token_times(chunk_times, tokens)
+                if not records[i].token_times:
+                    records[i].error = "no tokens"
+            except Exception as exc:  # a failed request is counted, not fatal to the run
+                records[i].error = f"{type(exc).__name__}: {exc}"
+            finally:
+                limit.release()
+                on_done()
+
+        started = time.perf_counter()
+        tasks = []
+        for i, delay in enumerate(arrival_delays(workload)):
+            if delay:
+                await asyncio.sleep(delay)
+            await limit.acquire()
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - started
+    return RunResult("cluster_openai", duration, records)
+
+
 def comparison(results: dict[str, dict]) -> dict[str, float]:
     """The ratios the issue asks for: cluster vs the in-process baselines."""
     cluster = results.get("cluster")
@@ -218,6 +293,9 @@ def comparison(results: dict[str, dict]) -> dict[str, float]:
             ratios[f"throughput_vs_{name}"] = cluster["output_token_throughput"] / base["output_token_throughput"]
             ratios[f"e2e_mean_vs_{name}"] = cluster["e2e_s"]["mean"] / base["e2e_s"]["mean"]
             ratios[f"ttft_mean_vs_{name}"] = cluster["ttft_s"]["mean"] / base["ttft_s"]["mean"]
+    if (http := results.get("cluster_openai")) is not None:  # the HTTP front against the gRPC one, same cluster
+        ratios["openai_throughput_vs_grpc"] = http["output_token_throughput"] / cluster["output_token_throughput"]
+        ratios["openai_ttft_mean_vs_grpc"] = http["ttft_s"]["mean"] / cluster["ttft_s"]["mean"]
     return ratios
 
 

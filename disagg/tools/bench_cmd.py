@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 from disagg import config as cfg
@@ -56,6 +57,15 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         choices=cfg.KV_TRANSPORTS,
         help="how the local cluster's KV cache reaches the decode worker",
     )
+    c.add_argument(
+        "--api",
+        default="grpc",
+        choices=["grpc", "openai", "both"],
+        help="which front to load: the gRPC Generate, the OpenAI-compatible HTTP API (local cluster: its gateway "
+        "gets --http-port; with --address, --http-address), or both in alternation on the same cluster",
+    )
+    c.add_argument("--http-address", default="", help="with --address: the gateway's HTTP API, e.g. host:8000")
+    c.add_argument("--gateway-args", default="", help="extra flags for the gateway, e.g. '--stream-interval-tokens 8'")
     c.add_argument("--prefill-args", default="", help="extra flags for the prefill worker, e.g. '--threads 2'")
     c.add_argument("--decode-args", default="", help="extra flags for the decode worker")
     c.add_argument("--start-timeout", type=float, default=300.0)
@@ -104,22 +114,33 @@ def _worker_args(args: argparse.Namespace, kv_on: bool) -> list[str]:
     ]
 
 
-async def _start_cluster(args: argparse.Namespace, kv_on: bool) -> tuple[Cluster, str]:
-    from disagg.tools.cluster import Cluster
+async def _start_cluster(args: argparse.Namespace, kv_on: bool) -> tuple[Cluster, str, str]:
+    from disagg.tools.cluster import Cluster, free_port
 
+    gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
+    http = ""
+    if args.api != "grpc":
+        port = free_port()
+        gateway_args += ["--http-port", str(port), "--served-model-name", args.model]
+        http = f"127.0.0.1:{port}"
     cluster = Cluster(
         _worker_args(args, kv_on),
-        ["--kv-transport", args.kv_transport],
+        gateway_args,
         prefill_args=shlex.split(args.prefill_args),
         decode_args=shlex.split(args.decode_args),
     )
-    return cluster, await cluster.start(args.start_timeout)
+    return cluster, await cluster.start(args.start_timeout), http
 
 
 async def _cluster_run(
     args: argparse.Namespace, address: str, workload: Workload, prompts: list[str], name: str
 ) -> RunResult:
-    from disagg.tools.bench import Workload, run_against_gateway
+    from disagg.tools.bench import Workload, run_against_gateway, run_against_openai
+
+    def run(target: Workload, on_done: Callable[[], None] = lambda: None) -> Awaitable[RunResult]:
+        if name.endswith("_openai"):  # address: the gateway's HTTP host:port
+            return run_against_openai(f"http://{address}/v1", target, prompts, args.model, on_done=on_done)
+        return run_against_gateway(address, target, prompts, on_done=on_done)
 
     if args.warmup_requests:
         warm = Workload(
@@ -128,9 +149,9 @@ async def _cluster_run(
             min(8, workload.output_tokens),
             concurrency=args.warmup_requests,
         )
-        await run_against_gateway(address, warm, prompts)
+        await run(warm)
     bar = _progress(workload.num_requests, name)
-    result = await run_against_gateway(address, workload, prompts, on_done=bar.update)
+    result = await run(workload, bar.update)
     bar.close()
     result.name = name
     return result
@@ -175,10 +196,16 @@ async def _all_runs(
         for kv_on in modes:
             name = "cluster" if kv_on else "cluster_kv_off"
             if args.address:
-                addresses[name] = args.address
+                grpc_address, http_address = args.address, args.http_address
             else:
-                cluster, addresses[name] = await _start_cluster(args, kv_on)
+                cluster, grpc_address, http_address = await _start_cluster(args, kv_on)
                 clusters.append(cluster)
+            if args.api in ("grpc", "both"):
+                addresses[name] = grpc_address
+            if args.api in ("openai", "both"):
+                if not http_address:
+                    raise SystemExit("--api openai with --address needs --http-address")
+                addresses[name + "_openai"] = http_address
         runs: dict[str, list[RunResult]] = {}
         for round_index in range(args.repeats):
             if args.baseline != "none":
@@ -236,7 +263,7 @@ def _records(
     model = f"{lm.name}" + (" (dummy seeded weights)" if args.load_format == "dummy" else "")
     blocks = []
     for name, stats in results.items():
-        kv_on = name != "cluster_kv_off"
+        kv_on = "kv_off" not in name
         notes = [
             f"{workload.num_requests if name.startswith('cluster') or 'static' in name else stats['completed']} "
             f"requests, concurrency {1 if name == 'generate_sequential' else workload.concurrency}, "

@@ -32,6 +32,8 @@ def _up(args: argparse.Namespace) -> None:
         "--kv-cache" if args.kv_cache else "--no-kv-cache",
     ]
     gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
+    if args.http_port:  # the OpenAI-compatible HTTP API, named after the served model
+        gateway_args += ["--http-port", str(args.http_port), "--served-model-name", args.model]
     cluster = Cluster(
         worker_args,
         gateway_args,
@@ -52,6 +54,8 @@ def _up(args: argparse.Namespace) -> None:
         )
         for child in [cluster.gateway, *cluster.prefill, *cluster.decode]:
             print(f"  {child.name} metrics: http://{child.metrics_address}/metrics", flush=True)
+        if args.http_port:
+            print(f"  OpenAI-compatible API: http://127.0.0.1:{args.http_port}/v1 (model {args.model})", flush=True)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (2, 15):  # SIGINT, SIGTERM
@@ -174,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a local cluster (gateway + workers) and wait for Ctrl-C")
     cfg.add_model_flags(up)
     up.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
+    up.add_argument(
+        "--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API on this port (0 = off)"
+    )
     up.add_argument("--prefill-workers", type=int, default=1)
     up.add_argument("--decode-workers", type=int, default=1)
     up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)

@@ -22,53 +22,54 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from disagg.pb.disagg.v1 import gateway_pb2 as disagg_dot_v1_dot_gateway__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64isagg/v1/worker.proto\x12\tdisagg.v1\"\x10\n\x0eGetLoadRequest\"y\n\x0fGetLoadResponse\x12\x18\n\x10\x61\x63tive_sequences\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x04 \x01(\x03\x12\x11\n\trss_bytes\x18\x05 \x01(\x03\"\x8b\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"\x87\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x1b\n\x13\x61pply_chat_template\x18\x05 \x01(\x08\x12\x1b\n\x13generated_token_ids\x18\x06 \x03(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x07 \x01(\x05\x12\x30\n\x0ekv_destination\x18\x08 \x01(\x0b\x32\x18.disagg.v1.KvDestination\"b\n\rKvDestination\x12)\n\ttransport\x18\x01 \x01(\x0e\x32\x16.disagg.v1.KvTransport\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x02 \x01(\t\x12\x0e\n\x06handle\x18\x03 \x01(\t\"\xe1\x01\n\x08KvLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x10\n\x08kv_heads\x18\x03 \x01(\x05\x12\x0f\n\x07seq_len\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x12\n\nwire_dtype\x18\x08 \x01(\t\x12)\n\ttransport\x18\t \x01(\x0e\x32\x16.disagg.v1.KvTransport\x12\x0e\n\x06handle\x18\n \x01(\t\"\xbe\x01\n\rSequenceStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12&\n\tkv_layout\x18\x05 \x01(\x0b\x32\x13.disagg.v1.KvLayout\x12\r\n\x05model\x18\x06 \x01(\t\"L\n\x07KvChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"B\n\x0eKvSharedMemory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x14\n\x0ctensor_crc32\x18\x03 \x03(\r\"\\\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\"\xcf\x01\n\x0fPrefillResponse\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.disagg.v1.SequenceStartH\x00\x12&\n\x08kv_chunk\x18\x02 \x01(\x0b\x32\x12.disagg.v1.KvChunkH\x00\x12,\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x15.disagg.v1.FirstTokenH\x00\x12\x32\n\rshared_memory\x18\x04 \x01(\x0b\x32\x19.disagg.v1.KvSharedMemoryH\x00\x42\x07\n\x05\x65vent\"\xcd\x01\n\rDecodeRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.disagg.v1.SequenceStartH\x00\x12&\n\x08kv_chunk\x18\x02 \x01(\x0b\x32\x12.disagg.v1.KvChunkH\x00\x12,\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x15.disagg.v1.FirstTokenH\x00\x12\x32\n\rshared_memory\x18\x04 \x01(\x0b\x32\x19.disagg.v1.KvSharedMemoryH\x00\x42\x07\n\x05\x65vent\"Z\n\x0cKvPushHeader\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\tkv_layout\x18\x03 \x01(\x0b\x32\x13.disagg.v1.KvLayout\"k\n\rPushKvRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.disagg.v1.KvPushHeaderH\x00\x12&\n\x08kv_chunk\x18\x02 \x01(\x0b\x32\x12.disagg.v1.KvChunkH\x00\x42\x07\n\x05\x65vent\"(\n\x0ePushKvResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"H\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t*~\n\x0bKvTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_TRANSPORT_RELAYED\x10\x01\x12\x17\n\x13KV_TRANSPORT_DIRECT\x10\x02\x12\x1e\n\x1aKV_TRANSPORT_SHARED_MEMORY\x10\x03\x32T\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x19.disagg.v1.PrefillRequest\x1a\x1a.disagg.v1.PrefillResponse0\x01\x32\x93\x01\n\rDecodeService\x12\x41\n\x06\x44\x65\x63ode\x12\x18.disagg.v1.DecodeRequest\x1a\x19.disagg.v1.DecodeResponse(\x01\x30\x01\x12?\n\x06PushKv\x12\x18.disagg.v1.PushKvRequest\x1a\x19.disagg.v1.PushKvResponse(\x01\x32U\n\x11WorkerLoadService\x12@\n\x07GetLoad\x12\x19.disagg.v1.GetLoadRequest\x1a\x1a.disagg.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64isagg/v1/worker.proto\x12\tdisagg.v1\x1a\x17\x64isagg/v1/gateway.proto\"\x10\n\x0eGetLoadRequest\"y\n\x0fGetLoadResponse\x12\x18\n\x10\x61\x63tive_sequences\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x04 \x01(\x03\x12\x11\n\trss_bytes\x18\x05 \x01(\x03\"\xbe\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\t\n\x01n\x18\x08 \x01(\x05\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\"\xb1\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x1b\n\x13\x61pply_chat_template\x18\x05 \x01(\x08\x12\x1b\n\x13generated_token_ids\x18\x06 \x03(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x07 \x01(\x05\x12\x30\n\x0ekv_destination\x18\x08 \x01(\x0b\x32\x18.disagg.v1.KvDestination\x12(\n\x08messages\x18\t \x03(\x0b\x32\x16.disagg.v1.ChatMessage\"b\n\rKvDestination\x12)\n\ttransport\x18\x01 \x01(\x0e\x32\x16.disagg.v1.KvTransport\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x02 \x01(\t\x12\x0e\n\x06handle\x18\x03 \x01(\t\"\xe1\x01\n\x08KvLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x10\n\x08kv_heads\x18\x03 \x01(\x05\x12\x0f\n\x07seq_len\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x12\n\nwire_dtype\x18\x08 \x01(\t\x12)\n\ttransport\x18\t \x01(\x0e\x32\x16.disagg.v1.KvTransport\x12\x0e\n\x06handle\x18\n \x01(\t\"\xbe\x01\n\rSequenceStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12&\n\tkv_layout\x18\x05 \x01(\x0b\x32\x13.disagg.v1.KvLayout\x12\r\n\x05model\x18\x06 \x01(\t\"L\n\x07KvChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"B\n\x0eKvSharedMemory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x14\n\x0ctensor_crc32\x18\x03 \x03(\r\"\x95\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\r\n\x05index\x18\x05 \x01(\x05\x12(\n\x07logprob\x18\x06 \x01(\x0b\x32\x17.disagg.v1.TokenLogprob\"\xcf\x01\n\x0fPrefillResponse\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.disagg.v1.SequenceStartH\x00\x12&\n\x08kv_chunk\x18\x02 \x01(\x0b\x32\x12.disagg.v1.KvChunkH\x00\x12,\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x15.disagg.v1.FirstTokenH\x00\x12\x32\n\rshared_memory\x18\x04 \x01(\x0b\x32\x19.disagg.v1.KvSharedMemoryH\x00\x42\x07\n\x05\x65vent\"\xcd\x01\n\rDecodeRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.disagg.v1.SequenceStartH\x00\x12&\n\x08kv_chunk\x18\x02 \x01(\x0b\x32\x12.disagg.v1.KvChunkH\x00\x12,\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x15.disagg.v1.FirstTokenH\x00\x12\x32\n\rshared_memory\x18\x04 \x01(\x0b\x32\x19.disagg.v1.KvSharedMemoryH\x00\x42\x07\n\x05\x65vent\"Z\n\x0cKvPushHeader\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\tkv_layout\x18\x03 \x01(\x0b\x32\x13.disagg.v1.KvLayout\"k\n\rPushKvRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.disagg.v1.KvPushHeaderH\x00\x12&\n\x08kv_chunk\x18\x02 \x01(\x0b\x32\x12.disagg.v1.KvChunkH\x00\x42\x07\n\x05\x65vent\"(\n\x0ePushKvResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\"\x82\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob*~\n\x0bKvTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_TRANSPORT_RELAYED\x10\x01\x12\x17\n\x13KV_TRANSPORT_DIRECT\x10\x02\x12\x1e\n\x1aKV_TRANSPORT_SHARED_MEMORY\x10\x03\x32T\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x19.disagg.v1.PrefillRequest\x1a\x1a.disagg.v1.PrefillResponse0\x01\x32\x93\x01\n\rDecodeService\x12\x41\n\x06\x44\x65\x63ode\x12\x18.disagg.v1.DecodeRequest\x1a\x19.disagg.v1.DecodeResponse(\x01\x30\x01\x12?\n\x06PushKv\x12\x18.disagg.v1.PushKvRequest\x1a\x19.disagg.v1.PushKvResponse(\x01\x32U\n\x11WorkerLoadService\x12@\n\x07GetLoad\x12\x19.disagg.v1.GetLoadRequest\x1a\x1a.disagg.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVTRANSPORT']._serialized_start=2082
-  _globals['_KVTRANSPORT']._serialized_end=2208
-  _globals['_GETLOADREQUEST']._serialized_start=37
-  _globals['_GETLOADREQUEST']._serialized_end=53
-  _globals['_GETLOADRESPONSE']._serialized_start=55
-  _globals['_GETLOADRESPONSE']._serialized_end=176
-  _globals['_SAMPLINGPARAMS']._serialized_start=179
-  _globals['_SAMPLINGPARAMS']._serialized_end=318
-  _globals['_PREFILLREQUEST']._serialized_start=321
-  _globals['_PREFILLREQUEST']._serialized_end=584
-  _globals['_KVDESTINATION']._serialized_start=586
-  _globals['_KVDESTINATION']._serialized_end=684
-  _globals['_KVLAYOUT']._serialized_start=687
-  _globals['_KVLAYOUT']._serialized_end=912
-  _globals['_SEQUENCESTART']._serialized_start=915
-  _globals['_SEQUENCESTART']._serialized_end=1105
-  _globals['_KVCHUNK']._serialized_start=1107
-  _globals['_KVCHUNK']._serialized_end=1183
-  _globals['_KVSHAREDMEMORY']._serialized_start=1185
-  _globals['_KVSHAREDMEMORY']._serialized_end=1251
-  _globals['_FIRSTTOKEN']._serialized_start=1253
-  _globals['_FIRSTTOKEN']._serialized_end=1345
-  _globals['_PREFILLRESPONSE']._serialized_start=1348
-  _globals['_PREFILLRESPONSE']._serialized_end=1555
-  _globals['_DECODEREQUEST']._serialized_start=1558
-  _globals['_DECODEREQUEST']._serialized_end=1763
-  _globals['_KVPUSHHEADER']._serialized_start=1765
-  _globals['_KVPUSHHEADER']._serialized_end=1855
-  _globals['_PUSHKVREQUEST']._serialized_start=1857
-  _globals['_PUSHKVREQUEST']._serialized_end=1964
-  _globals['_PUSHKVRESPONSE']._serialized_start=1966
-  _globals['_PUSHKVRESPONSE']._serialized_end=2006
-  _globals['_DECODERESPONSE']._serialized_start=2008
-  _globals['_DECODERESPONSE']._serialized_end=2080
-  _globals['_PREFILLSERVICE']._serialized_start=2210
-  _globals['_PREFILLSERVICE']._serialized_end=2294
-  _globals['_DECODESERVICE']._serialized_start=2297
-  _globals['_DECODESERVICE']._serialized_end=2444
-  _globals['_WORKERLOADSERVICE']._serialized_start=2446
-  _globals['_WORKERLOADSERVICE']._serialized_end=2531
+  _globals['_KVTRANSPORT']._serialized_start=2317
+  _globals['_KVTRANSPORT']._serialized_end=2443
+  _globals['_GETLOADREQUEST']._serialized_start=62
+  _globals['_GETLOADREQUEST']._serialized_end=78
+  _globals['_GETLOADRESPONSE']._serialized_start=80
+  _globals['_GETLOADRESPONSE']._serialized_end=201
+  _globals['_SAMPLINGPARAMS']._serialized_start=204
+  _globals['_SAMPLINGPARAMS']._serialized_end=394
+  _globals['_PREFILLREQUEST']._serialized_start=397
+  _globals['_PREFILLREQUEST']._serialized_end=702
+  _globals['_KVDESTINATION']._serialized_start=704
+  _globals['_KVDESTINATION']._serialized_end=802
+  _globals['_KVLAYOUT']._serialized_start=805
+  _globals['_KVLAYOUT']._serialized_end=1030
+  _globals['_SEQUENCESTART']._serialized_start=1033
+  _globals['_SEQUENCESTART']._serialized_end=1223
+  _globals['_KVCHUNK']._serialized_start=1225
+  _globals['_KVCHUNK']._serialized_end=1301
+  _globals['_KVSHAREDMEMORY']._serialized_start=1303
+  _globals['_KVSHAREDMEMORY']._serialized_end=1369
+  _globals['_FIRSTTOKEN']._serialized_start=1372
+  _globals['_FIRSTTOKEN']._serialized_end=1521
+  _globals['_PREFILLRESPONSE']._serialized_start=1524
+  _globals['_PREFILLRESPONSE']._serialized_end=1731
+  _globals['_DECODEREQUEST']._serialized_start=1734
+  _globals['_DECODEREQUEST']._serialized_end=1939
+  _globals['_KVPUSHHEADER']._serialized_start=1941
+  _globals['_KVPUSHHEADER']._serialized_end=2031
+  _globals['_PUSHKVREQUEST']._serialized_start=2033
+  _globals['_PUSHKVREQUEST']._serialized_end=2140
+  _globals['_PUSHKVRESPONSE']._serialized_start=2142
+  _globals['_PUSHKVRESPONSE']._serialized_end=2182
+  _globals['_DECODERESPONSE']._serialized_start=2185
+  _globals['_DECODERESPONSE']._serialized_end=2315
+  _globals['_PREFILLSERVICE']._serialized_start=2445
+  _globals['_PREFILLSERVICE']._serialized_end=2529
+  _globals['_DECODESERVICE']._serialized_start=2532
+  _globals['_DECODESERVICE']._serialized_end=2679
+  _globals['_WORKERLOADSERVICE']._serialized_start=2681
+  _globals['_WORKERLOADSERVICE']._serialized_end=2766
 # @@protoc_insertion_point(module_scope)
