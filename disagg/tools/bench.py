@@ -12,9 +12,9 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -194,16 +194,23 @@ async def run_against_gateway(
                 limit.release()
                 on_done()
 
-        started = time.perf_counter()
-        tasks = []
-        for i, delay in enumerate(arrival_delays(workload)):
-            if delay:
-                await asyncio.sleep(delay)
-            await limit.acquire()
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        duration = time.perf_counter() - started
+        duration = await _drive(workload, limit, one)
     return RunResult("cluster", duration, records)
+
+
+async def _drive(
+    workload: Workload, limit: asyncio.Semaphore, one: Callable[[int], Coroutine[Any, Any, None]]
+) -> float:
+    """Start request i at its arrival time (and when `limit` lets it); returns the seconds until all ended."""
+    started = time.perf_counter()
+    tasks: list[asyncio.Task[None]] = []
+    for i, delay in enumerate(arrival_delays(workload)):
+        if delay:
+            await asyncio.sleep(delay)
+        await limit.acquire()
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - started
 
 
 def spread_token_times(chunk_times: list[float], tokens: int) -> list[float]:
@@ -269,15 +276,7 @@ async def run_against_openai(
                 limit.release()
                 on_done()
 
-        started = time.perf_counter()
-        tasks = []
-        for i, delay in enumerate(arrival_delays(workload)):
-            if delay:
-                await asyncio.sleep(delay)
-            await limit.acquire()
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        duration = time.perf_counter() - started
+        duration = await _drive(workload, limit, one)
     return RunResult("cluster_openai", duration, records)
 
 

@@ -97,21 +97,9 @@ def _progress(total: int, desc: str) -> tqdm:
 
 
 def _worker_args(args: argparse.Namespace, kv_on: bool) -> list[str]:
-    return [
-        "--model",
-        args.model,
-        "--load-format",
-        args.load_format,
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--seed",
-        str(args.seed),
-        "--threads",
-        str(args.threads),
-        "--kv-cache" if kv_on else "--no-kv-cache",
-    ]
+    from disagg.tools.cluster import worker_args
+
+    return worker_args(args, kv_on)
 
 
 async def _start_cluster(args: argparse.Namespace, kv_on: bool) -> tuple[Cluster, str, str]:

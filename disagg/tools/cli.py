@@ -15,22 +15,9 @@ from disagg import config as cfg
 
 def _up(args: argparse.Namespace) -> None:
     from disagg.tools.cluster import Cluster
+    from disagg.tools.cluster import worker_args as cluster_worker_args
 
-    worker_args = [
-        "--model",
-        args.model,
-        "--load-format",
-        args.load_format,
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--seed",
-        str(args.seed),
-        "--threads",
-        str(args.threads),
-        "--kv-cache" if args.kv_cache else "--no-kv-cache",
-    ]
+    worker_args = cluster_worker_args(args, args.kv_cache)
     gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
     if args.http_port:  # the OpenAI-compatible HTTP API, named after the served model
         gateway_args += ["--http-port", str(args.http_port), "--served-model-name", args.model]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -148,3 +149,12 @@ class Cluster:
 
     def stop(self) -> None:
         stop(([self.gateway] if self.gateway else []) + self.prefill + self.decode)
+
+
+def worker_args(args: argparse.Namespace, kv_cache: bool) -> list[str]:
+    """The model flags of `disagg up` / `disagg bench` (add_model_flags) as the worker command line takes them."""
+    return [
+        *("--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype, "--device", args.device),
+        *("--seed", str(args.seed), "--threads", str(args.threads)),
+        "--kv-cache" if kv_cache else "--no-kv-cache",
+    ]
