@@ -253,3 +253,14 @@ async def test_read_ahead_passes_on_a_cancelled_source_instead_of_hanging():
 
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(consume(), 5)
+
+
+async def test_a_segment_nobody_took_goes_at_its_request_deadline(tmp_path):
+    segments = SharedMemorySegments(ttl_seconds=120, directory=str(tmp_path))
+    sender = SharedMemorySender(layout(), 1 << 20, segments, deadline_seconds=0.05)
+    for i, (k, v) in enumerate(cache()):
+        await sender.send_layer(i, k, v)
+    await sender.finish()  # its message is then lost (a partition): nobody adopts the segment
+    assert list(tmp_path.iterdir())
+    await asyncio.sleep(0.2)
+    assert not list(tmp_path.iterdir())  # long before the 120 s TTL

@@ -370,14 +370,8 @@ async def test_partition_during_handoff(fault_cluster, cases, transport):
     _report(f"partition {a}-{b} {transport} +{deadline + 2:.0f}s", [], shm_segments_left=len(LEFT_BEHIND[transport]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a shared-memory segment whose KvSharedMemory message never reached the "
-    "decode worker stays in /dev/shm after its request ended and its deadline passed: the prefill "
-    "worker sweeps (120 s TTL) only when it creates the next segment, so without more shared-memory "
-    "traffic it stays until the worker exits; GetLoad does not count it",
-)
 def test_partitioned_shared_memory_handoff_leaves_no_segment():
+    """A segment whose KvSharedMemory message never reached decode is removed at its request's deadline."""
     if "shared-memory" not in LEFT_BEHIND:
         pytest.skip("the shared-memory partition scenario did not run")
     assert not LEFT_BEHIND["shared-memory"], f"{len(LEFT_BEHIND['shared-memory'])} KV segments left in /dev/shm"

@@ -14,6 +14,8 @@ each sender records the `kv.serialize` span.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import torch
 
@@ -142,9 +144,13 @@ class SharedMemorySender(KvSender):
 
     name = "shared-memory"
 
-    def __init__(self, layout: KvLayout, chunk_bytes: int, segments: SharedMemorySegments):
+    def __init__(
+        self, layout: KvLayout, chunk_bytes: int, segments: SharedMemorySegments, deadline_seconds: float | None = None
+    ):
+        """`deadline_seconds`: the request's time left; a segment nobody took by then is removed (the decode worker
+        unlinks the one it takes, so this only ever removes a segment whose message was lost, e.g. a partition)."""
         super().__init__(layout, chunk_bytes)
-        self.segments = segments
+        self.segments, self.deadline_seconds = segments, deadline_seconds
         self.segment = segments.create(layout.total_bytes)
         self.crcs = [0] * (2 * layout.num_layers)
 
@@ -160,6 +166,9 @@ class SharedMemorySender(KvSender):
 
     async def finish(self) -> list:
         self.segment.memory.close()
+        asyncio.get_running_loop().call_later(
+            self.deadline_seconds or self.segments.ttl, self.segments.remove, self.segment.name
+        )
         message = worker_pb2.KvSharedMemory(
             name=self.segment.name, size=self.layout.total_bytes, tensor_crc32=self.crcs
         )
@@ -187,5 +196,5 @@ def make_sender(
             layout, chunk_bytes, clients.stub(destination.decode_address), destination.handle, request_id, timeout
         )
     if destination.transport == SHARED_MEMORY:
-        return SharedMemorySender(layout, chunk_bytes, segments)
+        return SharedMemorySender(layout, chunk_bytes, segments, timeout)
     return RelayedSender(layout, chunk_bytes)
