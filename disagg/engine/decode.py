@@ -107,15 +107,17 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         with self.lock:
             self.lock.notify_all()
 
-    def _apply_cancellations(self) -> None:
+    def _apply_cancellations(self) -> set[str]:
+        """Drop the sequences cancelled since the last step; returns their ids (for subclasses' own queues)."""
         with self._cancel_lock:
             cancelled, self._cancelled = self._cancelled, set()
         if not cancelled:
-            return
+            return cancelled
         with self.lock:
             self.waiting = type(self.waiting)(s for s in self.waiting if s.request_id not in cancelled)
         for request_id in cancelled & self.running.keys():
             self._leave(request_id)
+        return cancelled
 
     @staticmethod
     def _steps_left(seq: DecodeSequence) -> int:

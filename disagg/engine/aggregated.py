@@ -1,0 +1,159 @@
+"""Aggregated engine: prefill and decode in one continuous-batching loop (the baseline disaggregation is measured
+against, as in DistServe and Splitwise).
+
+Each iteration of the engine thread (a) prefills waiting prompts, oldest first, as many as the running batch has
+free rows for and the per-step token budget (`BatchPolicy.token_budget`, padded prompt tokens) allows, samples
+each one's first token from the prompt's logits (as the prefill engine does) and queues its sequences, KV cache
+attached, for the decode batch; then (b) runs `DecodeEngine.run_once`: admission into the slab under the KV
+budget, one decode step for every running sequence, leaving, one `notify` for the step's tokens.
+
+So a prompt's forward pass delays the next token of every running stream by its whole length: that interference
+is what the aggregated-vs-disaggregated experiment measures, and it is not hidden (no chunked prefill: a prompt
+longer than the token budget is prefilled alone, in one forward pass).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from disagg.config import BatchPolicy
+from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent, _deliver_all
+from disagg.errors import Overloaded
+from disagg.kv.budget import KvBudget
+from disagg.model.loading import LoadedModel
+from disagg.model.logprobs import token_logprobs
+from disagg.model.prefill import prefill
+from disagg.model.sampling import sample_token
+
+
+@dataclass
+class Prompt:
+    """One request to prefill here: its n sequences (n > 1 share the prompt's one forward pass and KV cache).
+
+    Each sequence's `context` is the prompt (plus tokens generated before a resume), its `output` has those
+    generated tokens replayed, and its `kv` is None until the prefill; its first token is delivered as a
+    TokenEvent like every later one.
+    """
+
+    sequences: list[DecodeSequence]
+    enqueued_at: float = field(default_factory=time.monotonic)
+    prefill_seconds: float = 0.0  # the forward pass it took part in (set by the engine)
+    prefill_batch_size: int = 0
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.sequences[0].context
+
+
+@dataclass
+class PrefillStats:
+    prompts: int
+    tokens: int  # padded prompt tokens of the forward pass
+    seconds: float
+
+
+class AggregatedEngine(DecodeEngine):
+    """A DecodeEngine whose sequences arrive as prompts (`submit_prompt`) and are prefilled on its own thread."""
+
+    name = "aggregated"
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        policy: BatchPolicy,
+        kv_cache: bool = True,
+        budget: KvBudget | None = None,
+        notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
+    ):
+        super().__init__(lm, policy, kv_cache, budget, notify)
+        self.prompts: deque[Prompt] = deque()
+        self.last_prefill: PrefillStats | None = None
+
+    def submit_prompt(self, prompt: Prompt) -> None:
+        with self.lock:
+            if len(self.prompts) + len(self.waiting) >= self.policy.max_queue:
+                raise Overloaded(f"{self.name} queue is full ({self.policy.max_queue} waiting); retry later")
+            self.prompts.append(prompt)
+            self.lock.notify_all()
+
+    def busy(self) -> bool:
+        return bool(self.running) or bool(self.prompts)
+
+    @property
+    def active(self) -> int:
+        return super().active + sum(len(p.sequences) for p in self.prompts)
+
+    @property
+    def queued(self) -> int:
+        """Sequences not in the running batch yet: prompts to prefill and prefilled sequences waiting for room."""
+        return len(self.waiting) + sum(len(p.sequences) for p in self.prompts)
+
+    def _apply_cancellations(self) -> set[str]:
+        cancelled = super()._apply_cancellations()
+        if cancelled:
+            with self.lock:
+                for prompt in self.prompts:
+                    prompt.sequences = [s for s in prompt.sequences if s.request_id not in cancelled]
+                self.prompts = deque(p for p in self.prompts if p.sequences)
+        return cancelled
+
+    def _take_prompts(self) -> list[Prompt]:
+        """Oldest first, while the running batch has rows for their sequences and the padded prompt tokens stay
+        within the token budget (the first prompt always goes, however long)."""
+        rows = self.policy.max_batch_size - len(self.running) - len(self.waiting)
+        taken: list[Prompt] = []
+        with self.lock:
+            while self.prompts and len(self.prompts[0].sequences) <= rows:
+                longest = max(len(p.input_ids) for p in [*taken, self.prompts[0]])
+                if taken and longest * (len(taken) + 1) > self.policy.token_budget:
+                    break
+                prompt = self.prompts.popleft()
+                rows -= len(prompt.sequences)
+                taken.append(prompt)
+        return taken
+
+    def _prefill(self) -> None:
+        """(a): prefill what fits this step, deliver first tokens, queue the sequences that go on for the batch."""
+        taken = self._take_prompts()
+        if not taken:
+            return
+        started = time.perf_counter()
+        try:
+            outputs = prefill(self.lm.model, [p.input_ids for p in taken], want_kv=self.kv_cache)
+        except Exception as exc:
+            self.notify(functools.partial(_deliver_all, [(s, exc) for p in taken for s in p.sequences]))
+            raise
+        seconds = time.perf_counter() - started
+        events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
+        joining: list[DecodeSequence] = []
+        now = time.monotonic()
+        for prompt, out in zip(taken, outputs):
+            prompt.prefill_seconds, prompt.prefill_batch_size = seconds, len(taken)
+            for seq in prompt.sequences:
+                params = seq.output.params
+                token = sample_token(out.logits, params, step=len(seq.output.tokens))
+                text = seq.output.append(token)
+                logprobs = (
+                    token_logprobs(out.logits, token, params.top_logprobs, self.lm.tokenizer)
+                    if params.logprobs
+                    else None
+                )
+                seq.last_token_at = now
+                events.append((seq, TokenEvent(token, text, seq.output.finish_reason, logprobs)))
+                if seq.output.finish_reason is None:
+                    seq.kv = out.kv  # (n > 1: the same tensors; the batch copies them into each row)
+                    joining.append(seq)
+        with self.lock:
+            self.waiting.extend(joining)
+        self.notify(functools.partial(_deliver_all, events))  # first tokens leave before the decode step runs
+        tokens = max(len(p.input_ids) for p in taken) * len(taken)
+        self.last_prefill = PrefillStats(len(taken), tokens, seconds)
+
+    def run_once(self) -> None:
+        self._apply_cancellations()
+        self._prefill()
+        super().run_once()  # (b): admission under the KV budget, one decode step for the running batch
