@@ -19,6 +19,20 @@ KV_TRANSPORT_RELAYED: KvTransport
 KV_TRANSPORT_DIRECT: KvTransport
 KV_TRANSPORT_SHARED_MEMORY: KvTransport
 
+class AggregatedServiceGenerateRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: PrefillRequest
+    def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ...) -> None: ...
+
+class AggregatedServiceGenerateResponse(_message.Message):
+    __slots__ = ("start", "tokens")
+    START_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    start: SequenceStart
+    tokens: DecodeResponse
+    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeResponse, _Mapping]] = ...) -> None: ...
+
 class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

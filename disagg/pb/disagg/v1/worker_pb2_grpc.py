@@ -227,8 +227,93 @@ class DecodeService:
             _registered_method=True)
 
 
+class AggregatedServiceStub:
+    """Aggregated worker (`disagg decode --aggregated`): prefill and decode in one continuous-batching engine, the
+    baseline disaggregation is compared with. The gateway (`--aggregated`) sends it the request it would send a
+    prefill worker and relays the tokens.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/disagg.v1.AggregatedService/Generate',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.AggregatedServiceGenerateRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.AggregatedServiceGenerateResponse.FromString,
+                _registered_method=True)
+
+
+class AggregatedServiceServicer:
+    """Aggregated worker (`disagg decode --aggregated`): prefill and decode in one continuous-batching engine, the
+    baseline disaggregation is compared with. The gateway (`--aggregated`) sends it the request it would send a
+    prefill worker and relays the tokens.
+    """
+
+    def Generate(self, request, context):
+        """Generate streams one SequenceStart first (prompt ids and resolved sampling, no KV layout: the cache never
+        leaves the worker), then the tokens as DecodeResponse messages, the first token of each sequence first,
+        until every sequence has its finish reason. RESOURCE_EXHAUSTED (queue or KV budget full) comes before the
+        SequenceStart, so the caller may try another worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AggregatedServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.AggregatedServiceGenerateRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.AggregatedServiceGenerateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'disagg.v1.AggregatedService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('disagg.v1.AggregatedService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AggregatedService:
+    """Aggregated worker (`disagg decode --aggregated`): prefill and decode in one continuous-batching engine, the
+    baseline disaggregation is compared with. The gateway (`--aggregated`) sends it the request it would send a
+    prefill worker and relays the tokens.
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/disagg.v1.AggregatedService/Generate',
+            disagg_dot_v1_dot_worker__pb2.AggregatedServiceGenerateRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.AggregatedServiceGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class WorkerLoadServiceStub:
-    """Both workers serve it: what the gateway needs to pick the least-loaded worker, and what tests and operators
+    """Every worker serves it: what the gateway needs to pick the least-loaded worker, and what tests and operators
     read to see that cancelled work and its memory are gone.
     """
 
@@ -246,7 +331,7 @@ class WorkerLoadServiceStub:
 
 
 class WorkerLoadServiceServicer:
-    """Both workers serve it: what the gateway needs to pick the least-loaded worker, and what tests and operators
+    """Every worker serves it: what the gateway needs to pick the least-loaded worker, and what tests and operators
     read to see that cancelled work and its memory are gone.
     """
 
@@ -273,7 +358,7 @@ def add_WorkerLoadServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WorkerLoadService:
-    """Both workers serve it: what the gateway needs to pick the least-loaded worker, and what tests and operators
+    """Every worker serves it: what the gateway needs to pick the least-loaded worker, and what tests and operators
     read to see that cancelled work and its memory are gone.
     """
 
