@@ -38,7 +38,7 @@ class BatchPolicy:
 
     max_batch_size: int = 64
     wait_window_ms: float = 0.0
-    token_budget: int = 8192  # prefill only: prompt tokens per forward pass
+    token_budget: int = 8192  # prefill, and aggregated decode: prompt tokens per forward pass
     max_queue: int = 256  # waiting requests before RESOURCE_EXHAUSTED
 
 
@@ -69,6 +69,7 @@ class WorkerConfig:
     kv_wire_dtype: str = "auto"  # prefill only: KV format on the wire ("auto" = the model's dtype, lossless)
     kv_layerwise: bool = False  # prefill only: stream each layer's K/V while later layers compute
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
+    aggregated: bool = False  # decode only: also prefill (AggregatedService), one engine for both phases
     grace_seconds: float = 10.0
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -92,6 +93,7 @@ class GatewayConfig:
     port: int = 50051
     prefill: tuple[str, ...] = ("127.0.0.1:50061",)
     decode: tuple[str, ...] = ("127.0.0.1:50071",)
+    aggregated: tuple[str, ...] = ()  # aggregated workers: when set, requests go there (prefill, decode unused)
     default_max_new_tokens: int = 64
     max_prompt_chars: int = 200_000
     max_stop_strings: int = 16
@@ -166,6 +168,13 @@ def add_batch_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
     _flag(parser, "--wait-window-ms", d.wait_window_ms, "how long an idle worker waits for more requests to batch")
     if prefill:
         _flag(parser, "--token-budget", d.token_budget, "most prompt tokens (padded) in one prefill forward pass")
+    else:
+        _flag(
+            parser,
+            "--token-budget",
+            d.token_budget,
+            "--aggregated: most prompt tokens (padded) prefilled in one step, before its decode step",
+        )
     _flag(parser, "--max-queue", d.max_queue, "waiting requests before new ones are refused (RESOURCE_EXHAUSTED)")
 
 
@@ -216,6 +225,13 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
             d.kv_budget_mb,
             "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited",
         )
+        _flag(
+            parser,
+            "--aggregated",
+            d.aggregated,
+            "also serve AggregatedService: prefill requests here and decode them in the same continuous batch "
+            "(the non-disaggregated baseline; the gateway's --aggregated sends requests to such workers)",
+        )
     _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight work on SIGTERM")
     add_tls_flags(parser)
 
@@ -227,6 +243,13 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--metrics-port", d.metrics_port, "serve Prometheus metrics on this HTTP port (0 = off)")
     _flag(parser, "--prefill", d.prefill, "prefill worker addresses")
     _flag(parser, "--decode", d.decode, "decode worker addresses")
+    _flag(
+        parser,
+        "--aggregated",
+        d.aggregated,
+        "aggregated worker addresses (disagg decode --aggregated); when given, each request is prefilled and "
+        "decoded on one of them and --prefill/--decode are not used",
+    )
     _flag(parser, "--default-max-new-tokens", d.default_max_new_tokens, "max_new_tokens when a request gives 0")
     _flag(parser, "--max-prompt-chars", d.max_prompt_chars, "longest prompt accepted, in characters")
     _flag(parser, "--request-timeout-seconds", d.request_timeout_seconds, "server-side limit on one request")

@@ -177,6 +177,7 @@ def count_error(method: str, code: grpc.StatusCode) -> None:
 def watch_engine(engine: Any) -> None:
     """Gauges read at scrape time: queue length, and the running batch size of a decode engine."""
     if (m := current(WorkerMetrics)) is not None:
-        m.queue_length.set_function(lambda: len(engine.waiting))
+        # (an aggregated engine also counts the prompts it has yet to prefill)
+        m.queue_length.set_function(lambda: engine.queued if hasattr(engine, "queued") else len(engine.waiting))
     if (d := current(DecodeMetrics)) is not None:
         d.running.set_function(lambda: len(engine.running))

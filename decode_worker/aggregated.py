@@ -1,0 +1,99 @@
+"""AggregatedService: a request prefilled and decoded in this worker's one engine (`disagg decode --aggregated`).
+
+The request is the one a prefill worker would get; the worker tokenizes and resolves it as a prefill worker does,
+reserves its final KV size in the budget (as a Decode call does at SequenceStart: a refusal is RESOURCE_EXHAUSTED
+before anything was sent), answers with SequenceStart, then streams each sequence's tokens, the first one (from
+the prefill in the engine's loop) included. A call that ends early (client gone, deadline) cancels its sequences
+in the engine, which frees their KV at its next step; the reservation is released whichever way the call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from decode_worker.forks import Deliver, response_of, sequence_id
+from decode_worker.servicer import final_kv_bytes
+from disagg.engine.aggregated import AggregatedEngine, Prompt
+from disagg.engine.decode import DecodeSequence, TokenEvent
+from disagg.errors import InvalidRequest
+from disagg.kv.budget import KvBudget, Reservation
+from disagg.model.loading import LoadedModel
+from disagg.model.output_stream import OutputStream
+from disagg.model.sampling import for_sequence
+from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.rpc.convert import sampling_to_pb
+from disagg.rpc.prompt import prompt_token_ids, resolve_params
+
+
+class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
+    def __init__(self, lm: LoadedModel, engine: AggregatedEngine, budget: KvBudget):
+        self.lm, self.engine, self.budget = lm, engine, budget
+        self.active = 0  # Generate calls in progress
+
+    def load(self) -> dict[str, int]:
+        return dict(
+            active_sequences=self.active,
+            queued=self.engine.queued,
+            kv_bytes=self.budget.used,  # reserved by queued sequences + what the running slab holds
+            kv_budget_bytes=self.budget.limit,
+        )
+
+    async def Generate(
+        self, request: worker_pb2.AggregatedServiceGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.AggregatedServiceGenerateResponse]:
+        self.active += 1
+        reservation: Reservation | None = None
+        try:
+            prefill = request.request
+            prompt = prompt_token_ids(self.lm, prefill)
+            generated = list(prefill.generated_token_ids)
+            params = resolve_params(self.lm, prefill, len(prompt) + len(generated))
+            if params.n > 1 and generated:
+                raise InvalidRequest("a sequence with n > 1 cannot be resumed")
+            start = worker_pb2.SequenceStart(
+                request_id=prefill.request_id,
+                prompt_token_ids=prompt,
+                generated_token_ids=generated,
+                sampling=sampling_to_pb(params),
+                model=self.lm.name,
+            )
+            if self.engine.kv_cache:  # before anything is allocated for it: refused here, nothing was sent
+                nbytes = final_kv_bytes(self.lm, start) * params.n
+                reservation = self.budget.reserve(nbytes, f"sequence {prefill.request_id}")
+            events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
+
+            def deliver_to(index: int) -> Deliver:  # called on this loop: the engine notifies it once per step
+                return lambda event: events.put_nowait((index, event))
+
+            running: dict[int, DecodeSequence] = {}
+            for index in range(params.n):
+                output = OutputStream(self.lm.tokenizer, for_sequence(params, index), self.lm.eos_token_ids)
+                output.replay(generated)
+                running[index] = DecodeSequence(
+                    sequence_id(prefill.request_id, index),
+                    [*prompt, *generated],
+                    output,
+                    kv=None,  # computed by the engine's prefill
+                    deliver=deliver_to(index),
+                    reservation=reservation,  # one for all n (the budget counts it once)
+                )
+            self.engine.submit_prompt(Prompt(list(running.values())))  # may refuse: queue full
+            try:
+                yield worker_pb2.AggregatedServiceGenerateResponse(start=start)
+                while running:
+                    index, event = await events.get()
+                    if isinstance(event, BaseException):
+                        raise event
+                    if event.finish_reason is not None:
+                        running.pop(index)
+                    yield worker_pb2.AggregatedServiceGenerateResponse(tokens=response_of(index, event))
+            finally:
+                for seq in running.values():  # client gone, deadline passed or a failure: free the KV now
+                    self.engine.cancel(seq.request_id)
+        finally:
+            if reservation is not None:  # exactly once, whichever way the call ends
+                reservation.release()
+            self.active -= 1
