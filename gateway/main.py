@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from disagg import telemetry
 from disagg.config import GatewayConfig
-from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
 from disagg.rpc.interceptors import BearerTokenInterceptor
 from disagg.rpc.server import Server
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 async def start_http_front(
     config: GatewayConfig, servicer: GatewayServicer, prefill: WorkerPool, decode: WorkerPool
 ) -> HttpFront | None:
-    """The OpenAI-compatible HTTP API (--http-port) on the same servicer, pools and event loop as gRPC."""
+    """The OpenAI-compatible HTTP API (--http-port) on the same servicer, pools and event loop as gRPC (aggregated
+    mode: the one pool, twice)."""
     if not config.http_port:
         return None
     from gateway.openai_api import HttpFront, OpenAiApi  # only a gateway that serves HTTP imports its stack
@@ -33,18 +34,32 @@ async def start_http_front(
 
 async def serve(config: GatewayConfig) -> None:
     ttl, weight = 2 * config.health_interval_seconds, config.load_kv_weight  # load readings (see worker_pool)
-    prefill = WorkerPool("prefill", config.prefill, RelayPrefillStub, config.tls, load_ttl=ttl, kv_weight=weight)
-    decode = WorkerPool("decode", config.decode, RelayDecodeStub, config.tls, load_ttl=ttl, kv_weight=weight)
-    monitors = [asyncio.create_task(pool.monitor(config.health_interval_seconds)) for pool in (prefill, decode)]
+    pools: list[WorkerPool[Any]]
+    if config.aggregated:  # one kind of worker, prefill and decode in one engine each
+        aggregated = WorkerPool(
+            "aggregated",
+            config.aggregated,
+            worker_pb2_grpc.AggregatedServiceStub,
+            config.tls,
+            load_ttl=ttl,
+            kv_weight=weight,
+        )
+        pools = [aggregated]
+        servicer = GatewayServicer(config, aggregated=aggregated)
+    else:
+        prefill = WorkerPool("prefill", config.prefill, RelayPrefillStub, config.tls, load_ttl=ttl, kv_weight=weight)
+        decode = WorkerPool("decode", config.decode, RelayDecodeStub, config.tls, load_ttl=ttl, kv_weight=weight)
+        pools = [prefill, decode]
+        servicer = GatewayServicer(config, prefill, decode)
+    monitors = [asyncio.create_task(pool.monitor(config.health_interval_seconds)) for pool in pools]
 
-    servicer = GatewayServicer(config, prefill, decode)
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     server = Server(config.host, config.port, interceptors, tls=config.tls)  # root spans come from its telemetry
     server.add_service(
         gateway_pb2.DESCRIPTOR.services_by_name["Gateway"],
         lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s),
     )
-    http = await start_http_front(config, servicer, prefill, decode)  # None without --http-port
+    http = await start_http_front(config, servicer, pools[0], pools[-1])  # None without --http-port
     await server.start()
 
     await server.serve_until_signal(config.grace_seconds)  # SIGTERM: NOT_SERVING, finish streams, stop
@@ -52,8 +67,8 @@ async def serve(config: GatewayConfig) -> None:
         await http.stop()
     for task in monitors:
         task.cancel()
-    await prefill.close()
-    await decode.close()
+    for pool in pools:
+        await pool.close()
 
 
 def main(config: GatewayConfig) -> None:

@@ -8,6 +8,10 @@ A decode worker that cannot hold a sequence (its KV budget) is not failing: it r
 RESOURCE_EXHAUSTED right after reading SequenceStart, before anything else was sent, and the same SequenceStart
 goes to another decode worker while the prefill's KV waits in its stream (relayed, shared memory), so the prompt
 is not computed again. The client gets RESOURCE_EXHAUSTED only when every healthy decode worker refused.
+
+Aggregated mode (`--aggregated`): each attempt sends the request whole to one aggregated worker
+(AggregatedService/Generate: prefill and decode in its one engine) and relays its tokens; retries, resumption,
+refusals (another aggregated worker is tried), deadlines and the responses are the same code as above.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from disagg.config import GatewayConfig
 from disagg.errors import DeadlineExceeded, NoWorkerAvailable, Overloaded, ProtocolError, UpstreamError
 from disagg.kv.framing import is_chunk_message
 from disagg.kv.transports import DIRECT, TRANSPORT_VALUES
-from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
+from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from disagg.rpc.channel import CallEnded, send
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 from disagg.rpc.streams import ReadAhead
@@ -130,6 +134,17 @@ async def _open_admitted(
         raise
 
 
+def _pick_unrefused(pool: WorkerPool[Any], progress: Progress) -> Worker[Any]:
+    """The pool's best worker that has not refused this request; RESOURCE_EXHAUSTED once every healthy one did."""
+    try:
+        return pool.pick(exclude=frozenset(progress.refusals))
+    except NoWorkerAvailable as none:
+        if not progress.refusals:
+            raise
+        reasons = "; ".join(f"{address}: {reason}" for address, reason in progress.refusals.items())
+        raise Overloaded(f"every healthy {pool.kind} worker refused the sequence: {reasons}") from none
+
+
 @dataclass
 class Progress:
     """What the client has been sent so far: exactly what a resumed attempt needs."""
@@ -188,11 +203,28 @@ class Progress:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(
-        self, config: GatewayConfig, prefill: WorkerPool[RelayPrefillStub], decode: WorkerPool[RelayDecodeStub]
+        self,
+        config: GatewayConfig,
+        prefill: WorkerPool[RelayPrefillStub] | None = None,
+        decode: WorkerPool[RelayDecodeStub] | None = None,
+        aggregated: WorkerPool[worker_pb2_grpc.AggregatedServiceStub] | None = None,
     ):
-        self.config, self.prefill, self.decode = config, prefill, decode
+        """Disaggregated (prefill and decode pools) or, with `aggregated`, aggregated mode (that pool only)."""
+        if aggregated is None and (prefill is None or decode is None):
+            raise ValueError("a gateway needs prefill and decode workers, or aggregated workers")
+        self.config, self._prefill, self._decode, self.aggregated = config, prefill, decode, aggregated
         self.transport = TRANSPORT_VALUES[config.kv_transport]
         self.in_flight = 0
+
+    @property
+    def prefill(self) -> WorkerPool[RelayPrefillStub]:
+        assert self._prefill is not None  # (disaggregated mode: checked at construction)
+        return self._prefill
+
+    @property
+    def decode(self) -> WorkerPool[RelayDecodeStub]:
+        assert self._decode is not None  # (disaggregated mode: checked at construction)
+        return self._decode
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -209,21 +241,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.in_flight >= self.config.max_inflight:
             raise Overloaded(f"gateway has {self.in_flight} requests in flight (--max-inflight); retry later")
         progress = Progress(to_prefill_request(request, self.config))
+        attempt = self._attempt if self.aggregated is None else self._attempt_aggregated
         deadline = time.monotonic() + self.config.request_timeout_seconds
         self.in_flight += 1
         try:
             failures = 0
             while True:
                 try:
-                    async for response in self._attempt(progress, context, deadline):
+                    async for response in attempt(progress, context, deadline):
                         yield response
                     return
                 except WorkerRefused as refused:
-                    if refused.worker.kind != "decode" or self.transport != DIRECT:
+                    elsewhere = refused.worker.kind == "aggregated" or (
+                        refused.worker.kind == "decode" and self.transport == DIRECT
+                    )
+                    if not elsewhere:
                         self._pool(refused.worker).note_refusal(refused.worker)
                         raise
                     # direct: the prefill pushed the KV to that worker and cannot redirect it; prefill again for
-                    # another (not a failure: bounded by the decode workers, each refuses a request once)
+                    # another; aggregated: it refused before any work. Not a failure: bounded by the workers,
+                    # each refuses a request once.
                     self._refused(progress, refused)
                 except WorkerFailed as failure:
                     self._pool(failure.worker).mark_failed(failure.worker)
@@ -245,23 +282,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.in_flight -= 1
 
     def _pool(self, worker: Worker[Any]) -> WorkerPool[Any]:
+        if worker.kind == "aggregated" and self.aggregated is not None:
+            return self.aggregated
         return self.prefill if worker.kind == "prefill" else self.decode
 
     def _refused(self, progress: Progress, refused: WorkerRefused) -> None:
-        """A decode worker refused this request: others go first for it (the pool) and it is not asked again."""
-        self.decode.note_refusal(refused.worker)
+        """A decode (or aggregated) worker refused this request: others go first for it (the pool) and it is not
+        asked again."""
+        self._pool(refused.worker).note_refusal(refused.worker)
         progress.refusals[refused.worker.address] = refused.details
-        log.info("request %s: %s; trying another decode worker", progress.request.request_id, refused)
+        log.info("request %s: %s; trying another %s worker", progress.request.request_id, refused, refused.worker.kind)
 
     def _pick_decode(self, progress: Progress) -> Worker[RelayDecodeStub]:
         """The next decode worker to offer the sequence; RESOURCE_EXHAUSTED once every healthy one refused it."""
-        try:
-            return self.decode.pick(exclude=frozenset(progress.refusals))
-        except NoWorkerAvailable as none:
-            if not progress.refusals:
-                raise
-            reasons = "; ".join(f"{address}: {reason}" for address, reason in progress.refusals.items())
-            raise Overloaded(f"every healthy decode worker refused the sequence: {reasons}") from none
+        return _pick_unrefused(self.decode, progress)
 
     async def _admit(
         self, progress: Progress, start: bytes, timeout: float, metadata: Sequence[tuple[str, str]]
@@ -283,6 +317,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except BaseException:
                 worker.end()
                 raise
+
+    async def _attempt_aggregated(
+        self, progress: Progress, context: grpc.aio.ServicerContext, deadline: float
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """One try on an aggregated worker: the request (or, resumed, prompt + tokens sent) goes there whole; its
+        SequenceStart says what a resumption needs, then its tokens stream back, the first one included."""
+        assert self.aggregated is not None  # (aggregated mode)
+        request = progress.prefill_request()
+        metadata = telemetry.call_metadata(request.request_id)
+        timeout = self._timeout(context, deadline)
+        worker = _pick_unrefused(self.aggregated, progress)
+        worker.begin()
+        call = worker.stub.Generate(
+            worker_pb2.AggregatedServiceGenerateRequest(request=request), timeout=timeout, metadata=metadata
+        )
+        try:
+            async for message in _receive(worker, call):
+                if message.HasField("start"):
+                    progress.prompt_token_ids = list(message.start.prompt_token_ids)
+                    progress.sampling = message.start.sampling
+                    telemetry.note_model(message.start.model)
+                    continue
+                out = message.tokens
+                yield progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
+                if progress.done:
+                    return
+            raise WorkerFailed(worker, "stream ended without a finish reason")
+        finally:
+            call.cancel()
+            worker.end()
 
     def _timeout(self, context: grpc.aio.ServicerContext, deadline: float) -> float:
         """Seconds left for worker calls: the client's deadline or the server's limit, whichever comes first."""
