@@ -29,17 +29,19 @@ def _up(args: argparse.Namespace) -> None:
         gateway_port=args.port,
         prefill_args=shlex.split(args.prefill_args),
         decode_args=shlex.split(args.decode_args),
+        aggregated_workers=args.workers if args.aggregated else 0,
     )
 
     async def run() -> None:
         address = await cluster.start(args.start_timeout)
         assert cluster.gateway is not None  # started by cluster.start
-        print(
-            f"disagg cluster ready: gateway on {address} "
-            f"({args.prefill_workers} prefill, {args.decode_workers} decode, model {args.model})",
-            flush=True,
+        workers = (
+            f"{args.workers} aggregated"
+            if args.aggregated
+            else f"{args.prefill_workers} prefill, {args.decode_workers} decode"
         )
-        for child in [cluster.gateway, *cluster.prefill, *cluster.decode]:
+        print(f"disagg cluster ready: gateway on {address} ({workers}, model {args.model})", flush=True)
+        for child in [cluster.gateway, *cluster.workers]:
             print(f"  {child.name} metrics: http://{child.metrics_address}/metrics", flush=True)
         if args.http_port:
             print(f"  OpenAI-compatible API: http://127.0.0.1:{args.http_port}/v1 (model {args.model})", flush=True)
@@ -48,7 +50,7 @@ def _up(args: argparse.Namespace) -> None:
         for sig in (2, 15):  # SIGINT, SIGTERM
             loop.add_signal_handler(sig, stopping.set)
         while not stopping.is_set():
-            for child in cluster.prefill + cluster.decode + [cluster.gateway]:
+            for child in [*cluster.workers, cluster.gateway]:
                 if child.process.poll() is not None:
                     print(f"{child.name} exited with code {child.process.returncode}", file=sys.stderr)
             with contextlib.suppress(TimeoutError):
@@ -170,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--prefill-workers", type=int, default=1)
     up.add_argument("--decode-workers", type=int, default=1)
+    up.add_argument(
+        "--aggregated",
+        action="store_true",
+        help="the non-disaggregated baseline: --workers aggregated workers (disagg decode --aggregated, each "
+        "prefilling and decoding in one engine; --decode-args apply) behind the gateway, no prefill/decode workers",
+    )
+    up.add_argument("--workers", type=int, default=1, help="aggregated workers (with --aggregated)")
     up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)
     up.add_argument(
         "--kv-transport",

@@ -99,7 +99,9 @@ def stop(children: list[Child], grace: float = 15.0) -> None:
 
 
 class Cluster:
-    """N prefill workers, M decode workers and a gateway, all children of this process."""
+    """N prefill workers, M decode workers and a gateway, all children of this process; or, with
+    `aggregated_workers` > 0, that many aggregated workers (`decode --aggregated`, given `decode_args` too) and a
+    gateway with `--aggregated` (no prefill or decode workers)."""
 
     def __init__(
         self,
@@ -113,8 +115,11 @@ class Cluster:
         env: dict[str, str] | None = None,
         tls: TlsOptions | None = None,
         metrics: bool = True,
+        aggregated_workers: int = 0,
     ):
         self._metrics_port = free_port if metrics else (lambda: 0)  # each child serves /metrics on its own port
+        if aggregated_workers:
+            prefill_workers = decode_workers = 0
         self.prefill = [
             spawn(f"prefill-{i}", ["prefill", *worker_args, *prefill_args], free_port(), env, self._metrics_port())
             for i in range(prefill_workers)
@@ -123,21 +128,33 @@ class Cluster:
             spawn(f"decode-{i}", ["decode", *worker_args, *decode_args], free_port(), env, self._metrics_port())
             for i in range(decode_workers)
         ]
-        self.gateway: Child | None = None
-        self._gateway_args = [
-            *gateway_args,
-            "--prefill",
-            ",".join(c.address for c in self.prefill),
-            "--decode",
-            ",".join(c.address for c in self.decode),
+        self.aggregated = [
+            spawn(
+                f"aggregated-{i}",
+                ["decode", "--aggregated", *worker_args, *decode_args],
+                free_port(),
+                env,
+                self._metrics_port(),
+            )
+            for i in range(aggregated_workers)
         ]
+        self.gateway: Child | None = None
+        self._gateway_args = [*gateway_args, "--aggregated", ",".join(c.address for c in self.aggregated)]
+        if not aggregated_workers:
+            self._gateway_args = [
+                *gateway_args,
+                "--prefill",
+                ",".join(c.address for c in self.prefill),
+                "--decode",
+                ",".join(c.address for c in self.decode),
+            ]
         self._gateway_port = gateway_port or free_port()
         self._env = env
         self.tls = tls  # how to reach the children for health checks, when they serve TLS
 
     async def start(self, timeout: float = 600.0) -> str:
         try:
-            await wait_healthy(self.prefill + self.decode, timeout, self.tls)
+            await wait_healthy(self.workers, timeout, self.tls)
             self.gateway = spawn(
                 "gateway", ["gateway", *self._gateway_args], self._gateway_port, self._env, self._metrics_port()
             )
@@ -147,8 +164,12 @@ class Cluster:
             raise
         return self.gateway.address
 
+    @property
+    def workers(self) -> list[Child]:
+        return self.prefill + self.decode + self.aggregated
+
     def stop(self) -> None:
-        stop(([self.gateway] if self.gateway else []) + self.prefill + self.decode)
+        stop(([self.gateway] if self.gateway else []) + self.workers)
 
 
 def worker_args(args: argparse.Namespace, kv_cache: bool) -> list[str]:
