@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -18,57 +18,13 @@ from disagg.kv.transports import DIRECT, RELAYED
 from disagg.model.dtypes import DTYPE_NAMES
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
-from disagg.model.sampling import SamplingParams, for_sequence
+from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import layout_to_pb, logprob_to_pb, sampling_from_pb, sampling_to_pb
+from disagg.rpc.convert import layout_to_pb, logprob_to_pb, sampling_to_pb
+from disagg.rpc.prompt import prompt_token_ids, resolve_params
 
 if TYPE_CHECKING:
     import torch
-    from transformers import BatchEncoding
-
-
-def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
-    if request.prompt_token_ids:
-        return list(request.prompt_token_ids)
-    if request.messages:
-        return chat_token_ids(lm, [{"role": m.role, "content": m.content} for m in request.messages])
-    if not request.prompt:
-        raise InvalidRequest("prompt must not be empty")
-    if request.apply_chat_template:
-        return chat_token_ids(lm, [{"role": "user", "content": request.prompt}])
-    return lm.tokenizer.encode(request.prompt)
-
-
-def chat_token_ids(lm: LoadedModel, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation rendered with the model's chat template, ending with the assistant's turn to speak."""
-    if not lm.tokenizer.chat_template:
-        raise InvalidRequest(f"model {lm.name!r} has no chat template (messages / apply_chat_template)")
-    try:
-        rendered = lm.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-    except Exception as exc:  # a template may refuse a conversation (roles out of order, ...): the client's fault
-        raise InvalidRequest(f"messages: the chat template refused them: {exc}") from exc
-    return list(cast("BatchEncoding", rendered)["input_ids"])  # return_dict=True: a BatchEncoding
-
-
-def resolve_params(lm: LoadedModel, request: worker_pb2.PrefillRequest, context_tokens: int) -> SamplingParams:
-    """Fill in max_new_tokens and check that the request fits the model's context."""
-    params = sampling_from_pb(request.sampling)
-    room = lm.context_length - context_tokens + len(request.generated_token_ids)
-    if room <= 0:
-        raise InvalidRequest(
-            f"prompt of {context_tokens} tokens leaves no room in the model's context of {lm.context_length} tokens"
-        )
-    if params.max_new_tokens == 0:
-        default = request.default_max_new_tokens or 16
-        return SamplingParams(**{**params.__dict__, "max_new_tokens": min(default, room)})
-    if params.max_new_tokens > room:
-        raise InvalidRequest(
-            f"prompt ({context_tokens - len(request.generated_token_ids)} tokens) + max_new_tokens "
-            f"({params.max_new_tokens}) exceeds the model's context of {lm.context_length} tokens"
-        )
-    return params
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
