@@ -18,6 +18,9 @@ from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.prefill import prefill, prefill_after_prefix
 from disagg.model.sampling import SamplingParams
+from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
+from tests.test_metrics import scrape, value
 
 TOKENS = list(range(1000, 1100))
 FINGERPRINT = "0123456789abcdef01234567"
@@ -235,3 +238,44 @@ def test_layerwise_sink_gets_the_whole_prompt_kv_on_a_hit(gpt2_model):
         assert torch.equal(k, out.kv[i][0]) and torch.equal(v, out.kv[i][1]) and k.shape[2] == len(prompt)
     with pytest.raises(ValueError):
         prefill_after_prefix(lm.model, prompt[:32], known)  # nothing left to compute
+
+
+# --- through a cluster -------------------------------------------------------------------------------------------
+
+
+async def test_shared_prefix_reports_cached_tokens_through_the_gateway(gpt2_cluster, gpt2_model):
+    """The cache is on by default (--prefix-cache-mb 256): the session's cluster has it."""
+    system = "You are a helpful assistant that answers questions about prefix caches in serving. " * 4
+    prompts = [system + "Q: what is prefill?\nA:", system + "Q: what is decode?\nA:"]
+    [prefill_worker] = gpt2_cluster.cluster.prefill
+    before = scrape(prefill_worker.metrics_address)
+    results = []
+    async with channel(gpt2_cluster.address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        for prompt in prompts + prompts[:1]:
+            request = gateway_pb2.GenerateRequest(prompt=prompt, max_new_tokens=6, ignore_eos=True)
+            results.append(await complete(stub, request, timeout=120))
+    shared = len(gpt2_model.tokenizer.encode(system)) // 16 * 16
+    assert results[0].cached_prompt_tokens == 0
+    assert results[1].cached_prompt_tokens >= shared - 16 > 0
+    again = results[2].prompt_tokens
+    assert results[2].cached_prompt_tokens == min(again // 16 * 16, again - 1)  # every full block of it
+    assert results[2].token_ids == results[0].token_ids
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == generated_text_tokens(gpt2_model, prompt, 6)
+    after = scrape(prefill_worker.metrics_address)
+
+    def delta(name: str) -> float:
+        return value(after, name) - value(before, name)
+
+    assert delta("disagg_prefix_cache_cached_tokens_total") == sum(r.cached_prompt_tokens for r in results)
+    hits = delta("disagg_prefix_cache_hit_blocks_total")
+    assert hits == sum(-(-r.cached_prompt_tokens // 16) for r in results)
+    assert delta("disagg_prefix_cache_miss_blocks_total") == sum(r.prompt_tokens // 16 for r in results) - hits
+    assert 0 < value(after, "disagg_prefix_cache_bytes") <= 256 << 20
+
+
+def generated_text_tokens(lm: LoadedModel, prompt: str, n: int) -> list[int]:
+    x = torch.tensor([lm.tokenizer.encode(prompt)])
+    out = lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, x.shape[1] :].tolist()
