@@ -70,6 +70,8 @@ class WorkerConfig:
     kv_layerwise: bool = False  # prefill only: stream each layer's K/V while later layers compute
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     aggregated: bool = False  # decode only: also prefill (AggregatedService), one engine for both phases
+    prefix_cache_mb: int = 256  # prefill only: KV of computed prompt blocks kept for reuse (0 = off)
+    prefix_block_tokens: int = 16  # prefill only: tokens per prefix-cache block
     grace_seconds: float = 10.0
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -210,6 +212,14 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
             "lossless) or lossy float16, bfloat16, int8 (per-channel scaled)",
             choices=WIRE_DTYPE_CHOICES,
         )
+        _flag(
+            parser,
+            "--prefix-cache-mb",
+            d.prefix_cache_mb,
+            "memory for the prefix cache: the KV of computed prompt blocks, reused by later prompts that start "
+            "with the same tokens (LRU; 0 = off)",
+        )
+        _flag(parser, "--prefix-block-tokens", d.prefix_block_tokens, "tokens per prefix-cache block")
         _flag(
             parser,
             "--kv-layerwise",

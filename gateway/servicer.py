@@ -157,6 +157,7 @@ class Progress:
     refusals: dict[str, str] = field(default_factory=dict)  # decode worker address -> why it refused this request
     finished: set[int] = field(default_factory=set)  # indices of the n sequences that have their finish reason
     completion_tokens: int = 0  # of all n sequences
+    cached_tokens: int | None = None  # prompt tokens the first prefill took from its prefix cache
 
     @property
     def n(self) -> int:
@@ -198,6 +199,7 @@ class Progress:
             if self.done:
                 response.usage.prompt_tokens = len(self.prompt_token_ids or ())
                 response.usage.completion_tokens = self.completion_tokens
+                response.usage.cached_prompt_tokens = self.cached_tokens or 0
         return response
 
 
@@ -406,6 +408,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")
                 if kind == "first_token":
                     first = message.first_token
+                    if progress.cached_tokens is None:  # (a resumed prefill's count includes generated tokens)
+                        progress.cached_tokens = min(first.cached_tokens, len(progress.prompt_token_ids or ()))
                     logprobs = [first.logprob] if first.HasField("logprob") else []
                     yield progress.response(first.text, [first.token_id], first.finish_reason, first.index, logprobs)
                     if progress.done:

@@ -7,6 +7,7 @@ import asyncio
 from disagg import telemetry
 from disagg.config import WorkerConfig
 from disagg.engine.prefill import PrefillEngine
+from disagg.kv.prefix_cache import PrefixCache
 from disagg.kv.senders import PushClients
 from disagg.kv.shared_memory import SharedMemorySegments
 from disagg.model.runtime import load_for_serving
@@ -18,9 +19,11 @@ from prefill_worker.servicer import PrefillServicer
 
 async def serve(config: WorkerConfig, segments: SharedMemorySegments) -> None:
     lm = load_for_serving(config.model)
-    engine = PrefillEngine(lm, config.batch, kv_cache=config.kv_cache)
+    prefix_cache = PrefixCache(lm.fingerprint, config.prefix_cache_mb << 20, config.prefix_block_tokens)
+    engine = PrefillEngine(lm, config.batch, kv_cache=config.kv_cache, prefix_cache=prefix_cache)
     engine.start()
     telemetry.watch_engine(engine)
+    telemetry.watch_prefix_cache(prefix_cache)
 
     servicer = PrefillServicer(
         lm,

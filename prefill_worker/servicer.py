@@ -162,6 +162,7 @@ def _first_tokens(job: PrefillJob, result: PrefillResult) -> list[worker_pb2.Pre
             finish_reason=sample.finish_reason or "",
             prefill_seconds=result.forward_seconds,
             index=index,
+            cached_tokens=result.cached_tokens,
         )
         if sample.logprobs is not None:
             first.logprob.CopyFrom(logprob_to_pb(sample.logprobs))

@@ -10,11 +10,12 @@ import torch
 
 from disagg.config import BatchPolicy
 from disagg.engine.thread import EngineThread
+from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.kv.types import KvLayers
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import TokenLogprobs, token_logprobs
 from disagg.model.output_stream import OutputStream
-from disagg.model.prefill import prefill
+from disagg.model.prefill import PrefillOutput, prefill, prefill_after_prefix
 from disagg.model.sampling import sample_token
 
 
@@ -38,6 +39,9 @@ class PrefillResult:
     batch_size: int
     forward_started: float = 0.0  # time.monotonic() when the batch's forward pass began (for trace spans)
     samples: list[FirstSample] = field(default_factory=list)  # every sequence's first token (index 0 included)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
+    cache_hit_blocks: int = 0  # the prompt's full blocks found in the prefix cache
+    cache_miss_blocks: int = 0  # and not found (both 0 with the cache off)
 
     @property
     def all_finished(self) -> bool:
@@ -69,11 +73,20 @@ class PrefillJob:
 
 
 class PrefillEngine(EngineThread[PrefillJob]):
+    """Batches prompts into forward passes; with a prefix cache, a prompt that starts with cached blocks computes
+    only the rest, alone (batch of 1: its suffix attends to its own cached prefix), and every prefilled prompt's
+    full blocks are cached afterwards."""
+
     name = "prefill"
 
-    def __init__(self, lm: LoadedModel, policy: BatchPolicy, kv_cache: bool = True):
+    def __init__(
+        self, lm: LoadedModel, policy: BatchPolicy, kv_cache: bool = True, prefix_cache: PrefixCache | None = None
+    ):
         super().__init__(policy)
         self.lm, self.kv_cache = lm, kv_cache
+        # the prefix cache needs the prompts' KV: off with the KV cache
+        self.prefix_cache = prefix_cache if kv_cache and prefix_cache is not None and prefix_cache.enabled else None
+        self._undelivered: list[PrefillJob] = []  # of the batch in run_once
 
     def _take_batch(self) -> list[PrefillJob]:
         """Oldest-first jobs while the batch stays within max size and the padded-token budget."""
@@ -94,28 +107,75 @@ class PrefillEngine(EngineThread[PrefillJob]):
         batch = self._take_batch()
         if not batch:
             return
-        started, started_at = time.perf_counter(), time.monotonic()
+        cache = self.prefix_cache
+        hits = [cache.acquire(job.input_ids) if cache is not None else PrefixHit() for job in batch]
+        self._undelivered = list(batch)
         try:
-            layer_sinks = [job.on_kv_layer for job in batch]
-            on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None
-            if any(layer_sinks):
-
-                def on_layer(row: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-                    sink = layer_sinks[row]
-                    if sink is not None:
-                        sink(layer, keys, values)
-
-            outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache, on_layer=on_layer)
+            for job, hit in zip(batch, hits):  # hits first: short suffixes, their first tokens come soonest
+                if hit.blocks:
+                    self._forward_after_prefix(job, hit)
+            cold = [(job, hit) for job, hit in zip(batch, hits) if not hit.blocks]
+            if cold:
+                self._forward_batch([job for job, _ in cold], [hit for _, hit in cold])
         except Exception as exc:
-            for job in batch:
+            for job in self._undelivered:
                 job.deliver(exc)
             raise
+        finally:
+            for hit in hits:
+                if cache is not None:
+                    cache.release(hit)
+
+    def _forward_batch(self, batch: list[PrefillJob], hits: list[PrefixHit]) -> None:
+        """Prompts with nothing cached: one left-padded forward pass."""
+        started, started_at = time.perf_counter(), time.monotonic()
+        layer_sinks = [job.on_kv_layer for job in batch]
+        on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None
+        if any(layer_sinks):
+
+            def on_layer(row: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+                sink = layer_sinks[row]
+                if sink is not None:
+                    sink(layer, keys, values)
+
+        outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache, on_layer=on_layer)
         seconds = time.perf_counter() - started
-        for job, out in zip(batch, outputs):
-            samples = [job.first_sample(o, out.logits, self.lm.tokenizer) for o in [job.output, *job.forks]]
-            first = samples[0]
-            job.deliver(
-                PrefillResult(
-                    first.token, first.text, first.finish_reason, out.kv, seconds, len(batch), started_at, samples
-                )
+        for job, out, hit in zip(batch, outputs, hits):
+            self._finish(job, out, hit, seconds, len(batch), started_at)
+
+    def _forward_after_prefix(self, job: PrefillJob, hit: PrefixHit) -> None:
+        """A prompt whose first `hit.tokens` tokens are cached: only the rest goes through the model."""
+        started, started_at = time.perf_counter(), time.monotonic()
+        sink = job.on_kv_layer
+        on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        if sink is not None:
+
+            def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+                sink(layer, keys, values)
+
+        out = prefill_after_prefix(self.lm.model, job.input_ids, hit.kv(), on_layer=on_layer)
+        self._finish(job, out, hit, time.perf_counter() - started, 1, started_at)
+
+    def _finish(
+        self, job: PrefillJob, out: PrefillOutput, hit: PrefixHit, seconds: float, batch_size: int, started_at: float
+    ) -> None:
+        samples = [job.first_sample(o, out.logits, self.lm.tokenizer) for o in [job.output, *job.forks]]
+        first = samples[0]
+        self._undelivered.remove(job)
+        job.deliver(
+            PrefillResult(
+                first.token,
+                first.text,
+                first.finish_reason,
+                out.kv,
+                seconds,
+                batch_size,
+                started_at,
+                samples,
+                cached_tokens=hit.tokens,
+                cache_hit_blocks=len(hit.blocks),
+                cache_miss_blocks=hit.eligible_blocks - len(hit.blocks),
             )
+        )
+        if self.prefix_cache is not None and out.kv is not None:  # after delivery: off the first token's path
+            self.prefix_cache.insert(job.input_ids, out.kv)

@@ -107,3 +107,37 @@ def prefill(
             ]
         results.append(PrefillOutput(logits=logits[row], kv=kv))
     return results
+
+
+@torch.inference_mode()
+def prefill_after_prefix(
+    model: PreTrainedModel,
+    tokens: list[int],
+    prefix: KvLayers,
+    *,
+    on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> PrefillOutput:
+    """One prompt whose first P tokens' KV is known (`prefix`, each [1, kv_heads, P, head_dim]): only the other
+    tokens go through the model, attending to the prefix. Returns the whole prompt's KV, as `prefill` does.
+
+    `on_layer(layer, keys, values)`, if given, receives each layer's whole K and V (prefix included) while the
+    forward pass continues.
+    """
+    known = prefix[0][0].shape[2]
+    if not 0 < known < len(tokens):
+        raise ValueError(f"a prefix of {known} tokens for a prompt of {len(tokens)}: at least one must be computed")
+    device = next(model.parameters()).device
+    cache = _LayerReportingCache(model.config, on_layer) if on_layer is not None else DynamicCache(config=model.config)
+    for layer, (keys, values) in enumerate(prefix):
+        DynamicCache.update(cache, keys.to(device), values.to(device), layer)  # (not reported: the prefix is known)
+    suffix = torch.tensor([tokens[known:]], dtype=torch.long, device=device)
+    out = model(
+        input_ids=suffix,
+        attention_mask=torch.ones((1, len(tokens)), dtype=torch.long, device=device),
+        position_ids=torch.arange(known, len(tokens), dtype=torch.long, device=device).unsqueeze(0),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    kv = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in out.cache.layers]
+    return PrefillOutput(logits=out.logits[0, -1, :].float(), kv=kv)

@@ -9,7 +9,7 @@ re-exported here, so a call site reads `telemetry.record_decode(seq)`.
 from disagg.telemetry.decode import observe_kv_push, observe_kv_transfer, record_decode, record_kv_push
 from disagg.telemetry.gateway import note_model, observe_generate
 from disagg.telemetry.interceptor import server_interceptors
-from disagg.telemetry.metrics import count_error, watch_engine
+from disagg.telemetry.metrics import count_error, watch_engine, watch_prefix_cache
 from disagg.telemetry.prefill import KvSerialize, record_prefill
 from disagg.telemetry.propagation import REQUEST_ID_KEY, call_metadata, trace_metadata
 from disagg.telemetry.setup import configure_logging, registry, setup, setup_tracing, shutdown_tracing, state
@@ -35,4 +35,5 @@ __all__ = [
     "state",
     "trace_metadata",
     "watch_engine",
+    "watch_prefix_cache",
 ]

@@ -131,6 +131,20 @@ class PrefillMetrics(WorkerMetrics):
         super().__init__(reg)
         self.forward = _latency("disagg_prefill_forward_seconds", "Prefill forward pass of a request's batch", reg)
         self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens prefilled", registry=reg)
+        # the prefix cache, counted in blocks of --prefix-block-tokens (a prompt's full blocks: found or not)
+        self.prefix_hits = Counter(
+            "disagg_prefix_cache_hit_blocks", "Prompt blocks found in the prefix cache", registry=reg
+        )
+        self.prefix_misses = Counter(
+            "disagg_prefix_cache_miss_blocks", "Full prompt blocks not found in the prefix cache", registry=reg
+        )
+        self.prefix_cached_tokens = Counter(
+            "disagg_prefix_cache_cached_tokens", "Prompt tokens whose KV came from the prefix cache", registry=reg
+        )
+        self.prefix_evictions = Counter(
+            "disagg_prefix_cache_evicted_blocks", "Blocks evicted from the prefix cache (LRU)", registry=reg
+        )
+        self.prefix_bytes = Gauge("disagg_prefix_cache_bytes", "KV bytes held by the prefix cache", registry=reg)
 
 
 class DecodeMetrics(WorkerMetrics):
@@ -181,3 +195,11 @@ def watch_engine(engine: Any) -> None:
         m.queue_length.set_function(lambda: engine.queued if hasattr(engine, "queued") else len(engine.waiting))
     if (d := current(DecodeMetrics)) is not None:
         d.running.set_function(lambda: len(engine.running))
+
+
+def watch_prefix_cache(cache: Any) -> None:
+    """The prefix cache's bytes (read at scrape time) and evictions (counted as they happen); `cache` is a
+    disagg.kv.prefix_cache.PrefixCache."""
+    if (m := current(PrefillMetrics)) is not None:
+        m.prefix_bytes.set_function(lambda: cache.bytes_held)
+        cache.on_evict = m.prefix_evictions.inc

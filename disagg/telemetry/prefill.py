@@ -16,7 +16,8 @@ from disagg.telemetry.spans import Clock, mb_per_s, recording, span_between
 def record_prefill(job: Any, result: Any) -> None:
     """After a prefill forward pass: the queue-wait and forward spans, and their metrics.
 
-    `job` is a PrefillJob (enqueued_at), `result` its PrefillResult (forward_started, forward_seconds, batch_size).
+    `job` is a PrefillJob (enqueued_at), `result` its PrefillResult (forward_started, forward_seconds, batch_size,
+    and what the prefix cache gave: cached_tokens, cache_hit_blocks, cache_miss_blocks).
     """
     started = result.forward_started
     if (m := current(PrefillMetrics)) is not None:
@@ -24,6 +25,9 @@ def record_prefill(job: Any, result: Any) -> None:
         m.forward.observe(result.forward_seconds)
         m.batch_size.observe(result.batch_size)
         m.prompt_tokens.inc(len(job.input_ids))
+        m.prefix_hits.inc(result.cache_hit_blocks)
+        m.prefix_misses.inc(result.cache_miss_blocks)
+        m.prefix_cached_tokens.inc(result.cached_tokens)
     if not recording():
         return
     clock = Clock()
@@ -36,6 +40,7 @@ def record_prefill(job: Any, result: Any) -> None:
         ended,
         {
             "disagg.prefill.tokens": len(job.input_ids),
+            "disagg.prefill.cached_tokens": result.cached_tokens,
             "disagg.batch.size": result.batch_size,
             "disagg.prefill.forward_seconds": result.forward_seconds,
         },

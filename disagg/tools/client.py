@@ -25,6 +25,7 @@ class Completion:
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
     token_times: list[float] = field(default_factory=list)  # arrival of each token
     latency: float = 0.0
 
@@ -72,6 +73,7 @@ async def complete(
             result.finish_reason = response.finish_reason
             result.prompt_tokens = response.usage.prompt_tokens
             result.completion_tokens = response.usage.completion_tokens
+            result.cached_prompt_tokens = response.usage.cached_prompt_tokens
         result.latency = at
     return result
 

@@ -170,20 +170,22 @@ class KvSharedMemory(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., tensor_crc32: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FirstToken(_message.Message):
-    __slots__ = ("token_id", "text", "finish_reason", "prefill_seconds", "index", "logprob")
+    __slots__ = ("token_id", "text", "finish_reason", "prefill_seconds", "index", "logprob", "cached_tokens")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     text: str
     finish_reason: str
     prefill_seconds: float
     index: int
     logprob: _gateway_pb2.TokenLogprob
-    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., index: _Optional[int] = ..., logprob: _Optional[_Union[_gateway_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., index: _Optional[int] = ..., logprob: _Optional[_Union[_gateway_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("start", "kv_chunk", "first_token", "shared_memory")
