@@ -106,6 +106,11 @@ class GatewayConfig:
     kv_transport: str = "relayed"  # how KV reaches decode: relayed (through here), direct, shared-memory
     health_interval_seconds: float = 1.0
     load_kv_weight: float = 4.0  # how many sequences a full KV budget weighs in the choice of worker
+    # KV-aware routing (gateway.prefix_routing): a prompt goes to the prefill worker that served its prefix
+    prefix_routing: bool = True
+    prefix_routing_weight: float = 4.0  # sequences of load a fully uncached prompt weighs
+    prefix_balance_abs: float = 8.0  # ignore the cache when max - min load > this ...
+    prefix_balance_rel: float = 1.5  # ... and max load > this x min load
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -288,6 +293,26 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "in the choice of worker, how many sequences a worker's full KV budget weighs (score = active + queued + "
         "started since its load report + this x kv_bytes / kv_budget_bytes)",
     )
+    _flag(
+        parser,
+        "--prefix-routing",
+        d.prefix_routing,
+        "KV-aware routing: send a prompt to the prefill worker that served its prefix before (an index of this "
+        "gateway's own decisions; only matters with more than one prefill worker)",
+    )
+    _flag(
+        parser,
+        "--prefix-routing-weight",
+        d.prefix_routing_weight,
+        "KV-aware routing cost = this x uncached share of the prompt + the worker's load score (sequences)",
+    )
+    _flag(
+        parser,
+        "--prefix-balance-abs",
+        d.prefix_balance_abs,
+        "KV-aware routing falls back to least-loaded when max - min load exceeds this and --prefix-balance-rel",
+    )
+    _flag(parser, "--prefix-balance-rel", d.prefix_balance_rel, "... and max load exceeds this x min load")
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     _flag(parser, "--http-port", d.http_port, "serve the OpenAI-compatible HTTP API on this port (0 = off)")
     _flag(parser, "--served-model-name", d.served_model_name, "model name of the HTTP API (empty: accept any)")

@@ -35,6 +35,7 @@ from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worke
 from disagg.rpc.channel import CallEnded, send
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 from disagg.rpc.streams import ReadAhead
+from gateway.prefix_routing import PrefixRouter, RoutingOptions
 from gateway.stream_interval import coalesced
 from gateway.validation import to_prefill_request
 from gateway.worker_pool import Worker, WorkerPool
@@ -217,6 +218,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.config, self._prefill, self._decode, self.aggregated = config, prefill, decode, aggregated
         self.transport = TRANSPORT_VALUES[config.kv_transport]
         self.in_flight = 0
+        self.prefix_router: PrefixRouter | None = None  # KV-aware choice of prefill worker
+        if prefill is not None and aggregated is None:
+            options = RoutingOptions(
+                config.prefix_routing,
+                config.prefix_routing_weight,
+                config.prefix_balance_abs,
+                config.prefix_balance_rel,
+            )
+            self.prefix_router = PrefixRouter(prefill, options)
 
     @property
     def prefill(self) -> WorkerPool[RelayPrefillStub]:
@@ -374,7 +384,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         metadata = telemetry.call_metadata(request.request_id)
         timeout = self._timeout(context, deadline)  # (before any worker counts this attempt in flight)
         prefill_worker: Worker[RelayPrefillStub] | None  # None once its stream is done
-        prefill_worker = self.prefill.pick()
+        router = self.prefix_router
+        prefill_worker = self.prefill.pick() if router is None else router.pick(request)
         decode_worker: Worker[RelayDecodeStub] | None = None
         pushes_to: Worker[RelayDecodeStub] | None = None
         decode_call: grpc.aio.StreamStreamCall | None = None
@@ -398,6 +409,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     progress.prompt_token_ids = list(message.start.prompt_token_ids)
                     progress.sampling = message.start.sampling
                     telemetry.note_model(message.start.model)
+                    if router is not None:
+                        router.record(prefill_worker, request, message.start)
                     timeout = self._timeout(context, deadline)
                     if decode_worker is None:
                         decode_worker, decode_call = await self._admit(progress, raw, timeout, metadata)

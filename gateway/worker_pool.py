@@ -20,6 +20,9 @@ KV budget weighs: a worker close to its budget is avoided before it has to refus
 first. A worker that refused a request (RESOURCE_EXHAUSTED) stays healthy but is deprioritised, picked only when no
 other candidate is left, until a reading asked after the refusal shows its load changed (or `refusal_hold` seconds
 passed, so that an idle worker that refused one request too big for it is not shunned for ever).
+
+The prefill pool's choice can be KV-aware instead (gateway.prefix_routing, which reads `candidates()`, `score()`
+and `deprioritised()`); `on_gone` callbacks hear of every worker marked down or gone from DNS.
 """
 
 from __future__ import annotations
@@ -143,7 +146,13 @@ class WorkerPool(Generic[Stub]):
         self.workers: dict[str, Worker[Stub]] = {}  # in rotation
         self.draining: dict[str, Worker[Stub]] = {}  # gone from DNS: no new requests; closed once their last one ends
         self._resolved: dict[str, list[str]] = {}  # what each configured name last resolved to
+        # called with the address of a worker marked down or gone from DNS (gateway.prefix_routing drops its keys)
+        self.on_gone: list[Callable[[str], object]] = []
         self._refresh_addresses()
+
+    def _gone(self, address: str) -> None:
+        for callback in self.on_gone:
+            callback(address)
 
     def _resolve(self, name: str) -> list[str]:
         try:
@@ -170,6 +179,7 @@ class WorkerPool(Generic[Stub]):
             log.info("%s worker %s added", self.kind, address)
         for address in [a for a in self.workers if a not in current]:
             self.draining[address] = self.workers.pop(address)
+            self._gone(address)
             log.info(
                 "%s worker %s left DNS; draining (%d in flight)", self.kind, address, self.draining[address].in_flight
             )
@@ -194,12 +204,20 @@ class WorkerPool(Generic[Stub]):
         now = self._clock() if now is None else now
         return worker.refused is not None and now - worker.refused.at < self.refusal_hold
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Worker[Stub]:
-        """The healthy worker with the lowest score, one that recently refused only when no other is left."""
+    def now(self) -> float:
+        return self._clock()
+
+    def candidates(self, exclude: frozenset[str] = frozenset()) -> list[Worker[Stub]]:
+        """The healthy workers in rotation, less `exclude`; NoWorkerAvailable when there is none."""
         candidates = [w for w in self.workers.values() if w.healthy and w.address not in exclude]
         if not candidates:
             states = ", ".join(f"{w.address} {'healthy' if w.healthy else 'down'}" for w in self.workers.values())
             raise NoWorkerAvailable(f"no healthy {self.kind} worker available ({states})")
+        return candidates
+
+    def pick(self, exclude: frozenset[str] = frozenset()) -> Worker[Stub]:
+        """The healthy worker with the lowest score, one that recently refused only when no other is left."""
+        candidates = self.candidates(exclude)
         now = self._clock()
         return min(candidates, key=lambda w: (self.deprioritised(w, now), self.score(w, now)))
 
@@ -243,6 +261,7 @@ class WorkerPool(Generic[Stub]):
         """Take a worker out of rotation at once; the health loop puts it back when it answers SERVING."""
         if worker.healthy:
             log.warning("%s worker %s marked down", self.kind, worker.address)
+            self._gone(worker.address)
         worker.healthy = False
 
     async def check(self) -> None:
@@ -259,6 +278,8 @@ class WorkerPool(Generic[Stub]):
                 up = False
             if up != worker.healthy:
                 log.warning("%s worker %s is %s", self.kind, worker.address, "up" if up else "down")
+                if not up:
+                    self._gone(worker.address)
             worker.healthy = up
             if up:
                 await self.read_load(worker)
