@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -25,6 +24,8 @@ from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.client import channel, complete
 from tests.conftest import GPT2_ARGS, RunningCluster, start_cluster
 from tests.reliability_helpers import wait_idle, worker_load
+from tests.test_batching import Collector as BatchingCollector
+from tests.test_batching import wait_until
 
 TEXTS = [
     "Hi",
@@ -45,13 +46,8 @@ def reference(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]
     return out[0, len(ids) :].tolist()
 
 
-class Collector:
+class Collector(BatchingCollector):
     """Tokens the engine delivers (first tokens included), in arrival order, per request; thread-safe."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, TokenEvent]] = []
-        self.done: dict[str, threading.Event] = {}
-        self.lock = threading.Lock()
 
     def prompt(self, lm: LoadedModel, request_id: str, ids: list[int], max_new_tokens: int, budget=None) -> Prompt:
         params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
@@ -70,23 +66,6 @@ class Collector:
             reservation = budget.reserve(2 * layers * heads * head_dim * (len(ids) + max_new_tokens) * 4)
         output = OutputStream(lm.tokenizer, params, lm.eos_token_ids)
         return Prompt([DecodeSequence(request_id, ids, output, None, deliver, reservation=reservation)])
-
-    def tokens(self, request_id: str) -> list[int]:
-        with self.lock:
-            return [e.token for r, e in self.events if r == request_id]
-
-    def wait(self, request_id: str, count: int = 0, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.done[request_id].is_set() and (not count or len(self.tokens(request_id)) < count):
-            assert time.monotonic() < deadline, f"{request_id} stalled"
-            time.sleep(0.01)
-
-
-def wait_until(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.fixture
