@@ -309,3 +309,21 @@ def test_engine_thread_hands_freed_memory_back_once_per_idle_spell(monkeypatch):
         wait_until(lambda: len(trims) == 2)
     finally:
         engine.stop()
+
+
+def test_a_slab_grown_inside_a_step_still_takes_joiners_and_leavers(gpt2_model):
+    """step() grows the slab when it was not planned for that many steps; that happens under inference mode,
+    and the grown slab must still take in-place writes from add and remove outside it."""
+    from disagg.model.decode_batch import _GROW_COLUMNS
+
+    layers, heads, head_dim = gpt2_model.kv_shape()
+    batch = DecodeBatch(layers, heads, head_dim, gpt2_model.dtype, gpt2_model.device)
+    ids = gpt2_model.tokenizer.encode(TEXTS[0])
+    kv, first = prefilled(gpt2_model, ids)
+    batch.add("a", kv, first)
+    batch.add("b", kv, first)
+    for _ in range(_GROW_COLUMNS + 2):  # past the columns add() left room for: step() reallocates
+        batch.set_last_tokens(batch.step(gpt2_model.model).argmax(-1).tolist())
+    batch.remove("a")  # in-place writes (b's row moves into a's) into the slab step() made
+    batch.add("c", kv, first)
+    assert len(batch) == 2 and batch.step(gpt2_model.model).shape[0] == 2

@@ -95,6 +95,7 @@ class DecodeBatch:
         steps: sized so, it takes no more memory until a sequence joins again."""
         return len(self.seq_ids) + len(seq_lens), max([self.length, *seq_lens]) + steps
 
+    @torch.inference_mode(False)  # normal tensors even when step() grows it: add/remove write into them later
     def _reallocate(self, rows: int, columns: int, shift: int) -> None:
         """A slab of exactly `rows` x `columns`, existing rows moved right by `shift` columns (a longer row joined).
 
