@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from disagg.config import GatewayConfig, add_gateway_flags, gateway_config
@@ -173,14 +172,13 @@ async def test_a_worker_marked_down_or_gone_from_dns_drops_its_entries() -> None
     await pool.close()
 
 
-def test_index_and_pick_are_cheap() -> None:
+async def test_a_very_long_prompt_routes_by_its_prefix() -> None:
+    """~116 KB of prompt (~29k tokens): the index keys it at its cut points and routes the next one that shares
+    it (how cheap that is belongs in a benchmark, not here)."""
     router = _router(2)
-    prompt = SYSTEM * 100  # ~116 KB, ~29k tokens: the whole index's work for one request, twice
-    t0 = time.perf_counter()
-    for _ in range(20):
-        _serve(router, A, prompt)
-        router.pick(_request(prompt))
-    assert (time.perf_counter() - t0) / 20 < 0.05
+    prompt = SYSTEM * 100
+    _serve(router, A, prompt)
+    assert router.pick(_request(prompt + " and one more question?")).address == A
 
 
 async def test_flags_and_servicer_wiring() -> None:
