@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
 import pytest
 
-from disagg.tools.bench import RequestRecord, RunResult, Workload, arrival_delays, comparison, make_prompts, summarize
+from disagg.tools.bench import (
+    RequestRecord,
+    RunResult,
+    Workload,
+    arrival_delays,
+    comparison,
+    make_conversations,
+    make_prompts,
+    make_shared_system_prompts,
+    next_turn_prompt,
+    run_conversations,
+    summarize,
+)
 from disagg.tools.cli import main
 from disagg.tools.experiment_record import FIELDS
 
@@ -61,6 +74,67 @@ def test_prompts_have_exactly_the_asked_tokens_after_a_text_round_trip(gpt2_mode
     assert len({tuple(p) for p in prompts}) == 5
     for ids in prompts:
         assert len(ids) == 37 and tok.encode(tok.decode(ids)) == ids
+
+
+def test_shared_system_prompts_share_exact_prefixes(gpt2_model):
+    tok = gpt2_model.tokenizer
+    prompts = make_shared_system_prompts(tok, 7, 3, 40, 9, seed=1)
+    assert len(prompts) == 7
+    for i, ids in enumerate(prompts):
+        assert len(ids) == 49 and tok.encode(tok.decode(ids)) == ids  # the gateway sees exactly these tokens
+        assert ids[:40] == prompts[i % 3][:40]
+    assert len({tuple(p[:40]) for p in prompts}) == 3  # 3 system prompts
+    assert len({tuple(p[40:]) for p in prompts}) == 7  # every user turn its own
+
+
+def test_multi_turn_histories_grow_by_the_reply_and_the_user_turn(gpt2_model):
+    tok = gpt2_model.tokenizer
+    conversations = make_conversations(tok, 2, 4, 11, seed=2)
+    assert [len(c) for c in conversations] == [4, 4]
+    assert len({tuple(t) for c in conversations for t in c}) == 8
+    replies = make_prompts(tok, 4, 5, seed=9)  # stand-ins for the server's replies, of a known length
+    prompt, expected = "", 0
+    previous: list[int] = []
+    for t, user in enumerate(conversations[0]):
+        prompt = next_turn_prompt(prompt, tok.decode(replies[t - 1]) if t else "", tok.decode(user))
+        ids = tok.encode(prompt)
+        expected += (5 if t else 0) + 11
+        assert len(ids) == expected  # the whole history, exactly
+        assert ids[: len(previous)] == previous  # the previous turn's prompt is a token prefix: cacheable
+        assert ids[-11:] == user
+        previous = ids
+    assert expected == 4 * 11 + 3 * 5
+
+
+def test_prefix_ratios_and_hit_rate():
+    records = [
+        RequestRecord(token_times=[0.1, 0.2], prompt_tokens=100, cached_prompt_tokens=0),
+        RequestRecord(token_times=[0.1, 0.2], prompt_tokens=200, cached_prompt_tokens=150),
+        RequestRecord(error="x", prompt_tokens=50, cached_prompt_tokens=50),  # failed: not counted
+    ]
+    stats = RunResult("cluster", 1.0, records).stats()
+    assert (stats["prompt_tokens"], stats["cached_prompt_tokens"]) == (300, 150)
+    assert stats["prefix_hit_rate"] == pytest.approx(0.5)
+
+    def timing(ttft: float) -> dict:
+        return {"ttft_s": {"p50": ttft, "p99": 2 * ttft}, "e2e_s": {"p50": 3 * ttft}}
+
+    ratios = comparison({"cluster": timing(0.1), "cluster_prefix_off": timing(0.4)})
+    assert ratios["prefix_off_ttft_p50_vs_on"] == pytest.approx(4.0)
+    assert ratios["prefix_off_ttft_p99_vs_on"] == pytest.approx(4.0)
+
+
+def test_multi_turn_second_turn_hits_the_prefix_cache(gpt2_cluster, gpt2_model):
+    tok = gpt2_model.tokenizer
+    conversations = [[tok.decode(t) for t in conv] for conv in make_conversations(tok, 1, 2, 40, seed=5)]
+    workload = Workload(2, 40, 4, concurrency=1, kind="multi-turn", turns=2)
+    result = asyncio.run(run_conversations(gpt2_cluster.address, workload, conversations))
+    first, second = result.records
+    assert not first.error and not second.error
+    assert len(first.token_times) == len(second.token_times) == 4
+    assert first.prompt_tokens == 40 and second.prompt_tokens > 80  # history: turn 1 + its reply + turn 2
+    assert second.cached_prompt_tokens > 0  # the first turn's blocks, computed once
+    assert result.stats()["prefix_hit_rate"] > 0
 
 
 def test_poisson_arrivals_have_the_asked_rate():

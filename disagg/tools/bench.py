@@ -3,7 +3,13 @@ and the comparison with in-process `generate()` run in the same invocation.
 
 Definitions (per request, seconds): TTFT is the arrival of the first token; TPOT is (E2E - TTFT) / (tokens - 1);
 ITL is every gap between consecutive tokens; E2E is the arrival of the last token. Throughput is finished requests
-and output tokens over the wall time of the whole run.
+and output tokens over the wall time of the whole run. The prefix hit rate is the cached prompt tokens the gateway
+reports (`usage.cached_prompt_tokens`) over all prompt tokens, summed over the finished requests.
+
+Workloads: `random` (distinct prompts of `prompt_tokens`), `shared-system-prompt` (request i = system prompt i mod N
+of `system_tokens` + a distinct user turn of `prompt_tokens`) and `multi-turn` (conversations of `turns` turns, each
+re-sending the whole history, i.e. the earlier user turns and replies, plus a new user turn of `prompt_tokens`; the
+turns of one conversation are sequential, conversations run concurrently up to `concurrency`).
 """
 
 from __future__ import annotations
@@ -73,6 +79,13 @@ class Workload:
     request_rate: float = float("inf")  # Poisson arrivals per second; inf = all at once, limited by concurrency
     ignore_eos: bool = True
     seed: int = 0
+    kind: str = "random"  # one of WORKLOADS
+    system_prompts: int = 0  # shared-system-prompt: how many distinct system prompts
+    system_tokens: int = 0  # shared-system-prompt: tokens of each
+    turns: int = 1  # multi-turn: turns per conversation (num_requests = conversations x turns)
+
+
+WORKLOADS = ("random", "shared-system-prompt", "multi-turn")
 
 
 @dataclass
@@ -81,6 +94,8 @@ class RequestRecord:
 
     token_times: list[float] = field(default_factory=list)
     error: str = ""
+    prompt_tokens: int = 0  # from the response's usage (0 where the front does not say)
+    cached_prompt_tokens: int = 0
 
     @property
     def ttft(self) -> float:
@@ -119,6 +134,8 @@ class RunResult:
     def stats(self) -> dict:
         ok = [r for r in self.records if not r.error and r.token_times]
         tokens = sum(len(r.token_times) for r in ok)
+        prompt_tokens = sum(r.prompt_tokens for r in ok)
+        cached = sum(r.cached_prompt_tokens for r in ok)
         return {
             "name": self.name,
             "duration_s": self.duration,
@@ -131,6 +148,9 @@ class RunResult:
             "tpot_s": summarize([t for r in ok if (t := r.tpot) is not None]),
             "itl_s": summarize([gap for r in ok for gap in r.itl]),
             "e2e_s": summarize([r.e2e for r in ok]),
+            "prompt_tokens": prompt_tokens,
+            "cached_prompt_tokens": cached,
+            "prefix_hit_rate": cached / prompt_tokens if prompt_tokens else float("nan"),
             "errors": sorted({r.error for r in self.records if r.error})[:5],
         }
 
@@ -152,6 +172,44 @@ def make_prompts(tokenizer: PreTrainedTokenizerBase, count: int, prompt_tokens: 
             raise ValueError(f"could not build a prompt of {prompt_tokens} tokens")
         prompts.append(ids)
     return prompts
+
+
+def _checked_concat(tokenizer: PreTrainedTokenizerBase, *parts: list[int]) -> list[int]:
+    """The parts joined, checked to survive decode -> encode unchanged (as the gateway will tokenize the text)."""
+    ids = [t for part in parts for t in part]
+    if tokenizer.encode(tokenizer.decode(ids)) != ids:
+        raise ValueError("the joined prompt does not re-encode to the same tokens")
+    return ids
+
+
+def make_shared_system_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    system_prompts: int,
+    system_tokens: int,
+    user_tokens: int,
+    seed: int = 0,
+) -> list[list[int]]:
+    """`count` prompts: prompt i = system prompt i mod `system_prompts` (exactly `system_tokens`) followed by its
+    own distinct user turn (exactly `user_tokens`); every prompt is `system_tokens + user_tokens` tokens as text."""
+    systems = make_prompts(tokenizer, system_prompts, system_tokens, seed=seed + 1_000_003)
+    users = make_prompts(tokenizer, count, user_tokens, seed=seed)
+    return [_checked_concat(tokenizer, systems[i % system_prompts], users[i]) for i in range(count)]
+
+
+def make_conversations(
+    tokenizer: PreTrainedTokenizerBase, conversations: int, turns: int, user_tokens: int, seed: int = 0
+) -> list[list[list[int]]]:
+    """The user turns of each conversation (exactly `user_tokens` each, all distinct); the replies come from the
+    server at run time and `next_turn_prompt` joins them into the growing history."""
+    users = make_prompts(tokenizer, conversations * turns, user_tokens, seed=seed)
+    return [users[c * turns : (c + 1) * turns] for c in range(conversations)]
+
+
+def next_turn_prompt(previous_prompt: str, reply: str, user_turn: str) -> str:
+    """A turn's prompt as a chat client re-sends it: the previous turn's prompt (the history so far), the reply it
+    got, then the new user turn. Its tokens start with the previous prompt's tokens, so the prefix cache can hit."""
+    return previous_prompt + reply + user_turn
 
 
 def arrival_delays(workload: Workload) -> list[float]:
@@ -183,18 +241,73 @@ async def run_against_gateway(
                 request_id=f"bench-{i}",
             )
             try:
-                done = await complete(stub, request, timeout=timeout)
-                records[i].token_times = done.token_times
-                if not done.token_times:
-                    records[i].error = "no tokens"
-            except Exception as exc:  # a failed request is counted, not fatal to the run
-                details = exc.details() if hasattr(exc, "details") else str(exc)
-                records[i].error = f"{type(exc).__name__}: {details}"
+                await _send(stub, request, records[i], timeout)
             finally:
                 limit.release()
                 on_done()
 
         duration = await _drive(workload, limit, one)
+    return RunResult("cluster", duration, records)
+
+
+async def _send(
+    stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.GenerateRequest, record: RequestRecord, timeout: float
+) -> str | None:
+    """One request into `record` (timings, usage or the error); returns the reply text, None when it failed."""
+    try:
+        done = await complete(stub, request, timeout=timeout)
+    except Exception as exc:  # a failed request is counted, not fatal to the run
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        record.error = f"{type(exc).__name__}: {details}"
+        return None
+    record.token_times = done.token_times
+    record.prompt_tokens = done.prompt_tokens
+    record.cached_prompt_tokens = done.cached_prompt_tokens
+    if not done.token_times:
+        record.error = "no tokens"
+        return None
+    return done.text
+
+
+async def run_conversations(
+    address: str,
+    workload: Workload,
+    conversations: list[list[str]],
+    on_done: Callable[[], None] = lambda: None,
+    timeout: float = 600.0,
+) -> RunResult:
+    """The multi-turn workload: each conversation sends its user turns one after the other, every turn re-sending
+    the history with the replies received; up to `concurrency` conversations at once. Record c * turns + t is turn
+    t of conversation c; a failed turn ends its conversation (the turns left are counted as failed)."""
+    limit = asyncio.Semaphore(workload.concurrency)
+    offsets = [sum(len(c) for c in conversations[:i]) for i in range(len(conversations))]
+    records = [RequestRecord() for c in conversations for _ in c]
+    async with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+
+        async def conversation(c: int) -> None:
+            async with limit:
+                prompt, reply = "", ""
+                for t, user in enumerate(conversations[c]):
+                    prompt = next_turn_prompt(prompt, reply, user)
+                    request = gateway_pb2.GenerateRequest(
+                        prompt=prompt,
+                        max_new_tokens=workload.output_tokens,
+                        ignore_eos=workload.ignore_eos,
+                        request_id=f"bench-conv{c}-turn{t}",
+                    )
+                    text = await _send(stub, request, records[offsets[c] + t], timeout)
+                    on_done()
+                    if text is None:
+                        for left in records[offsets[c] + t + 1 : offsets[c] + len(conversations[c])]:
+                            left.error = "an earlier turn of the conversation failed"
+                            on_done()
+                        return
+                    reply = text
+
+        started = time.perf_counter()
+        await asyncio.gather(*(conversation(c) for c in range(len(conversations))))
+        duration = time.perf_counter() - started
     return RunResult("cluster", duration, records)
 
 
@@ -265,8 +378,11 @@ async def run_against_openai(
                             raise RuntimeError(event["error"]["message"])
                         if event["choices"]:
                             chunk_times.append(time.perf_counter() - started)
-                        elif event.get("usage"):
-                            tokens = event["usage"]["completion_tokens"]
+                        elif usage := event.get("usage"):
+                            tokens = usage["completion_tokens"]
+                            records[i].prompt_tokens = usage.get("prompt_tokens", 0)
+                            details = usage.get("prompt_tokens_details") or {}
+                            records[i].cached_prompt_tokens = details.get("cached_tokens", 0)
                 records[i].token_times = spread_token_times(chunk_times, tokens)
                 if not records[i].token_times:
                     records[i].error = "no tokens"
@@ -295,6 +411,10 @@ def comparison(results: dict[str, dict]) -> dict[str, float]:
     if (http := results.get("cluster_openai")) is not None:  # the HTTP front against the gRPC one, same cluster
         ratios["openai_throughput_vs_grpc"] = http["output_token_throughput"] / cluster["output_token_throughput"]
         ratios["openai_ttft_mean_vs_grpc"] = http["ttft_s"]["mean"] / cluster["ttft_s"]["mean"]
+    if (off := results.get("cluster_prefix_off")) is not None:  # the same workload, prefix cache on vs off
+        ratios["prefix_off_ttft_p50_vs_on"] = off["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
+        ratios["prefix_off_ttft_p99_vs_on"] = off["ttft_s"]["p99"] / cluster["ttft_s"]["p99"]
+        ratios["prefix_off_e2e_p50_vs_on"] = off["e2e_s"]["p50"] / cluster["e2e_s"]["p50"]
     return ratios
 
 
@@ -310,6 +430,10 @@ def format_table(results: dict[str, dict], ratios: dict[str, float]) -> str:
         for stat in ("mean", "p50", "p90", "p99"):
             label = f"{metric[:-2].upper()} {stat} (ms)"
             rows.append((label, *(f"{results[n][metric][stat] * 1000:.1f}" for n in names)))
+    if any(results[n].get("prompt_tokens") for n in names):  # what the fronts reported of the prefix cache
+        rows.append(("prompt tokens", *(str(results[n].get("prompt_tokens", "")) for n in names)))
+        rows.append(("cached prompt tokens", *(str(results[n].get("cached_prompt_tokens", "")) for n in names)))
+        rows.append(("prefix hit rate", *(f"{results[n].get('prefix_hit_rate', float('nan')):.1%}" for n in names)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
@@ -347,7 +471,8 @@ def plot(path: str, runs: list[RunResult], title: str) -> None:
         ax.set_title(f"{metric} (ms)")
         ax.tick_params(axis="x", labelrotation=20)
     throughput = [r.stats()["output_token_throughput"] for r in runs]
-    axes[3].bar(labels, throughput, color=["tab:blue", "tab:gray", "tab:orange", "tab:green"][: len(runs)])
+    colors = ["tab:blue", "tab:gray", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    axes[3].bar(labels, throughput, color=[colors[i % len(colors)] for i in range(len(runs))])
     axes[3].set_title("output tokens/s")
     axes[3].tick_params(axis="x", labelrotation=20)
     fig.suptitle(title)

@@ -21,6 +21,7 @@ from disagg import config as cfg
 
 if TYPE_CHECKING:  # the flags are built for every `disagg` command; the heavy imports wait for `bench` itself
     from tqdm import tqdm
+    from transformers import PreTrainedTokenizerBase
 
     from disagg.model.loading import LoadedModel
     from disagg.tools.bench import RunResult, Workload
@@ -39,8 +40,32 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         default=float("inf"),
         help="Poisson arrivals per second (default inf: all at once, limited by --concurrency)",
     )
-    w.add_argument("--prompt-tokens", type=int, default=128)
-    w.add_argument("--output-tokens", type=int, default=64)
+    w.add_argument(
+        "--workload",
+        default="random",
+        choices=["random", "shared-system-prompt", "multi-turn"],
+        help="random: distinct prompts; shared-system-prompt: one of --system-prompts system prompts of "
+        "--system-tokens + a distinct user turn of --prompt-tokens; multi-turn: conversations of --turns turns, each "
+        "re-sending the history (user turns and replies) + a new user turn of --prompt-tokens",
+    )
+    w.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens (random, default 128), or of each user turn (the other workloads, default 64)",
+    )
+    w.add_argument(
+        "--output-tokens", type=int, default=None, help="tokens generated per request (default 64; multi-turn 96)"
+    )
+    w.add_argument("--system-prompts", type=int, default=4, help="shared-system-prompt: distinct system prompts")
+    w.add_argument("--system-tokens", type=int, default=512, help="shared-system-prompt: tokens of each")
+    w.add_argument("--turns", type=int, default=6, help="multi-turn: turns per conversation")
+    w.add_argument(
+        "--conversations",
+        type=int,
+        default=0,
+        help="multi-turn: conversations (default --num-requests / --turns); the run sends conversations x turns",
+    )
     w.add_argument("--ignore-eos", default=True, action=argparse.BooleanOptionalAction)
     w.add_argument("--warmup-requests", type=int, default=2, help="sent before timing starts (not counted)")
     c = parser.add_argument_group("cluster")
@@ -50,6 +75,13 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         default="on",
         choices=["on", "off", "both"],
         help="'both' runs the cluster twice (KV cache on, then off) for the comparison",
+    )
+    c.add_argument(
+        "--prefix-cache",
+        default="on",
+        choices=["on", "off", "both"],
+        help="the prefill workers' prefix cache ('off' passes --prefix-cache-mb 0); 'both' runs the same workload "
+        "on a cluster with it on and one with it off",
     )
     c.add_argument(
         "--kv-transport",
@@ -102,7 +134,61 @@ def _worker_args(args: argparse.Namespace, kv_on: bool) -> list[str]:
     return worker_args(args, kv_on)
 
 
-async def _start_cluster(args: argparse.Namespace, kv_on: bool) -> tuple[Cluster, str, str]:
+@dataclasses.dataclass
+class BenchPrompts:
+    """What the drivers send: token ids (for the baselines), their texts, the multi-turn conversations' user turns
+    (texts), and the warm-up prompts (distinct from the workload's where a cache could remember them)."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    conversations: list[list[str]]
+    warmup: list[str]
+
+
+def resolve_workload_defaults(args: argparse.Namespace) -> None:
+    """The defaults that depend on --workload: 128 prompt tokens for random, 64-token user turns otherwise (the
+    issue's 512 + 64 shape); 96 output tokens for multi-turn: 6 x 64 + 5 x 96 = 864 prompt tokens at the last turn,
+    + 96 generated = 960, under GPT-2's 1,024 positions (128 would reach 1,152: past them, the decode worker fails)."""
+    if args.prompt_tokens is None:
+        args.prompt_tokens = 128 if args.workload == "random" else 64
+    if args.output_tokens is None:
+        args.output_tokens = 96 if args.workload == "multi-turn" else 64
+    if args.workload == "multi-turn":
+        args.conversations = args.conversations or max(1, args.num_requests // args.turns)
+        args.num_requests = args.conversations * args.turns
+
+
+def build_prompts(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> BenchPrompts:
+    from disagg.tools.bench import make_conversations, make_prompts, make_shared_system_prompts
+
+    def text(ids: list[int]) -> str:
+        return cast(str, tokenizer.decode(ids))  # (one list of ids decodes to one str)
+
+    conversations: list[list[str]] = []
+    if args.workload == "shared-system-prompt":
+        ids = make_shared_system_prompts(
+            tokenizer, args.num_requests, args.system_prompts, args.system_tokens, args.prompt_tokens, args.seed
+        )
+    elif args.workload == "multi-turn":
+        turns = make_conversations(tokenizer, args.conversations, args.turns, args.prompt_tokens, args.seed)
+        conversations = [[text(t) for t in conv] for conv in turns]
+        ids = [conv[0] for conv in turns]  # first turns: what the warm-up length and the record's prompt show
+    else:
+        ids = make_prompts(tokenizer, args.num_requests, args.prompt_tokens, args.seed)
+    texts = [text(i) for i in ids]
+    if args.workload == "random":
+        warmup = texts  # as before: the first prompts of the workload
+    else:  # prompts of their own, so that warming up does not fill the prefix cache with the workload's
+        length = len(ids[0])
+        warmup = [text(i) for i in make_prompts(tokenizer, max(1, args.warmup_requests), length, args.seed + 7919)]
+    return BenchPrompts(ids, texts, conversations, warmup)
+
+
+def cluster_name(kv_on: bool, prefix_on: bool) -> str:
+    return "cluster" + ("" if kv_on else "_kv_off") + ("" if prefix_on else "_prefix_off")
+
+
+async def _start_cluster(args: argparse.Namespace, kv_on: bool, prefix_on: bool = True) -> tuple[Cluster, str, str]:
     from disagg.tools.cluster import Cluster, free_port
 
     gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
@@ -111,24 +197,25 @@ async def _start_cluster(args: argparse.Namespace, kv_on: bool) -> tuple[Cluster
         port = free_port()
         gateway_args += ["--http-port", str(port), "--served-model-name", args.model]
         http = f"127.0.0.1:{port}"
+    prefill_args = shlex.split(args.prefill_args) + ([] if prefix_on else ["--prefix-cache-mb", "0"])
     cluster = Cluster(
         _worker_args(args, kv_on),
         gateway_args,
-        prefill_args=shlex.split(args.prefill_args),
+        prefill_args=prefill_args,
         decode_args=shlex.split(args.decode_args),
     )
     return cluster, await cluster.start(args.start_timeout), http
 
 
 async def _cluster_run(
-    args: argparse.Namespace, address: str, workload: Workload, prompts: list[str], name: str
+    args: argparse.Namespace, address: str, workload: Workload, prompts: BenchPrompts, name: str
 ) -> RunResult:
-    from disagg.tools.bench import Workload, run_against_gateway, run_against_openai
+    from disagg.tools.bench import Workload, run_against_gateway, run_against_openai, run_conversations
 
-    def run(target: Workload, on_done: Callable[[], None] = lambda: None) -> Awaitable[RunResult]:
+    def run(target: Workload, texts: list[str], on_done: Callable[[], None] = lambda: None) -> Awaitable[RunResult]:
         if name.endswith("_openai"):  # address: the gateway's HTTP host:port
-            return run_against_openai(f"http://{address}/v1", target, prompts, args.model, on_done=on_done)
-        return run_against_gateway(address, target, prompts, on_done=on_done)
+            return run_against_openai(f"http://{address}/v1", target, texts, args.model, on_done=on_done)
+        return run_against_gateway(address, target, texts, on_done=on_done)
 
     if args.warmup_requests:
         warm = Workload(
@@ -137,9 +224,12 @@ async def _cluster_run(
             min(8, workload.output_tokens),
             concurrency=args.warmup_requests,
         )
-        await run(warm)
+        await run(warm, prompts.warmup)
     bar = _progress(workload.num_requests, name)
-    result = await run(workload, bar.update)
+    if workload.kind == "multi-turn":
+        result = await run_conversations(address, workload, prompts.conversations, bar.update)
+    else:
+        result = await run(workload, prompts.texts, bar.update)
     bar.close()
     result.name = name
     return result
@@ -175,18 +265,19 @@ def _baselines(
 
 
 async def _all_runs(
-    args: argparse.Namespace, lm: LoadedModel, prompt_ids: list[list[int]], prompts: list[str], workload: Workload
+    args: argparse.Namespace, lm: LoadedModel, prompts: BenchPrompts, workload: Workload
 ) -> dict[str, list[RunResult]]:
     """Start the cluster(s), then alternate rounds: baselines (cluster idle), then each cluster under load."""
-    modes = {"on": [True], "off": [False], "both": [True, False]}[args.kv_cache]
+    modes = {"on": [True], "off": [False], "both": [True, False]}
     clusters, addresses = [], {}
+    prompt_ids = prompts.ids
     try:
-        for kv_on in modes:
-            name = "cluster" if kv_on else "cluster_kv_off"
+        for kv_on, prefix_on in [(k, p) for k in modes[args.kv_cache] for p in modes[args.prefix_cache]]:
+            name = cluster_name(kv_on, prefix_on)
             if args.address:
                 grpc_address, http_address = args.address, args.http_address
             else:
-                cluster, grpc_address, http_address = await _start_cluster(args, kv_on)
+                cluster, grpc_address, http_address = await _start_cluster(args, kv_on, prefix_on)
                 clusters.append(cluster)
             if args.api in ("grpc", "both"):
                 addresses[name] = grpc_address
@@ -255,11 +346,19 @@ def _records(
         notes = [
             f"{workload.num_requests if name.startswith('cluster') or 'static' in name else stats['completed']} "
             f"requests, concurrency {1 if name == 'generate_sequential' else workload.concurrency}, "
-            f"{workload.prompt_tokens} prompt tokens, {workload.output_tokens} output tokens, "
+            f"{_workload_text(workload)}, {workload.output_tokens} output tokens, "
             f"ignore_eos={workload.ignore_eos}",
             threads,
             busy,
         ]
+        if name.startswith("cluster"):
+            prefix = "off (--prefix-cache-mb 0)" if "prefix_off" in name else "on"
+            if args.address:
+                prefix = "as the gateway's prefill workers are configured"
+            notes.append(
+                f"prefix cache {prefix}: {stats['cached_prompt_tokens']} of {stats['prompt_tokens']} prompt tokens "
+                f"cached (hit rate {stats['prefix_hit_rate']:.1%}, from usage.cached_prompt_tokens)"
+            )
         if len(repeats.get(name, [])) > 1:
             notes.append(f"best of {len(repeats[name])} alternating rounds (output tokens/s of each: {repeats[name]})")
         if name.startswith("cluster"):
@@ -303,17 +402,39 @@ def _records(
     )
 
 
+def _workload_text(workload: Workload) -> str:
+    if workload.kind == "shared-system-prompt":
+        return (
+            f"shared-system-prompt: {workload.system_prompts} system prompts of {workload.system_tokens} tokens, "
+            f"each request one of them + a distinct user turn of {workload.prompt_tokens} tokens"
+        )
+    if workload.kind == "multi-turn":
+        return (
+            f"multi-turn: {workload.num_requests // workload.turns} conversations of {workload.turns} turns, each "
+            f"re-sending the history + a user turn of {workload.prompt_tokens} tokens"
+        )
+    return f"{workload.prompt_tokens} prompt tokens"
+
+
 def bench_main(args: argparse.Namespace) -> None:
     import torch
 
     from disagg.model.loading import load_model
-    from disagg.tools.bench import Workload, comparison, format_table, make_prompts, plot, save_json
+    from disagg.tools.bench import Workload, comparison, format_table, plot, save_json
     from disagg.tools.experiment_record import hardware
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     command = shlex.join(["disagg", *getattr(args, "argv", sys.argv[1:])])
     load_before = os.getloadavg()
     torch.set_num_threads(args.baseline_threads or os.cpu_count() or 1)
+    resolve_workload_defaults(args)
+    if args.workload == "multi-turn" and args.api != "grpc":
+        raise SystemExit("--workload multi-turn drives the gRPC front only (--api grpc)")
+    if args.address and args.prefix_cache != "on":
+        raise SystemExit("--prefix-cache off/both starts its own clusters: not with --address")
+    if args.workload == "multi-turn" and args.baseline != "none":
+        print("multi-turn: no generate() baseline (histories depend on the replies): --baseline none", file=sys.stderr)
+        args.baseline = "none"
     lm = load_model(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, seed=args.seed)
     workload = Workload(
         args.num_requests,
@@ -323,11 +444,14 @@ def bench_main(args: argparse.Namespace) -> None:
         args.request_rate,
         args.ignore_eos,
         args.seed,
+        kind=args.workload,
+        system_prompts=args.system_prompts if args.workload == "shared-system-prompt" else 0,
+        system_tokens=args.system_tokens if args.workload == "shared-system-prompt" else 0,
+        turns=args.turns if args.workload == "multi-turn" else 1,
     )
-    prompt_ids = make_prompts(lm.tokenizer, args.num_requests, args.prompt_tokens, args.seed)
-    prompts = [cast(str, lm.tokenizer.decode(ids)) for ids in prompt_ids]  # (one list of ids decodes to one str)
+    prompts = build_prompts(args, lm.tokenizer)
 
-    all_runs = asyncio.run(_all_runs(args, lm, prompt_ids, prompts, workload))
+    all_runs = asyncio.run(_all_runs(args, lm, prompts, workload))
     # Best of the repeats for each system: on a shared machine, noise only ever slows a run down.
     runs = [max(found, key=lambda r: r.stats()["output_token_throughput"]) for found in all_runs.values()]
     results = {run.name: run.stats() for run in runs}
@@ -343,7 +467,7 @@ def bench_main(args: argparse.Namespace) -> None:
     print(format_table(results, ratios))
     if args.output:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        prompt_text = prompts[0][:80].replace('"', "'").replace("\n", " ") + f"... ({args.prompt_tokens} tokens)"
+        prompt_text = prompts.texts[0][:80].replace('"', "'").replace("\n", " ") + f"... ({len(prompts.ids[0])} tokens)"
         payload = {
             "command": command,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -370,7 +494,7 @@ def bench_main(args: argparse.Namespace) -> None:
         plot(
             args.output + ".png",
             runs,
-            f"{args.model} {args.dtype}: {args.num_requests} requests, concurrency "
+            f"{args.model} {args.dtype}: {args.workload}, {args.num_requests} requests, concurrency "
             f"{args.concurrency}, {args.prompt_tokens}+{args.output_tokens} tokens",
         )
         print(f"wrote {args.output}.json, .md and .png", file=sys.stderr)
