@@ -1,3 +1,3 @@
-from disagg.tools.cli import main
+from disagg.tools.launch import main
 
 main()

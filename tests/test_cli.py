@@ -2,13 +2,56 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from disagg.tools.cluster import free_port
+from disagg.tools.cluster import free_port, role_threads, with_threads
+from disagg.tools.launch import apply_process_env, process_env_defaults
+
+
+def test_workers_default_to_passive_openmp_waits_and_keep_the_users_choice():
+    assert process_env_defaults(["decode", "--port", "1"]) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert process_env_defaults(["--verbose", "prefill"]) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert process_env_defaults(["gateway"]) == {} and process_env_defaults(["bench"]) == {}
+    env: dict[str, str] = {}
+    apply_process_env(["decode"], env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    apply_process_env(["decode"], env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    env = {"OMP_WAIT_POLICY": ""}  # "" = OpenMP's own default: the variable is removed
+    apply_process_env(["prefill"], env)
+    assert env == {}
+
+
+def test_the_entry_point_sets_the_environment_before_torch_is_imported():
+    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the launcher must not import torch itself.
+    code = "import sys, disagg.tools.launch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_role_threads_split_the_cores_among_the_workers_of_a_role():
+    assert role_threads(2, 1) == 2  # one prefill + one decode worker: each may use both cores
+    assert role_threads(16, 2) == 8 and role_threads(16, 3) == 5
+    assert role_threads(2, 4) == 1 and role_threads(1, 0) == 1
+
+
+def test_with_threads_fills_in_only_what_the_user_left_open():
+    assert with_threads(["decode"], 2) == ["decode", "--threads", "2"]
+    assert with_threads(["decode", "--threads", "0"], 2) == ["decode", "--threads", "0", "--threads", "2"]
+    assert with_threads(["decode", "--threads", "0", "--threads", "1"], 2) == [
+        "decode",
+        "--threads",
+        "0",
+        "--threads",
+        "1",
+    ]
 
 
 @pytest.mark.cluster
@@ -29,6 +72,12 @@ def test_up_generate_and_clean_shutdown():
                 break
         assert "cluster ready" in lines[-1], "".join(lines)
         assert f"127.0.0.1:{port}" in lines[-1]
+        # The default flags are the fast configuration: each worker gets this host's cores (one worker per role).
+        children = [pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in _children(up.pid)]
+        workers = [argv for argv in children if b"prefill" in argv or b"decode" in argv]
+        assert len(workers) == 2, children
+        for argv in workers:
+            assert argv[len(argv) - 1 - argv[::-1].index(b"--threads") + 1] == str(os.cpu_count()).encode(), argv
 
         out = subprocess.run(
             [
@@ -72,3 +121,8 @@ def test_up_generate_and_clean_shutdown():
         timeout=60,
     )
     assert probe.returncode == 1 and "UNAVAILABLE" in probe.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]

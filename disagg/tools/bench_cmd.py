@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the flags are built for every `disagg` command; the heavy i
 
 def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     cfg.add_model_flags(parser)
-    parser.set_defaults(load_format="dummy", threads=1)
+    parser.set_defaults(load_format="dummy")  # threads 0: as `disagg up` chooses
     w = parser.add_argument_group("workload")
     w.add_argument("--num-requests", type=int, default=64)
     w.add_argument("--concurrency", type=int, default=1, help="most requests in flight")
@@ -85,7 +85,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--kv-transport",
-        default="relayed",
+        default="shared-memory",  # as `disagg up`
         choices=cfg.KV_TRANSPORTS,
         help="how the local cluster's KV cache reaches the decode worker",
     )
@@ -176,11 +176,9 @@ def build_prompts(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
     else:
         ids = make_prompts(tokenizer, args.num_requests, args.prompt_tokens, args.seed)
     texts = [text(i) for i in ids]
-    if args.workload == "random":
-        warmup = texts  # as before: the first prompts of the workload
-    else:  # prompts of their own, so that warming up does not fill the prefix cache with the workload's
-        length = len(ids[0])
-        warmup = [text(i) for i in make_prompts(tokenizer, max(1, args.warmup_requests), length, args.seed + 7919)]
+    # Prompts of their own, so that warming up does not fill the prefix cache (on by default) with the workload's.
+    length = len(ids[0])
+    warmup = [text(i) for i in make_prompts(tokenizer, max(1, args.warmup_requests), length, args.seed + 7919)]
     return BenchPrompts(ids, texts, conversations, warmup)
 
 
@@ -331,7 +329,7 @@ def _records(
 
     transport = "as the gateway is configured" if args.address else args.kv_transport
     threads = (
-        f"cluster workers --threads {args.threads} each (extra: prefill '{args.prefill_args}', decode "
+        f"cluster workers --threads {args.threads or 'auto (disagg up)'} (extra: prefill '{args.prefill_args}', decode "
         f"'{args.decode_args}'), KV transport {transport}; "
         f"baseline torch threads {args.baseline_threads or os.cpu_count()}"
     )
