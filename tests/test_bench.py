@@ -11,17 +11,27 @@ import pytest
 from disagg.tools.bench import (
     RequestRecord,
     RunResult,
+    SweepPoint,
     Workload,
     arrival_delays,
     comparison,
+    fit_long_prompt,
+    long_positions,
     make_conversations,
+    make_mixed_prompts,
     make_prompts,
     make_shared_system_prompts,
+    meets_slos,
     next_turn_prompt,
+    parse_goodput,
+    plot_sweep,
     run_conversations,
     summarize,
+    sweep_rows,
+    sweep_table,
 )
-from disagg.tools.cli import main
+from disagg.tools.bench_cmd import Variant, mode_label, resolve_run_args, schedule
+from disagg.tools.cli import build_parser, main
 from disagg.tools.experiment_record import FIELDS
 
 
@@ -202,4 +212,146 @@ def test_tiny_bench_against_a_cluster_writes_json_markdown_and_plot(gpt2_cluster
         assert f"\n{name.ljust(17)}: " in record
     assert "GPU Utilization  : N/A (CPU only)" in record
     assert "disagg bench --address" in record
+    assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_long_positions_have_the_exact_share_and_depend_only_on_the_seed():
+    marks = long_positions(50, 0.2, seed=1)
+    assert len(marks) == 50 and sum(marks) == 10
+    assert long_positions(50, 0.2, seed=1) == marks
+    assert long_positions(50, 0.2, seed=2) != marks
+    assert not any(long_positions(7, 0.0)) and all(long_positions(7, 1.0))
+    with pytest.raises(ValueError, match="long fraction"):
+        long_positions(10, 1.5)
+
+
+def test_mixed_prompts_have_the_asked_lengths_at_the_seeded_places(gpt2_model):
+    tok = gpt2_model.tokenizer
+    prompts = make_mixed_prompts(tok, 20, 12, 70, 0.25, seed=4)
+    assert [len(p) for p in prompts] == [70 if long else 12 for long in long_positions(20, 0.25, seed=4)]
+    assert sum(len(p) == 70 for p in prompts) == 5
+    assert len({tuple(p) for p in prompts}) == 20
+    assert all(tok.encode(tok.decode(ids)) == ids for ids in prompts)  # the gateway sees exactly these lengths
+    assert make_mixed_prompts(tok, 20, 12, 70, 0.25, seed=4) == prompts
+
+
+def test_long_prompts_are_cut_to_leave_room_for_the_output():
+    assert fit_long_prompt(1000, 64, 64, context_length=1024) == 960  # distilgpt2's 1,024 positions
+    assert fit_long_prompt(500, 64, 64, context_length=1024) == 500
+    with pytest.raises(ValueError, match="exceed the model's context of 1024"):
+        fit_long_prompt(1000, 1000, 64, context_length=1024)
+
+
+def test_goodput_counts_only_requests_that_met_every_slo():
+    records = [
+        RequestRecord(token_times=[0.1, 0.2, 0.3]),  # TTFT 100 ms, TPOT 100 ms: good
+        RequestRecord(token_times=[0.5, 0.6, 0.7]),  # TTFT 500 ms: misses the TTFT SLO only
+        RequestRecord(token_times=[0.1, 0.15, 0.5]),  # TPOT 200 ms: misses the TPOT SLO only
+        RequestRecord(token_times=[0.1]),  # one token: no TPOT to miss, good
+        RequestRecord(error="UNAVAILABLE: gone", token_times=[0.1, 0.2]),  # failed: never good
+    ]
+    stats = RunResult("cluster", 4.0, records).stats({"ttft": 200, "tpot": 120})
+    assert stats["good_requests"] == 2 and stats["goodput"] == pytest.approx(0.5)
+    assert stats["slos_ms"] == {"ttft": 200, "tpot": 120}
+    assert "goodput" not in RunResult("cluster", 4.0, records).stats()
+
+    stalled = RequestRecord(token_times=[0.1, 0.12, 0.14, 0.16, 0.4])  # TPOT 75 ms, but one gap of 240 ms
+    assert meets_slos(stalled, {"tpot": 120}) and not meets_slos(stalled, {"itl": 200})
+    assert meets_slos(stalled, {"itl": 250, "e2e": 400}) and not meets_slos(stalled, {"e2e": 399})
+
+
+def test_goodput_parsing_takes_vllm_pairs_and_names_what_is_wrong():
+    assert parse_goodput(["ttft:2000", "tpot:150"]) == {"ttft": 2000.0, "tpot": 150.0}
+    assert parse_goodput(["E2EL:3000", "itl:500.5"]) == {"e2e": 3000.0, "itl": 500.5}
+    assert parse_goodput([]) == {}
+    for bad, message in (
+        (["ttft"], "expected METRIC:MS"),
+        (["ttfb:100"], "one of ttft, tpot, itl, e2e"),
+        (["ttft:fast"], "'fast' is not a number"),
+        (["ttft:-5"], "positive"),
+        (["tpot:nan"], "positive"),
+        (["ttft:100", "ttft:200"], "a second SLO for ttft"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_goodput(bad)
+
+
+def test_bad_goodput_and_rates_flags_stop_the_bench_before_any_work(capsys):
+    with pytest.raises(SystemExit, match="--goodput 'ttft:abc': 'abc' is not a number of milliseconds"):
+        main(["bench", "--address", "127.0.0.1:1", "--goodput", "ttft:abc"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--request-rates", "1,0"])
+    assert "every rate must be a positive number" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "--request-rates", "0.5,2,inf"])
+    assert args.request_rates == [0.5, 2.0, float("inf")]
+
+
+def test_mode_both_alternates_the_clusters_at_each_rate():
+    args = build_parser().parse_args(["bench", "--mode", "both", "--request-rates", "1,2", "--num-requests", "40"])
+    resolve_run_args(args)
+    assert (args.prefix_cache, args.concurrency) == ("off", 40)  # the fair defaults: no cache, open loop
+    disaggregated, aggregated = Variant(True, False, False), Variant(True, True, True)
+    assert schedule(args) == [(disaggregated, 1.0), (aggregated, 1.0), (disaggregated, 2.0), (aggregated, 2.0)]
+    assert (disaggregated.name, aggregated.name) == ("cluster_prefix_off", "cluster_aggregated")
+    assert [mode_label(v.name, args) for v in (disaggregated, aggregated)] == ["disaggregated", "aggregated"]
+
+
+def _sweep_points() -> list[SweepPoint]:
+    """Hand-made runs: at 1/s every request is good; at 4/s the aggregated one's second token stalls."""
+    slos = {"ttft": 500, "itl": 300}
+    smooth = RequestRecord(token_times=[0.2, 0.3, 0.4])
+    stalled = RequestRecord(token_times=[0.2, 0.9, 1.0])
+    runs = {
+        ("disaggregated", 1.0): [smooth, smooth],
+        ("aggregated", 1.0): [smooth, smooth],
+        ("disaggregated", 4.0): [smooth, smooth],
+        ("aggregated", 4.0): [smooth, stalled],
+    }
+    return [SweepPoint(m, m, rate, RunResult(m, 2.0, records).stats(slos)) for (m, rate), records in runs.items()]
+
+
+def test_sweep_table_and_plot_are_written_from_the_runs(tmp_path):
+    points = _sweep_points()
+    rows = sweep_rows(points)
+    assert [(r["mode"], r["request_rate"], r["goodput"]) for r in rows][-1] == ("aggregated", 4.0, 0.5)
+    assert rows[-1]["itl_p99_ms"] == pytest.approx(682)  # gaps 100, 100, 100, 700 ms: p99 interpolated
+    table = sweep_table(points).splitlines()
+    assert table[0].startswith("| mode | rate (req/s) |") and "ITL p99 (ms)" in table[0]
+    assert [line.split(" | ")[:2] for line in table[2:]] == [
+        ["| aggregated", "1"],
+        ["| aggregated", "4"],
+        ["| disaggregated", "1"],
+        ["| disaggregated", "4"],
+    ]
+    assert "| 0.50 |" in table[3]  # the aggregated run at 4/s: 1 good request in 2 s
+    no_slos = [SweepPoint("cluster", "disaggregated", 2.0, RunResult("c", 1.0, [RequestRecord([0.1, 0.2])]).stats())]
+    assert "| n/a |" in sweep_table(no_slos)
+    plot_sweep(str(tmp_path / "sweep.png"), points, "tiny sweep")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mixed_sweep_against_a_cluster_writes_goodput_records(gpt2_cluster, tmp_path):
+    prefix = tmp_path / "sweep"
+    main(
+        [
+            *("bench", "--address", gpt2_cluster.address, "--model", "distilgpt2", "--load-format", "dummy"),
+            *("--workload", "mixed", "--num-requests", "4", "--long-fraction", "0.5", "--long-prompt-tokens", "40"),
+            *("--prompt-tokens", "8", "--output-tokens", "3", "--request-rates", "20,40", "--baseline", "none"),
+            *("--warmup-requests", "1", "--goodput", "ttft:60000", "tpot:60000", "--output", str(prefix)),
+        ]
+    )
+    report = json.loads(prefix.with_suffix(".json").read_text())
+    assert set(report["results"]) == {"cluster@20/s", "cluster@40/s"}
+    assert report["slos_ms"] == {"ttft": 60000.0, "tpot": 60000.0}
+    assert [(row["mode"], row["request_rate"]) for row in report["sweep"]] == [
+        ("disaggregated", 20.0),
+        ("disaggregated", 40.0),
+    ]
+    for stats in report["results"].values():
+        assert (stats["completed"], stats["good_requests"]) == (4, 4)  # SLOs no request can miss
+        assert stats["goodput"] == pytest.approx(stats["request_throughput"])
+        assert stats["prompt_tokens"] == 2 * 40 + 2 * 8  # the mix, as the gateway counted it
+    record = prefix.with_suffix(".md").read_text()
+    assert "Sweep (one row per mode and request rate)" in record and "| goodput (req/s) |" in record
+    assert "Poisson arrivals at 20 requests/s" in record
     assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

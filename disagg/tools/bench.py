@@ -3,13 +3,18 @@ and the comparison with in-process `generate()` run in the same invocation.
 
 Definitions (per request, seconds): TTFT is the arrival of the first token; TPOT is (E2E - TTFT) / (tokens - 1);
 ITL is every gap between consecutive tokens; E2E is the arrival of the last token. Throughput is finished requests
-and output tokens over the wall time of the whole run. The prefix hit rate is the cached prompt tokens the gateway
-reports (`usage.cached_prompt_tokens`) over all prompt tokens, summed over the finished requests.
+and output tokens over the wall time of the whole run. Goodput (as vLLM's `--goodput`, DistServe's measure) is the
+finished requests that met every given SLO over that same wall time: TTFT, TPOT and E2E each at most their limit,
+and for ITL every gap of the request at most its limit (one stall misses it). The prefix hit rate is the cached
+prompt tokens the gateway reports (`usage.cached_prompt_tokens`) over all prompt tokens, summed over the finished
+requests.
 
 Workloads: `random` (distinct prompts of `prompt_tokens`), `shared-system-prompt` (request i = system prompt i mod N
 of `system_tokens` + a distinct user turn of `prompt_tokens`) and `multi-turn` (conversations of `turns` turns, each
 re-sending the whole history, i.e. the earlier user turns and replies, plus a new user turn of `prompt_tokens`; the
-turns of one conversation are sequential, conversations run concurrently up to `concurrency`).
+turns of one conversation are sequential, conversations run concurrently up to `concurrency`) and `mixed` (distinct
+prompts, a `long_fraction` of them `long_prompt_tokens` long and the rest `prompt_tokens`: the long prefills are
+what stalls an aggregated worker's running streams).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,9 +88,13 @@ class Workload:
     system_prompts: int = 0  # shared-system-prompt: how many distinct system prompts
     system_tokens: int = 0  # shared-system-prompt: tokens of each
     turns: int = 1  # multi-turn: turns per conversation (num_requests = conversations x turns)
+    long_fraction: float = 0.0  # mixed: the share of prompts that are long
+    long_prompt_tokens: int = 0  # mixed: tokens of each long prompt
 
 
-WORKLOADS = ("random", "shared-system-prompt", "multi-turn")
+WORKLOADS = ("random", "shared-system-prompt", "multi-turn", "mixed")
+SLO_METRICS = ("ttft", "tpot", "itl", "e2e")
+SLO_ALIASES = {"e2el": "e2e"}  # vLLM's name for end-to-end latency
 
 
 @dataclass
@@ -131,11 +140,20 @@ class RunResult:
     duration: float
     records: list[RequestRecord]
 
-    def stats(self) -> dict:
+    def stats(self, slos_ms: Mapping[str, float] | None = None) -> dict:
+        """The run's statistics; with SLOs (milliseconds by metric, see `parse_goodput`) also its goodput."""
         ok = [r for r in self.records if not r.error and r.token_times]
         tokens = sum(len(r.token_times) for r in ok)
         prompt_tokens = sum(r.prompt_tokens for r in ok)
         cached = sum(r.cached_prompt_tokens for r in ok)
+        slo = {}
+        if slos_ms:
+            good = sum(meets_slos(r, slos_ms) for r in ok)
+            slo = {
+                "slos_ms": dict(slos_ms),
+                "good_requests": good,
+                "goodput": good / self.duration if self.duration else float("nan"),
+            }
         return {
             "name": self.name,
             "duration_s": self.duration,
@@ -152,7 +170,45 @@ class RunResult:
             "cached_prompt_tokens": cached,
             "prefix_hit_rate": cached / prompt_tokens if prompt_tokens else float("nan"),
             "errors": sorted({r.error for r in self.records if r.error})[:5],
+            **slo,
         }
+
+
+def meets_slos(record: RequestRecord, slos_ms: Mapping[str, float]) -> bool:
+    """Whether a finished request met every SLO (milliseconds by metric; a metric it has no value of, such as the
+    TPOT or ITL of a one-token reply, is met). A failed request meets none."""
+    if record.error or not record.token_times:
+        return False
+    worst = {
+        "ttft": record.ttft,
+        "tpot": record.tpot or 0.0,
+        "itl": max(record.itl, default=0.0),
+        "e2e": record.e2e,
+    }
+    return all(worst[metric] * 1000 <= limit for metric, limit in slos_ms.items())
+
+
+def parse_goodput(pairs: Sequence[str]) -> dict[str, float]:
+    """SLOs from vLLM's `--goodput` syntax, `METRIC:MS` pairs (ttft, tpot, itl, e2e or e2el; milliseconds).
+
+    Raises ValueError naming the pair and what is wrong with it: a typo must not silently drop an SLO.
+    """
+    slos: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition(":")
+        metric = SLO_ALIASES.get(name.strip().lower(), name.strip().lower())
+        if not sep or metric not in SLO_METRICS:
+            raise ValueError(f"{pair!r}: expected METRIC:MS with METRIC one of {', '.join(SLO_METRICS)} (or e2el)")
+        try:
+            limit = float(value)
+        except ValueError:
+            raise ValueError(f"{pair!r}: {value!r} is not a number of milliseconds") from None
+        if not 0 < limit < float("inf"):
+            raise ValueError(f"{pair!r}: the limit must be a positive, finite number of milliseconds")
+        if metric in slos:
+            raise ValueError(f"{pair!r}: a second SLO for {metric}")
+        slos[metric] = limit
+    return slos
 
 
 def make_prompts(tokenizer: PreTrainedTokenizerBase, count: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
@@ -204,6 +260,40 @@ def make_conversations(
     server at run time and `next_turn_prompt` joins them into the growing history."""
     users = make_prompts(tokenizer, conversations * turns, user_tokens, seed=seed)
     return [users[c * turns : (c + 1) * turns] for c in range(conversations)]
+
+
+def long_positions(count: int, long_fraction: float, seed: int = 0) -> list[bool]:
+    """Which of `count` requests are long: exactly round(count x fraction) of them, at seeded random places, so
+    a short run has the asked mix (a coin per request would not) and every run of a seed the same one."""
+    if not 0 <= long_fraction <= 1:
+        raise ValueError(f"the long fraction must be in [0, 1], not {long_fraction}")
+    long = set(random.Random(seed).sample(range(count), round(count * long_fraction)))
+    return [i in long for i in range(count)]
+
+
+def make_mixed_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    short_tokens: int,
+    long_tokens: int,
+    long_fraction: float,
+    seed: int = 0,
+) -> list[list[int]]:
+    """`count` distinct prompts, those `long_positions` marks exactly `long_tokens` long, the rest `short_tokens`."""
+    is_long = long_positions(count, long_fraction, seed)
+    longs = iter(make_prompts(tokenizer, sum(is_long), long_tokens, seed=seed + 1_000_003))
+    shorts = iter(make_prompts(tokenizer, count - sum(is_long), short_tokens, seed=seed))
+    return [next(longs) if long else next(shorts) for long in is_long]
+
+
+def fit_long_prompt(long_tokens: int, short_tokens: int, output_tokens: int, context_length: int) -> int:
+    """The long prompt's length cut to what leaves room for the output in the model's context (distilgpt2: 1024
+    positions, so 1000 + 64 becomes 960); raises ValueError when even the short prompts do not fit."""
+    if short_tokens + output_tokens > context_length:
+        raise ValueError(
+            f"{short_tokens} prompt + {output_tokens} output tokens exceed the model's context of {context_length}"
+        )
+    return min(long_tokens, context_length - output_tokens)
 
 
 def next_turn_prompt(previous_prompt: str, reply: str, user_turn: str) -> str:
@@ -426,6 +516,8 @@ def format_table(results: dict[str, dict], ratios: dict[str, float]) -> str:
     rows.append(("wall time (s)", *(f"{results[n]['duration_s']:.2f}" for n in names)))
     rows.append(("requests/s", *(f"{results[n]['request_throughput']:.2f}" for n in names)))
     rows.append(("output tokens/s", *(f"{results[n]['output_token_throughput']:.1f}" for n in names)))
+    if any("goodput" in results[n] for n in names):
+        rows.append(("goodput (requests/s)", *(f"{results[n].get('goodput', float('nan')):.2f}" for n in names)))
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         for stat in ("mean", "p50", "p90", "p99"):
             label = f"{metric[:-2].upper()} {stat} (ms)"
@@ -475,6 +567,105 @@ def plot(path: str, runs: list[RunResult], title: str) -> None:
     axes[3].bar(labels, throughput, color=[colors[i % len(colors)] for i in range(len(runs))])
     axes[3].set_title("output tokens/s")
     axes[3].tick_params(axis="x", labelrotation=20)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One system at one request rate of a `--request-rates` sweep: what the table and the plot are made of."""
+
+    system: str  # the run's name: cluster, cluster_aggregated, ...
+    mode: str  # disaggregated or aggregated (with the variant's suffixes)
+    request_rate: float
+    stats: dict  # RunResult.stats
+
+
+SWEEP_COLUMNS = (  # (key in sweep_rows, Markdown header)
+    ("mode", "mode"),
+    ("request_rate", "rate (req/s)"),
+    ("completed", "ok"),
+    ("failed", "failed"),
+    ("request_throughput", "requests/s"),
+    ("output_token_throughput", "output tok/s"),
+    ("goodput", "goodput (req/s)"),
+    ("ttft_p50_ms", "TTFT p50 (ms)"),
+    ("ttft_p99_ms", "TTFT p99 (ms)"),
+    ("tpot_p50_ms", "TPOT p50 (ms)"),
+    ("tpot_p99_ms", "TPOT p99 (ms)"),
+    ("itl_p50_ms", "ITL p50 (ms)"),
+    ("itl_p99_ms", "ITL p99 (ms)"),
+)
+
+
+def sweep_rows(points: Sequence[SweepPoint]) -> list[dict]:
+    """One flat row per (mode, rate), in the order of SWEEP_COLUMNS (milliseconds; goodput None without SLOs)."""
+    rows = []
+    for p in points:
+        row: dict = {"system": p.system, "mode": p.mode, "request_rate": p.request_rate}
+        row |= {key: p.stats[key] for key in ("completed", "failed", "request_throughput", "output_token_throughput")}
+        row["goodput"] = p.stats.get("goodput")
+        for metric in ("ttft", "tpot", "itl"):
+            for stat in ("p50", "p99"):
+                row[f"{metric}_{stat}_ms"] = p.stats[f"{metric}_s"][stat] * 1000
+        rows.append(row)
+    return rows
+
+
+def sweep_table(points: Sequence[SweepPoint]) -> str:
+    """The sweep as a Markdown table, one row per (mode, rate), sorted by mode then rate."""
+
+    def cell(key: str, value: object) -> str:
+        if value is None:
+            return "n/a"
+        if key == "request_rate":
+            return f"{value:g}"
+        if isinstance(value, float):
+            return f"{value:.1f}" if key.endswith("_ms") else f"{value:.2f}"
+        return str(value)
+
+    ordered = sorted(points, key=lambda p: (p.mode, p.request_rate))
+    lines = ["| " + " | ".join(header for _, header in SWEEP_COLUMNS) + " |", "|" + "---|" * len(SWEEP_COLUMNS)]
+    for row in sweep_rows(ordered):
+        lines.append("| " + " | ".join(cell(key, row[key]) for key, _ in SWEEP_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(path: str, points: Sequence[SweepPoint], title: str) -> None:
+    """Two panels against the offered request rate, one line per mode: p99 ITL (the stalls a long prefill causes
+    in an aggregated worker's running streams) and goodput (requests/s within every SLO; requests/s without SLOs).
+    Rates sit evenly spaced (a sweep is usually geometric, and may end at inf)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({p.request_rate for p in points})
+    x = {rate: i for i, rate in enumerate(rates)}
+    with_slos = any("goodput" in p.stats for p in points)
+    fig, (itl, good) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode in sorted({p.mode for p in points}):
+        line = sorted((p for p in points if p.mode == mode), key=lambda p: p.request_rate)
+        xs = [x[p.request_rate] for p in line]
+        itl.plot(xs, [p.stats["itl_s"]["p99"] * 1000 for p in line], marker="o", label=mode)
+        key = "goodput" if with_slos else "request_throughput"
+        good.plot(xs, [p.stats.get(key, float("nan")) for p in line], marker="o", label=mode)
+    finite = [r for r in rates if r != float("inf")]
+    good.plot([x[r] for r in finite], finite, linestyle="--", color="gray", label="offered rate")
+    slos: dict[str, float] = next((p.stats["slos_ms"] for p in points if "slos_ms" in p.stats), {})
+    itl.set_title("p99 inter-token latency (ms)")
+    good.set_title(
+        "goodput (requests/s within " + ", ".join(f"{k} {v:g} ms" for k, v in slos.items()) + ")"
+        if with_slos
+        else "requests/s (no --goodput SLOs given)"
+    )
+    for ax in (itl, good):
+        ax.set_xticks(range(len(rates)), [f"{r:g}" for r in rates])
+        ax.set_xlabel("request rate (requests/s, Poisson)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from disagg import config as cfg
 
@@ -33,26 +33,49 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(load_format="dummy")  # threads 0: as `disagg up` chooses
     w = parser.add_argument_group("workload")
     w.add_argument("--num-requests", type=int, default=64)
-    w.add_argument("--concurrency", type=int, default=1, help="most requests in flight")
     w.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="most requests in flight (default 1; with a finite --request-rate(s), --num-requests: open loop)",
+    )
+    rate = w.add_mutually_exclusive_group()
+    rate.add_argument(
         "--request-rate",
         type=float,
         default=float("inf"),
         help="Poisson arrivals per second (default inf: all at once, limited by --concurrency)",
     )
+    rate.add_argument(
+        "--request-rates",
+        type=_rates,
+        default=None,
+        metavar="R1,R2,...",
+        help="a sweep: the same workload at each Poisson rate in turn (e.g. 1,2,4); the record gets a table per "
+        "(mode, rate) and a plot of p99 ITL and goodput against the rate",
+    )
     w.add_argument(
         "--workload",
         default="random",
-        choices=["random", "shared-system-prompt", "multi-turn"],
+        choices=["random", "shared-system-prompt", "multi-turn", "mixed"],
         help="random: distinct prompts; shared-system-prompt: one of --system-prompts system prompts of "
         "--system-tokens + a distinct user turn of --prompt-tokens; multi-turn: conversations of --turns turns, each "
-        "re-sending the history (user turns and replies) + a new user turn of --prompt-tokens",
+        "re-sending the history (user turns and replies) + a new user turn of --prompt-tokens; mixed: distinct "
+        "prompts, --long-fraction of them --long-prompt-tokens long, the rest --prompt-tokens (seeded by --seed)",
     )
     w.add_argument(
         "--prompt-tokens",
         type=int,
         default=None,
-        help="prompt tokens (random, default 128), or of each user turn (the other workloads, default 64)",
+        help="prompt tokens (random, default 128; mixed: the short prompts), or of each user turn (the other "
+        "workloads); default 64 but for random",
+    )
+    w.add_argument("--long-fraction", type=float, default=0.2, help="mixed: the share of long prompts (exact)")
+    w.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=1000,
+        help="mixed: tokens of a long prompt, cut to the model's context minus --output-tokens (distilgpt2: 960)",
     )
     w.add_argument(
         "--output-tokens", type=int, default=None, help="tokens generated per request (default 64; multi-turn 96)"
@@ -68,8 +91,30 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     )
     w.add_argument("--ignore-eos", default=True, action=argparse.BooleanOptionalAction)
     w.add_argument("--warmup-requests", type=int, default=2, help="sent before timing starts (not counted)")
+    w.add_argument(
+        "--goodput",
+        nargs="+",
+        default=[],
+        metavar="METRIC:MS",
+        help="SLOs as vLLM takes them, e.g. 'ttft:2000 tpot:150' (metrics ttft, tpot, itl = every gap of a "
+        "request, e2e or e2el; milliseconds): goodput = requests/s that met all of them",
+    )
     c = parser.add_argument_group("cluster")
     c.add_argument("--address", default="", help="benchmark this gateway instead of starting a local cluster")
+    c.add_argument(
+        "--mode",
+        default="disaggregated",
+        choices=["disaggregated", "aggregated", "both"],
+        help="the local cluster: 1 prefill + 1 decode worker, --workers aggregated workers, or 'both': at each "
+        "rate the same workload against one and then the other, one cluster up at a time",
+    )
+    c.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="aggregated workers of the aggregated cluster (default 2: as many processes as the disaggregated "
+        "cluster's prefill + decode worker; with --threads 0 they split the cores)",
+    )
     c.add_argument(
         "--kv-cache",
         default="on",
@@ -78,10 +123,11 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--prefix-cache",
-        default="on",
+        default=None,
         choices=["on", "off", "both"],
         help="the prefill workers' prefix cache ('off' passes --prefix-cache-mb 0); 'both' runs the same workload "
-        "on a cluster with it on and one with it off",
+        "on a cluster with it on and one with it off. Default on; off with --mode both (aggregated workers have "
+        "none) or --request-rates (each rate re-sends the same prompts)",
     )
     c.add_argument(
         "--kv-transport",
@@ -122,6 +168,17 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--notes", default="", help="free text for the record's Notes (e.g. 'machine busy')")
 
 
+def _rates(text: str) -> list[float]:
+    """'1,2,4' -> [1.0, 2.0, 4.0]: positive rates (inf allowed: all at once), for --request-rates."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated requests/s, e.g. 1,2,4") from None
+    if not rates or any(not rate > 0 for rate in rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: every rate must be a positive number of requests/s")
+    return rates
+
+
 def _progress(total: int, desc: str) -> tqdm:
     from tqdm import tqdm
 
@@ -158,8 +215,32 @@ def resolve_workload_defaults(args: argparse.Namespace) -> None:
         args.num_requests = args.conversations * args.turns
 
 
+def resolve_run_args(args: argparse.Namespace) -> None:
+    """Check and complete the sweep's flags before any model loads: SLOs parsed into `args.slos_ms` (a bad one is
+    an error, not a dropped SLO), `args.rates`, and the defaults that depend on them (concurrency, prefix cache)."""
+    from disagg.tools.bench import parse_goodput
+
+    try:
+        args.slos_ms = parse_goodput(args.goodput)
+    except ValueError as exc:
+        raise SystemExit(f"disagg bench: --goodput {exc}") from None
+    args.rates = args.request_rates or [args.request_rate]
+    if args.concurrency is None:  # a rate shapes the load only when nothing caps the requests in flight
+        args.concurrency = args.num_requests if any(r != float("inf") for r in args.rates) else 1
+    if args.prefix_cache is None:
+        args.prefix_cache = "off" if not args.address and (args.mode == "both" or args.request_rates) else "on"
+    if args.address and args.prefix_cache != "on":
+        raise SystemExit("--prefix-cache off/both starts its own clusters: not with --address")
+    if args.address and args.mode == "both":
+        raise SystemExit("--mode both starts its own clusters: not with --address")
+    if args.address and args.api != "grpc" and not args.http_address:
+        raise SystemExit("--api openai with --address needs --http-address")
+    if args.workload == "mixed" and not 0 <= args.long_fraction <= 1:
+        raise SystemExit(f"--long-fraction {args.long_fraction}: must be between 0 and 1")
+
+
 def build_prompts(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> BenchPrompts:
-    from disagg.tools.bench import make_conversations, make_prompts, make_shared_system_prompts
+    from disagg.tools.bench import make_conversations, make_mixed_prompts, make_prompts, make_shared_system_prompts
 
     def text(ids: list[int]) -> str:
         return cast(str, tokenizer.decode(ids))  # (one list of ids decodes to one str)
@@ -173,20 +254,81 @@ def build_prompts(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
         turns = make_conversations(tokenizer, args.conversations, args.turns, args.prompt_tokens, args.seed)
         conversations = [[text(t) for t in conv] for conv in turns]
         ids = [conv[0] for conv in turns]  # first turns: what the warm-up length and the record's prompt show
+    elif args.workload == "mixed":
+        ids = make_mixed_prompts(
+            tokenizer, args.num_requests, args.prompt_tokens, args.long_prompt_tokens, args.long_fraction, args.seed
+        )
     else:
         ids = make_prompts(tokenizer, args.num_requests, args.prompt_tokens, args.seed)
     texts = [text(i) for i in ids]
     # Prompts of their own, so that warming up does not fill the prefix cache (on by default) with the workload's.
-    length = len(ids[0])
-    warmup = [text(i) for i in make_prompts(tokenizer, max(1, args.warmup_requests), length, args.seed + 7919)]
+    count = max(1, args.warmup_requests)
+    if args.workload == "mixed":  # half long, half short: both kinds of forward pass warmed up
+        warm = make_mixed_prompts(tokenizer, count, args.prompt_tokens, args.long_prompt_tokens, 0.5, args.seed + 7919)
+    else:
+        warm = make_prompts(tokenizer, count, len(ids[0]), args.seed + 7919)
+    warmup = [text(i) for i in warm]
     return BenchPrompts(ids, texts, conversations, warmup)
 
 
-def cluster_name(kv_on: bool, prefix_on: bool) -> str:
-    return "cluster" + ("" if kv_on else "_kv_off") + ("" if prefix_on else "_prefix_off")
+class Variant(NamedTuple):
+    """One cluster configuration of the invocation; the 'both' flags multiply into several, measured in turn."""
+
+    kv_on: bool = True
+    prefix_on: bool = True  # the prefill worker's prefix cache (disaggregated only: aggregated workers have none)
+    aggregated: bool = False
+
+    @property
+    def name(self) -> str:
+        return (
+            ("cluster_aggregated" if self.aggregated else "cluster")
+            + ("" if self.kv_on else "_kv_off")
+            + ("" if self.prefix_on or self.aggregated else "_prefix_off")
+        )
 
 
-async def _start_cluster(args: argparse.Namespace, kv_on: bool, prefix_on: bool = True) -> tuple[Cluster, str, str]:
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """The clusters that --mode, --kv-cache and --prefix-cache ask for (the prefix cache only varies the
+    disaggregated cluster's prefill worker)."""
+    modes = {"on": [True], "off": [False], "both": [True, False]}
+    aggregated = {"disaggregated": [False], "aggregated": [True], "both": [False, True]}[args.mode]
+    return [
+        Variant(kv_on, prefix_on, agg)
+        for agg in aggregated
+        for kv_on in modes[args.kv_cache]
+        for prefix_on in (modes[args.prefix_cache] if not agg else [True])
+    ]
+
+
+def mode_label(name: str, args: argparse.Namespace) -> str:
+    """A run's name as the sweep's line: cluster -> disaggregated, cluster_aggregated -> aggregated, keeping the
+    suffixes of what the invocation varies (`_kv_off` with --kv-cache both; `_openai`)."""
+    label = name.replace("cluster_aggregated", "aggregated").replace("cluster", "disaggregated")
+    for flag, suffix in ((args.kv_cache, "_kv_off"), (args.prefix_cache, "_prefix_off")):
+        if flag != "both":
+            label = label.replace(suffix, "")
+    return label
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+    """What one measured run was: a system (baseline or cluster variant, with its front) at a sweep's rate."""
+
+    name: str
+    rate: float | None = None  # the --request-rates point (None: no sweep, or a baseline)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.rate is None else f"{self.name}@{self.rate:g}/s"
+
+
+def schedule(args: argparse.Namespace) -> list[tuple[Variant, float]]:
+    """The order of the cluster runs of one round: at each rate, every variant in turn (so drifts in the machine's
+    speed hit each variant alike)."""
+    return [(variant, rate) for rate in args.rates for variant in variants(args)]
+
+
+async def _start_cluster(args: argparse.Namespace, variant: Variant) -> tuple[Cluster, str, str]:
     from disagg.tools.cluster import Cluster, free_port
 
     gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
@@ -195,23 +337,24 @@ async def _start_cluster(args: argparse.Namespace, kv_on: bool, prefix_on: bool 
         port = free_port()
         gateway_args += ["--http-port", str(port), "--served-model-name", args.model]
         http = f"127.0.0.1:{port}"
-    prefill_args = shlex.split(args.prefill_args) + ([] if prefix_on else ["--prefix-cache-mb", "0"])
+    prefill_args = shlex.split(args.prefill_args) + ([] if variant.prefix_on else ["--prefix-cache-mb", "0"])
     cluster = Cluster(
-        _worker_args(args, kv_on),
+        _worker_args(args, variant.kv_on),
         gateway_args,
         prefill_args=prefill_args,
         decode_args=shlex.split(args.decode_args),
+        aggregated_workers=args.workers if variant.aggregated else 0,
     )
     return cluster, await cluster.start(args.start_timeout), http
 
 
 async def _cluster_run(
-    args: argparse.Namespace, address: str, workload: Workload, prompts: BenchPrompts, name: str
+    args: argparse.Namespace, address: str, workload: Workload, prompts: BenchPrompts, key: RunKey
 ) -> RunResult:
     from disagg.tools.bench import Workload, run_against_gateway, run_against_openai, run_conversations
 
     def run(target: Workload, texts: list[str], on_done: Callable[[], None] = lambda: None) -> Awaitable[RunResult]:
-        if name.endswith("_openai"):  # address: the gateway's HTTP host:port
+        if key.name.endswith("_openai"):  # address: the gateway's HTTP host:port
             return run_against_openai(f"http://{address}/v1", target, texts, args.model, on_done=on_done)
         return run_against_gateway(address, target, texts, on_done=on_done)
 
@@ -223,13 +366,13 @@ async def _cluster_run(
             concurrency=args.warmup_requests,
         )
         await run(warm, prompts.warmup)
-    bar = _progress(workload.num_requests, name)
+    bar = _progress(workload.num_requests, key.label)
     if workload.kind == "multi-turn":
         result = await run_conversations(address, workload, prompts.conversations, bar.update)
     else:
         result = await run(workload, prompts.texts, bar.update)
     bar.close()
-    result.name = name
+    result.name = key.label
     return result
 
 
@@ -262,77 +405,108 @@ def _baselines(
     return runs
 
 
-async def _all_runs(
-    args: argparse.Namespace, lm: LoadedModel, prompts: BenchPrompts, workload: Workload
-) -> dict[str, list[RunResult]]:
-    """Start the cluster(s), then alternate rounds: baselines (cluster idle), then each cluster under load."""
-    modes = {"on": [True], "off": [False], "both": [True, False]}
-    clusters, addresses = [], {}
-    prompt_ids = prompts.ids
-    try:
-        for kv_on, prefix_on in [(k, p) for k in modes[args.kv_cache] for p in modes[args.prefix_cache]]:
-            name = cluster_name(kv_on, prefix_on)
-            if args.address:
-                grpc_address, http_address = args.address, args.http_address
-            else:
-                cluster, grpc_address, http_address = await _start_cluster(args, kv_on, prefix_on)
-                clusters.append(cluster)
-            if args.api in ("grpc", "both"):
-                addresses[name] = grpc_address
-            if args.api in ("openai", "both"):
-                if not http_address:
-                    raise SystemExit("--api openai with --address needs --http-address")
-                addresses[name + "_openai"] = http_address
-        runs: dict[str, list[RunResult]] = {}
-        for round_index in range(args.repeats):
-            if args.baseline != "none":
-                for run in _baselines(args, lm, prompt_ids, workload, first_round=round_index == 0):
-                    runs.setdefault(run.name, []).append(run)
-            for name, address in addresses.items():
-                runs.setdefault(name, []).append(await _cluster_run(args, address, workload, prompts, name))
-        return runs
-    finally:
-        for cluster in clusters:
+class _OneCluster:
+    """At most one local cluster up: `use` starts the variant's, stopping the one up before (so two clusters never
+    share the cores, idle or not), and keeps it while the same variant is asked for again."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.up: tuple[Variant, Cluster, str, str] | None = None  # variant, cluster, gRPC and HTTP addresses
+
+    async def use(self, variant: Variant) -> tuple[str, str]:
+        """The (gRPC, HTTP) addresses to load: --address's, or the variant's local cluster's."""
+        if self.args.address:
+            return self.args.address, self.args.http_address
+        if self.up is None or self.up[0] != variant:
+            await self.stop()
+            self.up = (variant, *await _start_cluster(self.args, variant))
+        return self.up[2], self.up[3]
+
+    async def stop(self) -> None:
+        if self.up is not None:
+            cluster, self.up = self.up[1], None
             await asyncio.to_thread(cluster.stop)
 
 
-def _policy_text(args: argparse.Namespace) -> str:
+async def _all_runs(
+    args: argparse.Namespace, lm: LoadedModel, prompts: BenchPrompts, workload: Workload
+) -> dict[RunKey, list[RunResult]]:
+    """Alternate rounds: the baselines (no cluster computing), then the schedule's cluster runs, one cluster up at
+    a time (a single variant keeps its cluster for every rate and round)."""
+    runs: dict[RunKey, list[RunResult]] = {}
+    clusters = _OneCluster(args)
+    try:
+        for round_index in range(args.repeats):
+            if args.baseline != "none":
+                for run in _baselines(args, lm, prompts.ids, workload, first_round=round_index == 0):
+                    runs.setdefault(RunKey(run.name), []).append(run)
+            for variant, rate in schedule(args):
+                grpc_address, http_address = await clusters.use(variant)
+                targets = {}
+                if args.api in ("grpc", "both"):
+                    targets[variant.name] = grpc_address
+                if args.api in ("openai", "both"):
+                    targets[variant.name + "_openai"] = http_address
+                at_rate = dataclasses.replace(workload, request_rate=rate)
+                for name, address in targets.items():
+                    key = RunKey(name, rate if args.request_rates else None)
+                    runs.setdefault(key, []).append(await _cluster_run(args, address, at_rate, prompts, key))
+        return runs
+    finally:
+        await clusters.stop()
+
+
+def _policy_text(args: argparse.Namespace, aggregated: bool = False) -> str:
     prefill, decode = cfg.BatchPolicy(max_batch_size=16), cfg.BatchPolicy()
 
     def flag(extra: str, name: str, default: object) -> object:
         words = shlex.split(extra)
         return words[words.index(name) + 1] if name in words else default
 
+    batch = (
+        f"{flag(args.decode_args, '--max-batch-size', decode.max_batch_size)} / "
+        f"{flag(args.decode_args, '--wait-window-ms', decode.wait_window_ms)} ms"
+    )
+    if aggregated:
+        return (
+            f"{args.workers} aggregated workers, each {batch} (prefill token budget per step "
+            f"{flag(args.decode_args, '--token-budget', decode.token_budget)}, no chunked prefill)"
+        )
     return (
         f"prefill {flag(args.prefill_args, '--max-batch-size', prefill.max_batch_size)} / "
         f"{flag(args.prefill_args, '--wait-window-ms', prefill.wait_window_ms)} ms "
         f"(token budget {flag(args.prefill_args, '--token-budget', prefill.token_budget)}); "
-        f"decode {flag(args.decode_args, '--max-batch-size', decode.max_batch_size)} / "
-        f"{flag(args.decode_args, '--wait-window-ms', decode.wait_window_ms)} ms; "
+        f"decode {batch}; "
         f"generate() static batches: {args.concurrency} / none"
     )
 
 
-def _records(
+def _threads_text(args: argparse.Namespace, aggregated: bool) -> str:
+    """Who had which torch threads: the comparison is fair only at equal totals (README, aggregated vs
+    disaggregated)."""
+    transport = "as the gateway is configured" if args.address else args.kv_transport
+    threads = args.threads or "auto (disagg up: each role's workers split the cores)"
+    if aggregated:
+        return f"{args.workers} aggregated workers --threads {threads} each (extra: '{args.decode_args}')"
+    return (
+        f"1 prefill + 1 decode worker --threads {threads} each (extra: prefill '{args.prefill_args}', decode "
+        f"'{args.decode_args}'), KV transport {transport}"
+    )
+
+
+def _record_blocks(
     args: argparse.Namespace,
     lm: LoadedModel,
-    workload: Workload,
+    workloads: dict[str, Workload],
     prompt: str,
     results: dict[str, dict],
     ratios: dict[str, float],
     load_before: tuple[float, ...],
-    command: str,
     repeats: dict[str, list[float]],
-) -> str:
-    from disagg.tools.bench import format_table
+) -> list[str]:
+    """One experiment record per result (keyed as `results`; `workloads` says what each one ran)."""
     from disagg.tools.experiment_record import ExperimentRecord, gpu_utilization, hardware, stats_line
 
-    transport = "as the gateway is configured" if args.address else args.kv_transport
-    threads = (
-        f"cluster workers --threads {args.threads or 'auto (disagg up)'} (extra: prefill '{args.prefill_args}', decode "
-        f"'{args.decode_args}'), KV transport {transport}; "
-        f"baseline torch threads {args.baseline_threads or os.cpu_count()}"
-    )
     busy = f"load average before the run {load_before[0]:.2f} (1 min) on {os.cpu_count()} cores" + (
         "; the machine was shared with other work, timings are noisy" if load_before[0] > 0.5 else ""
     )
@@ -340,16 +514,23 @@ def _records(
     model = f"{lm.name}" + (" (dummy seeded weights)" if args.load_format == "dummy" else "")
     blocks = []
     for name, stats in results.items():
+        workload = workloads[name]
         kv_on = "kv_off" not in name
+        cluster, aggregated = name.startswith("cluster"), name.startswith("cluster_aggregated")
+        threads = (
+            _threads_text(args, aggregated)
+            if cluster
+            else f"baseline torch threads {args.baseline_threads or os.cpu_count()}"
+        )
         notes = [
-            f"{workload.num_requests if name.startswith('cluster') or 'static' in name else stats['completed']} "
+            f"{workload.num_requests if cluster or 'static' in name else stats['completed']} "
             f"requests, concurrency {1 if name == 'generate_sequential' else workload.concurrency}, "
-            f"{_workload_text(workload)}, {workload.output_tokens} output tokens, "
-            f"ignore_eos={workload.ignore_eos}",
+            + (f"{_arrivals_text(workload)}, " if cluster else "")
+            + f"{_workload_text(workload)}, {workload.output_tokens} output tokens, ignore_eos={workload.ignore_eos}",
             threads,
             busy,
         ]
-        if name.startswith("cluster"):
+        if cluster and not aggregated:
             prefix = "off (--prefix-cache-mb 0)" if "prefix_off" in name else "on"
             if args.address:
                 prefix = "as the gateway's prefill workers are configured"
@@ -359,10 +540,17 @@ def _records(
             )
         if len(repeats.get(name, [])) > 1:
             notes.append(f"best of {len(repeats[name])} alternating rounds (output tokens/s of each: {repeats[name]})")
-        if name.startswith("cluster"):
+        if cluster:
             notes.append(f"ratios: {ratio_text}" if ratio_text else "no baseline in this run")
         if args.notes:
             notes.append(args.notes)
+        goodput = ""
+        if "goodput" in stats:
+            slos = ", ".join(f"{k} <= {v:g} ms" for k, v in stats["slos_ms"].items())
+            goodput = (
+                f"; goodput {stats['goodput']:.2f} requests/s ({stats['good_requests']} of {stats['completed']} ok "
+                f"within {slos})"
+            )
         metrics = {
             "load_model": f"{lm.load_model_seconds:.2f} s (load_model in the bench process; workers load the same way)",
             "load_tokenizer": f"{lm.load_tokenizer_seconds * 1000:.0f} ms",
@@ -371,7 +559,7 @@ def _records(
             f"E2E {stats_line(stats['e2e_s'])}",
             "token/s": f"{stats['output_token_throughput']:.1f} output tokens/s, "
             f"{stats['request_throughput']:.2f} requests/s ({stats['completed']} ok, {stats['failed']} "
-            f"failed, {stats['duration_s']:.1f} s wall)",
+            f"failed, {stats['duration_s']:.1f} s wall){goodput}",
             "GPU Utilization": gpu_utilization(args.device),
             "Notes": "; ".join(notes),
         }
@@ -383,8 +571,8 @@ def _records(
             dtype=args.dtype,
             prompt=prompt,
             kv_cache=kv_on,
-            batch_policy=_policy_text(args)
-            if name.startswith("cluster")
+            batch_policy=_policy_text(args, aggregated)
+            if cluster
             else (
                 "1 / none (one at a time)"
                 if name == "generate_sequential"
@@ -393,11 +581,13 @@ def _records(
             metrics=metrics,
         )
         blocks.append(record.render())
-    table = format_table(results, ratios)
-    return (
-        f"# {args.name or 'disagg bench'}\n\nCommand:\n\n```\n{command}\n```\n\n"
-        f"Side by side:\n\n```\n{table}\n```\n\n" + "\n\n".join(blocks) + "\n"
-    )
+    return blocks
+
+
+def _arrivals_text(workload: Workload) -> str:
+    if workload.request_rate == float("inf"):
+        return "all at once"
+    return f"Poisson arrivals at {workload.request_rate:g} requests/s"
 
 
 def _workload_text(workload: Workload) -> str:
@@ -411,14 +601,47 @@ def _workload_text(workload: Workload) -> str:
             f"multi-turn: {workload.num_requests // workload.turns} conversations of {workload.turns} turns, each "
             f"re-sending the history + a user turn of {workload.prompt_tokens} tokens"
         )
+    if workload.kind == "mixed":
+        long = round(workload.num_requests * workload.long_fraction)
+        return (
+            f"mixed: {long} of {workload.num_requests} prompts {workload.long_prompt_tokens} tokens long, the rest "
+            f"{workload.prompt_tokens} (seed {workload.seed})"
+        )
     return f"{workload.prompt_tokens} prompt tokens"
+
+
+def _fit_mixed_workload(args: argparse.Namespace, context_length: int) -> None:
+    """The long prompts cut to the model's context (prompt + output must fit, or the workers refuse them)."""
+    from disagg.tools.bench import fit_long_prompt
+
+    try:
+        fitted = fit_long_prompt(args.long_prompt_tokens, args.prompt_tokens, args.output_tokens, context_length)
+    except ValueError as exc:
+        raise SystemExit(f"--workload mixed: {exc}") from None
+    if fitted != args.long_prompt_tokens:
+        print(
+            f"mixed: --long-prompt-tokens {args.long_prompt_tokens} + --output-tokens {args.output_tokens} exceed "
+            f"the model's context of {context_length}: long prompts of {fitted} tokens",
+            file=sys.stderr,
+        )
+        args.long_prompt_tokens = fitted
 
 
 def bench_main(args: argparse.Namespace) -> None:
     import torch
 
     from disagg.model.loading import load_model
-    from disagg.tools.bench import Workload, comparison, format_table, plot, save_json
+    from disagg.tools.bench import (
+        SweepPoint,
+        Workload,
+        comparison,
+        format_table,
+        plot,
+        plot_sweep,
+        save_json,
+        sweep_rows,
+        sweep_table,
+    )
     from disagg.tools.experiment_record import hardware
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -426,73 +649,100 @@ def bench_main(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     torch.set_num_threads(args.baseline_threads or os.cpu_count() or 1)
     resolve_workload_defaults(args)
+    resolve_run_args(args)
     if args.workload == "multi-turn" and args.api != "grpc":
         raise SystemExit("--workload multi-turn drives the gRPC front only (--api grpc)")
-    if args.address and args.prefix_cache != "on":
-        raise SystemExit("--prefix-cache off/both starts its own clusters: not with --address")
     if args.workload == "multi-turn" and args.baseline != "none":
         print("multi-turn: no generate() baseline (histories depend on the replies): --baseline none", file=sys.stderr)
         args.baseline = "none"
     lm = load_model(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, seed=args.seed)
+    if args.workload == "mixed":
+        _fit_mixed_workload(args, lm.context_length)
     workload = Workload(
         args.num_requests,
         args.prompt_tokens,
         args.output_tokens,
         args.concurrency,
-        args.request_rate,
+        args.rates[0],
         args.ignore_eos,
         args.seed,
         kind=args.workload,
         system_prompts=args.system_prompts if args.workload == "shared-system-prompt" else 0,
         system_tokens=args.system_tokens if args.workload == "shared-system-prompt" else 0,
         turns=args.turns if args.workload == "multi-turn" else 1,
+        long_fraction=args.long_fraction if args.workload == "mixed" else 0.0,
+        long_prompt_tokens=args.long_prompt_tokens if args.workload == "mixed" else 0,
     )
     prompts = build_prompts(args, lm.tokenizer)
 
     all_runs = asyncio.run(_all_runs(args, lm, prompts, workload))
     # Best of the repeats for each system: on a shared machine, noise only ever slows a run down.
-    runs = [max(found, key=lambda r: r.stats()["output_token_throughput"]) for found in all_runs.values()]
-    results = {run.name: run.stats() for run in runs}
+    best = {key: max(found, key=lambda r: r.stats()["output_token_throughput"]) for key, found in all_runs.items()}
+    results = {key.label: run.stats(args.slos_ms) for key, run in best.items()}
+    workloads = {key.label: dataclasses.replace(workload, request_rate=key.rate or args.rates[0]) for key in best}
     repeats = {
-        name: [round(r.stats()["output_token_throughput"], 2) for r in found] for name, found in all_runs.items()
+        key.label: [round(r.stats()["output_token_throughput"], 2) for r in found] for key, found in all_runs.items()
     }
+    points = [
+        SweepPoint(key.name, mode_label(key.name, args), key.rate, results[key.label])
+        for key in best
+        if key.rate is not None
+    ]
     ratios = comparison(results)
     if "cluster" in results and "cluster_kv_off" in results:
         on, off = results["cluster"], results["cluster_kv_off"]
         ratios["kv_off_e2e_vs_on"] = off["e2e_s"]["mean"] / on["e2e_s"]["mean"]
         ratios["kv_off_tpot_vs_on"] = off["tpot_s"]["mean"] / on["tpot_s"]["mean"]
         ratios["kv_off_throughput_vs_on"] = off["output_token_throughput"] / on["output_token_throughput"]
-    print(format_table(results, ratios))
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        prompt_text = prompts.texts[0][:80].replace('"', "'").replace("\n", " ") + f"... ({len(prompts.ids[0])} tokens)"
-        payload = {
-            "command": command,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "hardware": hardware(),
-            "workload": {**dataclasses.asdict(workload), "request_rate": str(workload.request_rate)},
-            "model": args.model,
-            "load_format": args.load_format,
-            "dtype": args.dtype,
-            "threads": {
-                "workers": args.threads,
-                "prefill_args": args.prefill_args,
-                "decode_args": args.decode_args,
-                "baseline": args.baseline_threads or os.cpu_count(),
-            },
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-            "results": results,
-            "ratios": ratios,
-            "output_tokens_per_s_of_every_repeat": repeats,
-        }
-        save_json(args.output + ".json", payload)
-        with open(args.output + ".md", "w") as f:
-            f.write(_records(args, lm, workload, prompt_text, results, ratios, load_before, command, repeats))
-        plot(
-            args.output + ".png",
-            runs,
-            f"{args.model} {args.dtype}: {args.workload}, {args.num_requests} requests, concurrency "
-            f"{args.concurrency}, {args.prompt_tokens}+{args.output_tokens} tokens",
+    table = format_table(results, ratios)
+    print(table)
+    if points:
+        print(sweep_table(points))
+    if not args.output:
+        return
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    prompt_text = prompts.texts[0][:80].replace('"', "'").replace("\n", " ") + f"... ({len(prompts.ids[0])} tokens)"
+    payload = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "hardware": hardware(),
+        "workload": {**dataclasses.asdict(workload), "request_rate": str(workload.request_rate)},
+        "request_rates": [str(rate) for rate in args.rates],
+        "mode": args.mode,
+        "slos_ms": args.slos_ms,
+        "model": args.model,
+        "load_format": args.load_format,
+        "dtype": args.dtype,
+        "threads": {
+            "workers": args.threads,
+            "aggregated_workers": args.workers if args.mode != "disaggregated" else 0,
+            "prefill_args": args.prefill_args,
+            "decode_args": args.decode_args,
+            "baseline": args.baseline_threads or os.cpu_count(),
+        },
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "results": results,
+        "ratios": ratios,
+        "output_tokens_per_s_of_every_repeat": repeats,
+        **({"sweep": sweep_rows(points)} if points else {}),
+    }
+    save_json(args.output + ".json", payload)
+    blocks = _record_blocks(args, lm, workloads, prompt_text, results, ratios, load_before, repeats)
+    sweep = f"Sweep (one row per mode and request rate):\n\n{sweep_table(points)}\n\n" if points else ""
+    with open(args.output + ".md", "w") as f:
+        f.write(
+            f"# {args.name or 'disagg bench'}\n\nCommand:\n\n```\n{command}\n```\n\n{sweep}"
+            f"Side by side:\n\n```\n{table}\n```\n\n" + "\n\n".join(blocks) + "\n"
         )
-        print(f"wrote {args.output}.json, .md and .png", file=sys.stderr)
+    title = (
+        f"{args.model} {args.dtype}: {_workload_text(workload)}, {args.num_requests} requests"
+        if points
+        else f"{args.model} {args.dtype}: {args.workload}, {args.num_requests} requests, concurrency "
+        f"{args.concurrency}, {args.prompt_tokens}+{args.output_tokens} tokens"
+    )
+    if points:
+        plot_sweep(args.output + ".png", points, title)
+    else:
+        plot(args.output + ".png", list(best.values()), title)
+    print(f"wrote {args.output}.json, .md and .png", file=sys.stderr)
