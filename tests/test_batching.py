@@ -9,6 +9,7 @@ import time
 import torch
 
 from disagg.config import BatchPolicy
+from disagg.engine.batching import similar_length_batch, take_indices
 from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
 from disagg.model.decode_batch import DecodeBatch, RecomputeBatch
@@ -242,7 +243,8 @@ def test_decode_engine_cancel_leaves_the_batch_and_frees_memory(gpt2_model):
 def test_prefill_engine_batches_within_the_wait_window_and_token_budget(gpt2_model):
     prompts = [gpt2_model.tokenizer.encode(t) for t in TEXTS]
     longest = max(len(p) for p in prompts)
-    # Room for two padded prompts per forward pass: four prompts need two passes.
+    # Room for two padded prompts of the longest per forward pass, and only prompts within 2x of each other's
+    # length share one (1, 4, 18 and 24 tokens): "Hi" and "Batching..." go alone, the other two together.
     engine = PrefillEngine(gpt2_model, BatchPolicy(max_batch_size=8, wait_window_ms=300, token_budget=2 * longest))
     results: dict[int, PrefillResult] = {}
     arrived = threading.Event()
@@ -267,7 +269,7 @@ def test_prefill_engine_batches_within_the_wait_window_and_token_budget(gpt2_mod
         assert arrived.wait(120)
     finally:
         engine.stop()
-    assert sorted(r.batch_size for r in results.values()) == [2, 2, 2, 2]
+    assert sorted(r.batch_size for r in results.values()) == [1, 1, 2, 2]
     for i, ids in enumerate(prompts):
         kv, first = prefilled(gpt2_model, ids)
         logits_alone = prefill(gpt2_model.model, [ids])[0].logits
@@ -327,3 +329,26 @@ def test_a_slab_grown_inside_a_step_still_takes_joiners_and_leavers(gpt2_model):
     batch.remove("a")  # in-place writes (b's row moves into a's) into the slab step() made
     batch.add("c", kv, first)
     assert len(batch) == 2 and batch.step(gpt2_model.model).shape[0] == 2
+
+
+def test_similar_length_batch_keeps_short_prompts_out_of_a_long_ones_padding():
+    # The oldest always leads; a 960-token prompt and 64-token ones never share a padded forward pass.
+    lengths = [64, 960, 64, 70, 900, 40]
+    assert similar_length_batch(lengths, token_budget=8192, max_prompts=64) == [0, 2, 3, 5]
+    assert similar_length_batch([960, 64, 900, 64], token_budget=8192, max_prompts=64) == [0, 2]
+    # Within a factor of 2 of both the shortest and the longest taken so far.
+    assert similar_length_batch([100, 60, 190, 45], token_budget=8192, max_prompts=64) == [0, 1]
+    # The padded budget and the count bound the batch; the oldest goes even when it alone exceeds the budget.
+    assert similar_length_batch([100] * 5, token_budget=300, max_prompts=64) == [0, 1, 2]
+    assert similar_length_batch([100] * 5, token_budget=8192, max_prompts=2) == [0, 1]
+    assert similar_length_batch([5000, 100], token_budget=1000, max_prompts=64) == [0]
+    # The caller's own limit (free decode rows) is asked only about prompts that fit otherwise.
+    asked: list[int] = []
+    assert similar_length_batch([10, 500, 10, 10], 8192, 64, fits=lambda i: asked.append(i) or i != 2) == [0, 3]
+    assert asked == [0, 2, 3]
+    assert similar_length_batch([10, 10], 8192, 64, fits=lambda i: False) == []
+    assert similar_length_batch([], 8192, 64) == []
+
+
+def test_take_indices_keeps_the_rest_in_order():
+    assert take_indices(list("abcdef"), [0, 2, 3]) == (list("acd"), list("bef"))

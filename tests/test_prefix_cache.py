@@ -151,7 +151,8 @@ def generated(lm: LoadedModel, ids: list[int]) -> list[int]:
 
 
 def run_engine(engine: PrefillEngine, lm: LoadedModel, prompts: list[list[int]]) -> list[PrefillResult]:
-    """The prompts as one batch of the engine (its thread not started: one run_once)."""
+    """The prompts submitted together to the engine (its thread not started: run_once until the queue is empty;
+    prompts of dissimilar lengths take passes of their own)."""
     results: dict[int, PrefillResult] = {}
 
     def job(i: int) -> PrefillJob:
@@ -165,7 +166,8 @@ def run_engine(engine: PrefillEngine, lm: LoadedModel, prompts: list[list[int]])
 
     for i in range(len(prompts)):
         engine.submit(job(i))
-    engine.run_once()
+    while engine.waiting:
+        engine.run_once()
     assert sorted(results) == list(range(len(prompts)))
     return [results[i] for i in range(len(prompts))]
 

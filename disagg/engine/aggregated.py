@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from disagg.config import BatchPolicy
+from disagg.engine.batching import similar_length_batch, take_indices
 from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent, _deliver_all
 from disagg.errors import Overloaded
 from disagg.kv.budget import KvBudget
@@ -102,18 +103,25 @@ class AggregatedEngine(DecodeEngine):
         return cancelled
 
     def _take_prompts(self) -> list[Prompt]:
-        """Oldest first, while the running batch has rows for their sequences and the padded prompt tokens stay
-        within the token budget (the first prompt always goes, however long)."""
+        """The oldest prompt and waiting prompts of similar length (disagg.engine.batching), while the running
+        batch has rows for their sequences and the padded prompt tokens stay within the token budget (the first
+        prompt always goes, however long)."""
         rows = self.policy.max_batch_size - len(self.running) - len(self.waiting)
-        taken: list[Prompt] = []
         with self.lock:
-            while self.prompts and len(self.prompts[0].sequences) <= rows:
-                longest = max(len(p.input_ids) for p in [*taken, self.prompts[0]])
-                if taken and longest * (len(taken) + 1) > self.policy.token_budget:
-                    break
-                prompt = self.prompts.popleft()
-                rows -= len(prompt.sequences)
-                taken.append(prompt)
+            queue = list(self.prompts)
+
+            def fits(index: int) -> bool:
+                nonlocal rows
+                if len(queue[index].sequences) > rows:
+                    return False
+                rows -= len(queue[index].sequences)
+                return True
+
+            indices = similar_length_batch(
+                [len(p.input_ids) for p in queue], self.policy.token_budget, len(queue), fits
+            )
+            taken, rest = take_indices(queue, indices)
+            self.prompts = deque(rest)
         return taken
 
     def _prefill(self) -> None:

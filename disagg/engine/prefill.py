@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from disagg.config import BatchPolicy
+from disagg.engine.batching import similar_length_batch, take_indices
 from disagg.engine.thread import EngineThread
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.kv.types import KvLayers
@@ -89,18 +90,14 @@ class PrefillEngine(EngineThread[PrefillJob]):
         self._undelivered: list[PrefillJob] = []  # of the batch in run_once
 
     def _take_batch(self) -> list[PrefillJob]:
-        """Oldest-first jobs while the batch stays within max size and the padded-token budget."""
-        batch: list[PrefillJob] = []
+        """The oldest job and the waiting jobs of similar length within max size and the padded-token budget."""
         with self.lock:
-            while self.waiting and len(batch) < self.policy.max_batch_size:
-                job = self.waiting[0]
-                if job.cancelled:
-                    self.waiting.popleft()
-                    continue
-                longest = max([len(job.input_ids), *(len(j.input_ids) for j in batch)])
-                if batch and longest * (len(batch) + 1) > self.policy.token_budget:
-                    break
-                batch.append(self.waiting.popleft())
+            queue = [job for job in self.waiting if not job.cancelled]
+            indices = similar_length_batch(
+                [len(job.input_ids) for job in queue], self.policy.token_budget, self.policy.max_batch_size
+            )
+            batch, rest = take_indices(queue, indices)
+            self.waiting = type(self.waiting)(rest)
         return batch
 
     def run_once(self) -> None:
