@@ -50,3 +50,35 @@ def test_bench_handoff_writes_a_record(tmp_path):
     markdown = (tmp_path / "handoff.md").read_text()
     assert "| 40 | int8 |" in markdown and "| 40 | direct/auto |" in markdown
     assert "best whole-cache lossless path" in markdown
+
+
+def test_dtype_agreement_uses_the_serving_path_and_counts_divergence(gpt2_model):
+    import torch
+
+    from disagg.tools.dtype_agreement import greedy_tokens
+    from disagg.tools.handoff_bench import tally
+
+    ids = gpt2_model.tokenizer.encode("The decode worker keeps every running sequence in one slab")
+    with torch.inference_mode():
+        expected = gpt2_model.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(ids)),
+        )[0, len(ids) :].tolist()
+    assert greedy_tokens(gpt2_model, ids, 8) == expected
+
+    entry = dict(matching=0, total=0, identical_sequences=0, first_divergence=[])
+    tally(entry, [1, 2, 3, 4], [1, 2, 3, 4])
+    tally(entry, [1, 2, 3, 4], [1, 9, 3, 4])
+    assert entry == dict(matching=7, total=8, identical_sequences=1, first_divergence=[None, 1])
+
+
+def test_bench_dtype_writes_a_record(tmp_path):
+    out = tmp_path / "dtype"
+    main(["bench", "dtype", "--new-tokens", "4", "--out", str(out)])  # the bundled real model
+    record = json.loads(out.with_suffix(".json").read_text())
+    entry = record["dtypes"]["bfloat16"]
+    assert record["prompts"] == 8 and entry["total"] == 32 and 0 <= entry["matching"] <= 32
+    assert "| bfloat16 |" in out.with_suffix(".md").read_text()

@@ -130,6 +130,12 @@ def _bench_handoff(args: argparse.Namespace) -> None:
     handoff_main(args)
 
 
+def _bench_dtype(args: argparse.Namespace) -> None:
+    from disagg.tools.dtype_agreement import dtype_main
+
+    dtype_main(args)
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from disagg.tools.inspect_cmd import inspect_main
 
@@ -230,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_flags(bench)
     bench.set_defaults(func=_bench)
     reports = bench.add_subparsers(
-        dest="report", metavar="{handoff}", help="instead of the load test: 'disagg bench handoff --help'"
+        dest="report",
+        metavar="{handoff,dtype}",
+        help="instead of the load test: 'disagg bench handoff --help', 'disagg bench dtype --help'",
     )
     handoff = reports.add_parser(
         "handoff",
@@ -241,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_handoff_flags(handoff)
     handoff.set_defaults(func=_bench_handoff)
+    dtype = reports.add_parser(
+        "dtype", help="greedy agreement of bfloat16 (or other dtypes) with float32 on the bundled real model"
+    )
+    from disagg.tools.dtype_agreement import add_dtype_flags
+
+    add_dtype_flags(dtype)
+    dtype.set_defaults(func=_bench_dtype)
 
     inspect = sub.add_parser("inspect", help="walk through prefill and decode of one prompt, step by step")
     from disagg.tools.inspect_cmd import add_inspect_flags

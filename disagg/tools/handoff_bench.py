@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from transformers import BatchEncoding
 
     from disagg.kv.types import KvLayers
+    from disagg.model.loading import LoadedModel
     from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 
 PROMPT_LENGTHS = (128, 512, 1000)
@@ -322,25 +323,31 @@ def measure_agreement(
         wire: dict(matching=0, total=0, identical_sequences=0, first_divergence=[]) for wire in formats
     }
     for prompt in prompts:
-        chat = lm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        ids = cast("BatchEncoding", chat)["input_ids"]  # (return_dict=True: a BatchEncoding)
-        out = prefill(lm.model, [list(ids)])[0]
+        out = prefill(lm.model, [chat_ids(lm, prompt)])[0]
         assert out.kv is not None  # prefill keeps the KV cache unless told not to
         first = int(out.logits.argmax())
         reference = continuation(first, through_wire(out.kv, None))
         for wire in formats:
-            got = continuation(first, through_wire(out.kv, wire))
-            same = sum(a == b for a, b in zip(reference, got, strict=True))
-            entry = result[wire]
-            entry["matching"] += same
-            entry["total"] += len(reference)
-            entry["identical_sequences"] += got == reference
-            entry["first_divergence"].append(next((i for i, (a, b) in enumerate(zip(reference, got)) if a != b), None))
+            tally(result[wire], reference, continuation(first, through_wire(out.kv, wire)))
     for entry in result.values():
         entry["agreement"] = entry["matching"] / entry["total"]
     return dict(model=lm.name, prompts=len(prompts), new_tokens=new_tokens, formats=result)
+
+
+def chat_ids(lm: LoadedModel, prompt: str) -> list[int]:
+    """The token ids of `prompt` as one user turn of the model's chat template, ready for the assistant's reply."""
+    chat = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(cast("BatchEncoding", chat)["input_ids"])  # (return_dict=True: a BatchEncoding)
+
+
+def tally(entry: dict[str, Any], reference: list[int], got: list[int]) -> None:
+    """Add one prompt's greedy tokens to an agreement entry (matching positions, identical, first divergence)."""
+    entry["matching"] += sum(a == b for a, b in zip(reference, got, strict=True))
+    entry["total"] += len(reference)
+    entry["identical_sequences"] += got == reference
+    entry["first_divergence"].append(next((i for i, (a, b) in enumerate(zip(reference, got)) if a != b), None))
 
 
 def render_markdown(record: dict) -> str:
