@@ -10,7 +10,6 @@ the record reports the first divergence per prompt and identical sequences, not 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,6 +21,7 @@ import torch
 from disagg.model.decode_batch import DecodeBatch
 from disagg.model.loading import BUNDLED_MODEL, LoadedModel, load_model
 from disagg.model.prefill import prefill
+from disagg.tools.experiment_record import publish
 from disagg.tools.handoff_bench import AGREEMENT_PROMPTS, chat_ids, tally
 
 
@@ -94,10 +94,4 @@ def dtype_main(args: argparse.Namespace) -> None:
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         **measure_dtype_agreement(tuple(args.dtypes.split(",")), args.new_tokens, args.agreement_model),
     )
-    text = render_markdown(record)
-    print(text)
-    if args.out:
-        with open(args.out + ".json", "w") as f:
-            json.dump(record, f, indent=2)
-        with open(args.out + ".md", "w") as f:
-            f.write(text)
+    publish(record, render_markdown(record), args.out)

@@ -6,6 +6,7 @@ The field names and their order are the users' format; `render` fills every fiel
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from dataclasses import dataclass
@@ -65,3 +66,13 @@ def gpu_utilization(device: str) -> str:
 def stats_line(stats: dict[str, float], unit: float = 1000.0, suffix: str = "ms") -> str:
     """'mean X / p50 X / p90 X / p99 X ms' from a `disagg.bench.summarize` dict (seconds)."""
     return " / ".join(f"{k} {v * unit:.1f}" for k, v in stats.items()) + f" {suffix}"
+
+
+def publish(record: dict, markdown: str, prefix: str) -> None:
+    """Print the Markdown; with a path prefix, also write PREFIX.json and PREFIX.md."""
+    print(markdown)
+    if prefix:
+        with open(prefix + ".json", "w") as f:
+            json.dump(record, f, indent=2)
+        with open(prefix + ".md", "w") as f:
+            f.write(markdown)

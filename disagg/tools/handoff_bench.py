@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -29,6 +28,7 @@ import torch
 
 from disagg.kv.codec import WIRE_FORMATS as KV_WIRE_FORMATS
 from disagg.kv.transports import KV_TRANSPORTS
+from disagg.tools.experiment_record import publish
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -483,10 +483,4 @@ def handoff_main(args: argparse.Namespace) -> None:
         lossy = tuple(dict.fromkeys(wire for _, wire, _ in map(parse_variant, formats) if wire != "auto"))
         record["agreement"] = measure_agreement(lossy, args.agreement_tokens)
     record["targets"] = targets(record)
-    text = render_markdown(record)
-    print(text)
-    if args.out:
-        with open(args.out + ".json", "w") as f:
-            json.dump(record, f, indent=2)
-        with open(args.out + ".md", "w") as f:
-            f.write(text)
+    publish(record, render_markdown(record), args.out)
