@@ -352,3 +352,17 @@ def test_similar_length_batch_keeps_short_prompts_out_of_a_long_ones_padding():
 
 def test_take_indices_keeps_the_rest_in_order():
     assert take_indices(list("abcdef"), [0, 2, 3]) == (list("acd"), list("bef"))
+
+
+def test_fused_activations_keep_greedy_output_and_logits(gpt2_model):
+    from disagg.model.fused import fuse_activations
+    from disagg.model.loading import load_model
+
+    served = load_model("distilgpt2", load_format="dummy", seed=0)  # a copy: the session's model stays as loaded
+    assert fuse_activations(served.model) == 6 and fuse_activations(served.model) == 0
+    ids = torch.tensor([gpt2_model.tokenizer.encode(TEXTS[1])])
+    with torch.inference_mode():
+        fused, plain = served.model(ids).logits, gpt2_model.model(ids).logits
+        assert torch.allclose(fused, plain, atol=1e-4, rtol=1e-4)
+        kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        assert torch.equal(served.model.generate(ids, **kwargs), gpt2_model.model.generate(ids, **kwargs))

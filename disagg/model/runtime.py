@@ -8,6 +8,7 @@ import os
 import torch
 
 from disagg.config import ModelOptions
+from disagg.model.fused import fuse_activations
 from disagg.model.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -20,10 +21,12 @@ def configure_torch(threads: int) -> None:
 
 
 def load_for_serving(options: ModelOptions) -> LoadedModel:
-    """A worker's model: threads set first, then the weights (hub, folder, bundled or dummy)."""
+    """A worker's model: threads set first, then the weights (hub, folder, bundled or dummy), with fused
+    activations (disagg/model/fused.py)."""
     configure_torch(options.threads)
     lm = load_model(
         options.model, load_format=options.load_format, dtype=options.dtype, device=options.device, seed=options.seed
     )
-    log.info("loaded %s (%s) in %.2fs", lm.name, options.dtype, lm.load_model_seconds)
+    fused = fuse_activations(lm.model)
+    log.info("loaded %s (%s) in %.2fs; %d activations fused", lm.name, options.dtype, lm.load_model_seconds, fused)
     return lm
