@@ -11,7 +11,7 @@
 # loop (no concurrency cap), so the rate alone shapes the load. The lowest rate is easy, the highest saturates.
 # Cores: each cluster in its default configuration on the same 2 cores: the disaggregated one's prefill and decode
 # worker 2 torch threads each (disagg up's rule: each role's workers split the cores; they mostly take turns, and
-# wait passively), the 2 aggregated workers 1 thread each (replicas of one role split the cores, as data-parallel
+# spin only briefly in OpenMP), the 2 aggregated workers 1 thread each (replicas of one role split the cores, as data-parallel
 # replicas of vLLM would be; DistServe compares the same way).
 # The prefix cache is off (the default with --mode both): aggregated workers have none.
 # SLOs: TTFT <= 2 s and TPOT <= 150 ms per request; the overrides are for a quick smoke run, e.g.

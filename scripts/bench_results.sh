@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the committed benchmark records of the cluster against generate() (issues #6 and #14), one
 # `disagg bench` per record, with `disagg up`'s default flags: each worker role gets the host's cores (2 threads
-# each on 2 cores), workers wait passively in OpenMP, the KV cache goes through shared memory, the prefix cache is
+# each on 2 cores), workers spin only briefly in OpenMP, the KV cache goes through shared memory, the prefix cache is
 # on (the prompts are distinct; warm-up prompts are their own). distilgpt2 shapes with seeded dummy weights, fp32,
 # 128-token prompts, ignore_eos. Each invocation runs the in-process generate() baselines (default torch settings,
 # all cores) while the cluster is idle, alternating with the cluster for --repeats rounds.

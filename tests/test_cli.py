@@ -14,23 +14,23 @@ from disagg.tools.cluster import free_port, role_threads, with_threads
 from disagg.tools.launch import apply_process_env, process_env_defaults
 
 
-def test_workers_default_to_passive_openmp_waits_and_keep_the_users_choice():
-    assert process_env_defaults(["decode", "--port", "1"]) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert process_env_defaults(["--verbose", "prefill"]) == {"OMP_WAIT_POLICY": "PASSIVE"}
+def test_workers_default_to_a_short_openmp_spin_and_keep_the_users_choice():
+    assert process_env_defaults(["decode", "--port", "1"]) == {"GOMP_SPINCOUNT": "10000"}
+    assert process_env_defaults(["--verbose", "prefill"]) == {"GOMP_SPINCOUNT": "10000"}
     assert process_env_defaults(["gateway"]) == {} and process_env_defaults(["bench"]) == {}
     env: dict[str, str] = {}
     apply_process_env(["decode"], env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert env == {"GOMP_SPINCOUNT": "10000"}
+    env = {"GOMP_SPINCOUNT": "300000"}
     apply_process_env(["decode"], env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
-    env = {"OMP_WAIT_POLICY": ""}  # "" = OpenMP's own default: the variable is removed
+    assert env == {"GOMP_SPINCOUNT": "300000"}
+    env = {"GOMP_SPINCOUNT": ""}  # "" = OpenMP's own default: the variable is removed
     apply_process_env(["prefill"], env)
     assert env == {}
 
 
 def test_the_entry_point_sets_the_environment_before_torch_is_imported():
-    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the launcher must not import torch itself.
+    # OpenMP reads GOMP_SPINCOUNT once, when torch loads it: the launcher must not import torch itself.
     code = "import sys, disagg.tools.launch; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

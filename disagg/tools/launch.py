@@ -1,12 +1,14 @@
 """The `disagg` command's entry point: process settings that must exist before torch is imported, then the CLI.
 
-OpenMP reads its environment once, when torch loads it. By default its threads spin (busy-wait) between parallel
-regions, which is right for one process that owns the machine and ruinous for two model processes sharing cores
-(the prefill and decode workers of one host): each one's spinning threads take the CPU the other one's threads are
-waiting for. Workers therefore default to OMP_WAIT_POLICY=PASSIVE (idle threads sleep). Measured on 2 cores
-(results/threads.md): the cluster at concurrency 32 with 2 threads per worker went from 186 to 235 output
-tokens/s, and concurrency 1's time per output token from 53-62 ms to 29-32 ms under background load. A value the
-user set is kept; one set to the empty string is removed (OpenMP's own default: spin a while, then sleep).
+OpenMP reads its environment once, when torch loads it. GNU OpenMP's threads spin (busy-wait) up to 300,000
+iterations after each parallel region before they sleep: right for one process that owns the machine, costly for
+two model processes sharing cores (the prefill and decode workers of one host), where each one's spinning threads
+take the CPU the other one's threads wait for. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) fixes that but costs a
+wake-up per parallel region, hundreds per decode step: batch 1 took 19.2 ms a step instead of 14.7. Workers
+therefore default to GOMP_SPINCOUNT=10000: a spin short enough to be free when the other process needs the core,
+long enough to catch the next operation of the same step (14.7 ms at batch 1, as spinning). Measured A/B in
+results/threads_*.md and results/README.md. A value the user set is kept; one set to the empty string is removed
+(OpenMP's own default).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from collections.abc import MutableMapping
 
 WORKER_COMMANDS = frozenset({"prefill", "decode"})
-WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+WORKER_ENV_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
 
 
 def process_env_defaults(argv: list[str]) -> dict[str, str]:
