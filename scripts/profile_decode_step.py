@@ -1,0 +1,83 @@
+"""Where a decode step's time goes (issue #14): torch.profiler over DecodeBatch.step of the serving model
+(load_for_serving: fused activations), distilgpt2 shapes, dummy weights, 128-token caches.
+
+    python scripts/profile_decode_step.py [--batch 32] [--threads 2] [--dtype float32] [--out PREFIX]
+
+Prints (and with --out writes OUT.md and OUT.json) the mean step time and the share of each operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import profile
+
+from disagg.config import ModelOptions
+from disagg.model.decode_batch import DecodeBatch
+from disagg.model.runtime import load_for_serving
+from disagg.tools.experiment_record import hardware, publish
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    lm = load_for_serving(ModelOptions(load_format="dummy", dtype=args.dtype, threads=args.threads))
+    layers, heads, head_dim = lm.kv_shape()
+    batch = DecodeBatch(layers, heads, head_dim, lm.dtype, lm.device)
+    g = torch.Generator().manual_seed(0)
+
+    def kv() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (1, heads, 128, head_dim)
+        return [(torch.randn(shape, generator=g).to(lm.dtype), torch.randn(shape, generator=g).to(lm.dtype))] * layers
+
+    batch.add_many([(f"s{i}", kv(), 5) for i in range(args.batch)], 128 + 3 * args.steps + 8)
+    for _ in range(3):
+        batch.step(lm.model)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        batch.step(lm.model)
+    step_ms = (time.perf_counter() - started) / args.steps * 1000
+    with profile() as prof:
+        for _ in range(args.steps):
+            batch.step(lm.model)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = [
+        dict(op=e.key, share=round(e.self_cpu_time_total / total, 4), calls_per_step=e.count // args.steps)
+        for e in events[:12]
+    ]
+    record = dict(
+        command="python " + " ".join(sys.argv),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        hardware=hardware(),
+        load_average_before=os.getloadavg(),
+        batch=args.batch,
+        threads=args.threads,
+        dtype=args.dtype,
+        step_ms=round(step_ms, 2),
+        ops=ops,
+    )
+    lines = [
+        "# Decode step profile\n",
+        f"Command: `{record['command']}`  ",
+        f"Date: {record['date']}; {record['hardware']}; load average before {record['load_average_before'][0]:.2f}\n",
+        f"Batch {args.batch}, 128-token caches, {args.dtype}, {args.threads} torch threads: **{step_ms:.1f} ms** a "
+        "step (unprofiled mean).\n",
+        "| operator | share of self CPU time | calls per step |",
+        "|---|---|---|",
+        *(f"| `{o['op']}` | {100 * o['share']:.1f}% | {o['calls_per_step']} |" for o in ops),
+    ]
+    publish(record, "\n".join(lines) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
