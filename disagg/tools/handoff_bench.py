@@ -22,7 +22,7 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,8 +32,6 @@ from disagg.tools.experiment_record import publish
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
-
-    from transformers import BatchEncoding
 
     from disagg.kv.types import KvLayers
     from disagg.model.loading import LoadedModel
@@ -336,10 +334,9 @@ def measure_agreement(
 
 def chat_ids(lm: LoadedModel, prompt: str) -> list[int]:
     """The token ids of `prompt` as one user turn of the model's chat template, ready for the assistant's reply."""
-    chat = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(cast("BatchEncoding", chat)["input_ids"])  # (return_dict=True: a BatchEncoding)
+    from disagg.rpc.prompt import chat_token_ids
+
+    return chat_token_ids(lm, [{"role": "user", "content": prompt}])
 
 
 def tally(entry: dict[str, Any], reference: list[int], got: list[int]) -> None:
