@@ -428,8 +428,18 @@ class _OneCluster:
             await asyncio.to_thread(cluster.stop)
 
 
+def round_prompts(
+    args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, first: BenchPrompts, index: int
+) -> BenchPrompts:
+    """The prompts of round `index`: the first round's, then prompts of the same shape from another seed, so that a
+    later round never finds an earlier round's prompts in the prefix cache (on by default)."""
+    if index == 0:
+        return first
+    return build_prompts(argparse.Namespace(**{**vars(args), "seed": args.seed + 104_729 * index}), tokenizer)
+
+
 async def _all_runs(
-    args: argparse.Namespace, lm: LoadedModel, prompts: BenchPrompts, workload: Workload
+    args: argparse.Namespace, lm: LoadedModel, first: BenchPrompts, workload: Workload
 ) -> dict[RunKey, list[RunResult]]:
     """Alternate rounds: the baselines (no cluster computing), then the schedule's cluster runs, one cluster up at
     a time (a single variant keeps its cluster for every rate and round)."""
@@ -437,6 +447,7 @@ async def _all_runs(
     clusters = _OneCluster(args)
     try:
         for round_index in range(args.repeats):
+            prompts = round_prompts(args, lm.tokenizer, first, round_index)
             if args.baseline != "none":
                 for run in _baselines(args, lm, prompts.ids, workload, first_round=round_index == 0):
                     runs.setdefault(RunKey(run.name), []).append(run)
