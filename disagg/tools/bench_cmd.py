@@ -38,7 +38,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "--request-rate",
         type=float,
         default=float("inf"),
-        help="Poisson arrivals per second (default inf: all at once, limited by --concurrency)",
+        help="Poisson arrivals per second (default inf: all at once, limited by --concurrency); multi-turn: "
+        "conversation starts per second",
     )
     w.add_argument(
         "--workload",
@@ -82,6 +83,15 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         choices=["on", "off", "both"],
         help="the prefill workers' prefix cache ('off' passes --prefix-cache-mb 0); 'both' runs the same workload "
         "on a cluster with it on and one with it off",
+    )
+    c.add_argument("--prefill-workers", type=int, default=1, help="prefill workers of the local cluster")
+    c.add_argument(
+        "--routing",
+        default="kv-aware",
+        choices=["kv-aware", "least-loaded", "both"],
+        help="the gateway's choice of prefill worker (matters with --prefill-workers > 1): kv-aware (its default: "
+        "the workers' cache events, else its own routing decisions), least-loaded (--no-prefix-routing); 'both' "
+        "runs the same workload on a cluster of each",
     )
     c.add_argument(
         "--kv-transport",
@@ -184,14 +194,22 @@ def build_prompts(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
     return BenchPrompts(ids, texts, conversations, warmup)
 
 
-def cluster_name(kv_on: bool, prefix_on: bool) -> str:
-    return "cluster" + ("" if kv_on else "_kv_off") + ("" if prefix_on else "_prefix_off")
+def cluster_name(kv_on: bool, prefix_on: bool, kv_aware: bool = True) -> str:
+    return (
+        "cluster"
+        + ("" if kv_on else "_kv_off")
+        + ("" if prefix_on else "_prefix_off")
+        + ("" if kv_aware else "_least_loaded")
+    )
 
 
-async def _start_cluster(args: argparse.Namespace, kv_on: bool, prefix_on: bool = True) -> tuple[Cluster, str, str]:
+async def _start_cluster(
+    args: argparse.Namespace, kv_on: bool, prefix_on: bool = True, kv_aware: bool = True
+) -> tuple[Cluster, str, str]:
     from disagg.tools.cluster import Cluster, free_port
 
     gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
+    gateway_args += [] if kv_aware else ["--no-prefix-routing"]
     http = ""
     if args.api != "grpc":
         port = free_port()
@@ -201,6 +219,7 @@ async def _start_cluster(args: argparse.Namespace, kv_on: bool, prefix_on: bool 
     cluster = Cluster(
         _worker_args(args, kv_on),
         gateway_args,
+        prefill_workers=args.prefill_workers,
         prefill_args=prefill_args,
         decode_args=shlex.split(args.decode_args),
     )
@@ -269,16 +288,21 @@ async def _all_runs(
 ) -> dict[str, list[RunResult]]:
     """Start the cluster(s), then alternate rounds: baselines (cluster idle), then each cluster under load."""
     modes = {"on": [True], "off": [False], "both": [True, False]}
-    clusters, addresses = [], {}
+    routings = {"kv-aware": [True], "least-loaded": [False], "both": [True, False]}[args.routing]
+    clusters, addresses, metrics = [], {}, {}
     prompt_ids = prompts.ids
     try:
-        for kv_on, prefix_on in [(k, p) for k in modes[args.kv_cache] for p in modes[args.prefix_cache]]:
-            name = cluster_name(kv_on, prefix_on)
+        for kv_on, prefix_on, kv_aware in [
+            (k, p, r) for k in modes[args.kv_cache] for p in modes[args.prefix_cache] for r in routings
+        ]:
+            name = cluster_name(kv_on, prefix_on, kv_aware)
             if args.address:
                 grpc_address, http_address = args.address, args.http_address
             else:
-                cluster, grpc_address, http_address = await _start_cluster(args, kv_on, prefix_on)
+                cluster, grpc_address, http_address = await _start_cluster(args, kv_on, prefix_on, kv_aware)
                 clusters.append(cluster)
+                assert cluster.gateway is not None  # (started)
+                metrics[name] = [cluster.gateway.metrics_address, *(c.metrics_address for c in cluster.prefill)]
             if args.api in ("grpc", "both"):
                 addresses[name] = grpc_address
             if args.api in ("openai", "both"):
@@ -291,11 +315,34 @@ async def _all_runs(
                 for run in _baselines(args, lm, prompt_ids, workload, first_round=round_index == 0):
                     runs.setdefault(run.name, []).append(run)
             for name, address in addresses.items():
-                runs.setdefault(name, []).append(await _cluster_run(args, address, workload, prompts, name))
+                before = _routing_counts(metrics.get(name, []))
+                run = await _cluster_run(args, address, workload, prompts, name)
+                after = _routing_counts(metrics.get(name, []))
+                run.routing = {key: n - before.get(key, 0.0) for key, n in after.items()}
+                runs.setdefault(name, []).append(run)
         return runs
     finally:
         for cluster in clusters:
             await asyncio.to_thread(cluster.stop)
+
+
+def _routing_counts(metrics_addresses: list[str]) -> dict[str, float]:
+    """Where prefills went so far, from /metrics (the gateway's, then each prefill worker's): the gateway's choices
+    by the index that made them ("exact", "approximate", "none") and the requests each worker prefilled
+    ("prefill-0", ...). Empty without metrics (a remote cluster)."""
+    from disagg.tools.client import scrape_metrics
+
+    if not metrics_addresses or not all(metrics_addresses):
+        return {}
+    gateway, *workers = (scrape_metrics(address) for address in metrics_addresses)
+    counts = {
+        dict(labels)["source"]: n
+        for (name, labels), n in gateway.items()
+        if name == "disagg_prefix_routing_decisions_total"
+    }
+    for i, samples in enumerate(workers):
+        counts[f"prefill-{i}"] = samples.get(("disagg_prefill_forward_seconds_count", frozenset()), 0.0)
+    return counts
 
 
 def _policy_text(args: argparse.Namespace) -> str:
@@ -359,6 +406,16 @@ def _records(
                 f"prefix cache {prefix}: {stats['cached_prompt_tokens']} of {stats['prompt_tokens']} prompt tokens "
                 f"cached (hit rate {stats['prefix_hit_rate']:.1%}, from usage.cached_prompt_tokens)"
             )
+            if not args.address:
+                policy = "least-loaded (--no-prefix-routing)" if "least_loaded" in name else "KV-aware"
+                notes.append(f"{args.prefill_workers} prefill worker(s), routing {policy}")
+            if counts := stats.get("routing"):  # (warm-up requests included)
+                by_index = ", ".join(f"{k} {n:.0f}" for k, n in sorted(counts.items()) if not k.startswith("prefill-"))
+                by_worker = ", ".join(f"{k} {n:.0f}" for k, n in sorted(counts.items()) if k.startswith("prefill-"))
+                notes.append(
+                    f"prefill requests, warm-up included: by the index that chose the worker {by_index or 'none'}; "
+                    f"per worker {by_worker}"
+                )
         if len(repeats.get(name, [])) > 1:
             notes.append(f"best of {len(repeats[name])} alternating rounds (output tokens/s of each: {repeats[name]})")
         if name.startswith("cluster"):
@@ -409,9 +466,11 @@ def _workload_text(workload: Workload) -> str:
             f"each request one of them + a distinct user turn of {workload.prompt_tokens} tokens"
         )
     if workload.kind == "multi-turn":
+        starts = "all at once" if workload.request_rate == float("inf") else f"{workload.request_rate:g}/s Poisson"
         return (
             f"multi-turn: {workload.num_requests // workload.turns} conversations of {workload.turns} turns, each "
-            f"re-sending the history + a user turn of {workload.prompt_tokens} tokens"
+            f"re-sending the history + a user turn of {workload.prompt_tokens} tokens, conversations starting "
+            f"{starts}"
         )
     return f"{workload.prompt_tokens} prompt tokens"
 
@@ -432,6 +491,8 @@ def bench_main(args: argparse.Namespace) -> None:
         raise SystemExit("--workload multi-turn drives the gRPC front only (--api grpc)")
     if args.address and args.prefix_cache != "on":
         raise SystemExit("--prefix-cache off/both starts its own clusters: not with --address")
+    if args.address and args.routing != "kv-aware":
+        raise SystemExit("--routing least-loaded/both starts its own clusters: not with --address")
     if args.workload == "multi-turn" and args.baseline != "none":
         print("multi-turn: no generate() baseline (histories depend on the replies): --baseline none", file=sys.stderr)
         args.baseline = "none"
