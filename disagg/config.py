@@ -111,6 +111,8 @@ class GatewayConfig:
     prefix_routing_weight: float = 4.0  # sequences of load a fully uncached prompt weighs
     prefix_balance_abs: float = 8.0  # ignore the cache when max - min load > this ...
     prefix_balance_rel: float = 1.5  # ... and max load > this x min load
+    prefix_routing_events: bool = True  # the exact index: subscribe to the prefill workers' cache events
+    prefix_routing_tokenizer: str = ""  # its tokenizer (a model name or folder); "" = the model the workers report
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -297,8 +299,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         parser,
         "--prefix-routing",
         d.prefix_routing,
-        "KV-aware routing: send a prompt to the prefill worker that served its prefix before (an index of this "
-        "gateway's own decisions; only matters with more than one prefill worker)",
+        "KV-aware routing: send a prompt to the prefill worker that holds its prefix (by the workers' cache events, "
+        "or an index of this gateway's own decisions; only matters with more than one prefill worker)",
     )
     _flag(
         parser,
@@ -313,6 +315,20 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "KV-aware routing falls back to least-loaded when max - min load exceeds this and --prefix-balance-rel",
     )
     _flag(parser, "--prefix-balance-rel", d.prefix_balance_rel, "... and max load exceeds this x min load")
+    _flag(
+        parser,
+        "--prefix-routing-events",
+        d.prefix_routing_events,
+        "KV-aware routing by the exact index: subscribe to each prefill worker's cache events (WatchKvEvents) and "
+        "tokenize prompts here to look their blocks up; workers that do not report use the approximate index",
+    )
+    _flag(
+        parser,
+        "--prefix-routing-tokenizer",
+        d.prefix_routing_tokenizer,
+        "the tokenizer the exact index tokenizes with: a model name or folder as --model takes it (empty: the "
+        "model the prefill workers report)",
+    )
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     _flag(parser, "--http-port", d.http_port, "serve the OpenAI-compatible HTTP API on this port (0 = off)")
     _flag(parser, "--served-model-name", d.served_model_name, "model name of the HTTP API (empty: accept any)")

@@ -52,6 +52,9 @@ async def serve(config: GatewayConfig) -> None:
         pools = [prefill, decode]
         servicer = GatewayServicer(config, prefill, decode)
     monitors = [asyncio.create_task(pool.monitor(config.health_interval_seconds)) for pool in pools]
+    router = servicer.prefix_router  # (disaggregated mode) its subscriptions to the workers' cache events
+    if router is not None:
+        monitors.append(asyncio.create_task(router.watch(config.health_interval_seconds)))
 
     interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
     server = Server(config.host, config.port, interceptors, tls=config.tls)  # root spans come from its telemetry
@@ -67,6 +70,8 @@ async def serve(config: GatewayConfig) -> None:
         await http.stop()
     for task in monitors:
         task.cancel()
+    if router is not None:
+        await router.close()
     for pool in pools:
         await pool.close()
 

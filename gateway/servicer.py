@@ -225,6 +225,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 config.prefix_routing_weight,
                 config.prefix_balance_abs,
                 config.prefix_balance_rel,
+                exact=config.prefix_routing_events,
+                tokenizer=config.prefix_routing_tokenizer,
             )
             self.prefix_router = PrefixRouter(prefill, options)
 
@@ -385,7 +387,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         timeout = self._timeout(context, deadline)  # (before any worker counts this attempt in flight)
         prefill_worker: Worker[RelayPrefillStub] | None  # None once its stream is done
         router = self.prefix_router
-        prefill_worker = self.prefill.pick() if router is None else router.pick(request)
+        if router is None:
+            prefill_worker = self.prefill.pick()
+        else:
+            prefill_worker = router.pick(request, blocks=await router.prompt_blocks(request))
         decode_worker: Worker[RelayDecodeStub] | None = None
         pushes_to: Worker[RelayDecodeStub] | None = None
         decode_call: grpc.aio.StreamStreamCall | None = None

@@ -33,8 +33,10 @@ async def serve(config: WorkerConfig, segments: SharedMemorySegments) -> None:
         config.kv_layerwise,
         push_clients=PushClients(config.tls),
         segments=segments,
+        prefix_cache=prefix_cache,
     )
     server = Server(config.host, config.port, tls=config.tls)
+    server.on_shutdown(servicer.end_watches)
     server.add_service(
         worker_pb2.DESCRIPTOR.services_by_name["PrefillService"], lambda s: add_prefill_service(servicer, s)
     )

@@ -1,8 +1,10 @@
-"""PrefillService: tokenize and validate, queue for the batched forward pass, stream first token and KV cache."""
+"""PrefillService: tokenize and validate, queue for the batched forward pass, stream first token and KV cache;
+and report the prefix cache's contents to routers (WatchKvEvents)."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,8 @@ from disagg import telemetry
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
 from disagg.errors import InvalidRequest
 from disagg.kv.codec import KvLayout
+from disagg.kv.events import DEFAULT_MAX_PENDING, CacheWatch, batched, event_messages
+from disagg.kv.prefix_cache import PrefixCache
 from disagg.kv.senders import PushClients, make_sender
 from disagg.kv.shared_memory import SharedMemorySegments
 from disagg.kv.transports import DIRECT, RELAYED
@@ -37,8 +41,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         layerwise: bool = False,
         push_clients: PushClients | None = None,
         segments: SharedMemorySegments | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.lm, self.engine, self.chunk_bytes, self.layerwise = lm, engine, chunk_bytes, layerwise
+        # what WatchKvEvents reports (the engine's, or an empty one that is off: a snapshot of nothing)
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(lm.fingerprint, 0)
+        self.instance_id = uuid.uuid4().hex  # a restart is a new id: routers drop what they knew of the old cache
+        self.watches: set[CacheWatch] = set()
+        self.watch_max_pending = DEFAULT_MAX_PENDING  # keys a watcher may fall behind by before it is dropped
         # "" on the wire = the model's dtype (lossless, no conversion); naming the model's dtype is the same
         self.wire_dtype = "" if wire_dtype in ("auto", "", DTYPE_NAMES[lm.dtype]) else wire_dtype
         self.push_clients = push_clients or PushClients()
@@ -47,6 +57,39 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     def load(self) -> dict[str, int]:
         return dict(active_sequences=self.active, queued=len(self.engine.waiting))
+
+    async def WatchKvEvents(
+        self, request: worker_pb2.WatchKvEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WatchKvEventsResponse]:
+        """The snapshot, then the cache's changes in batches (disagg.kv.events), until the caller leaves or the
+        worker stops (end_watches); WatcherOverflow (RESOURCE_EXHAUSTED) for a caller that fell too far behind."""
+        cache, watch = self.prefix_cache, CacheWatch(self.prefix_cache, self.watch_max_pending)
+        self.watches.add(watch)
+        try:
+            first, *rest = list(batched(watch.snapshot)) or [[]]
+            yield worker_pb2.WatchKvEventsResponse(
+                snapshot=worker_pb2.KvCacheSnapshot(
+                    instance_id=self.instance_id,
+                    model=self.lm.name,
+                    model_fingerprint=cache.fingerprint,
+                    block_tokens=cache.block_tokens,
+                    block_keys=first,
+                )
+            )
+            for keys in rest:
+                yield worker_pb2.WatchKvEventsResponse(events=worker_pb2.KvCacheEvents(stored=keys))
+            while (batch := await watch.next_batch()) is not None:
+                for stored, removed in event_messages(*batch):
+                    events = worker_pb2.KvCacheEvents(stored=stored, removed=removed)
+                    yield worker_pb2.WatchKvEventsResponse(events=events)
+        finally:
+            watch.close()
+            self.watches.discard(watch)
+
+    def end_watches(self) -> None:
+        """Shutdown: end every WatchKvEvents stream (they would otherwise hold the grace period to its end)."""
+        for watch in list(self.watches):
+            watch.close()
 
     def _layout(self, seq_len: int) -> KvLayout:
         layers, heads, head_dim = self.lm.kv_shape()

@@ -132,6 +132,8 @@ def test_prefix_ratios_and_hit_rate():
     ratios = comparison({"cluster": timing(0.1), "cluster_prefix_off": timing(0.4)})
     assert ratios["prefix_off_ttft_p50_vs_on"] == pytest.approx(4.0)
     assert ratios["prefix_off_ttft_p99_vs_on"] == pytest.approx(4.0)
+    routed = comparison({"cluster": {"prefix_hit_rate": 0.6}, "cluster_least_loaded": {"prefix_hit_rate": 0.3}})
+    assert routed["kv_aware_hit_rate_vs_least_loaded"] == pytest.approx(2.0)
 
 
 def test_multi_turn_second_turn_hits_the_prefix_cache(gpt2_cluster, gpt2_model):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
-from disagg.tools.client import channel, complete
+from disagg.tools.client import channel, complete, scrape_metrics
 from disagg.tools.cluster import Cluster
 
 GPT2_ARGS = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
@@ -20,15 +18,7 @@ REQUESTS = 3
 KV_BYTES_PER_TOKEN = 2 * 6 * 768 * 4  # distilgpt2: K and V, 6 layers, 768 wide, fp32
 
 
-def scrape(address: str) -> dict[tuple[str, frozenset], float]:
-    """{(sample name, labels): value} of one /metrics page."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+scrape = scrape_metrics  # {(sample name, labels): value} of one /metrics page
 
 
 def value(samples, name: str, **labels) -> float:

@@ -189,9 +189,16 @@ async def test_flags_and_servicer_wiring() -> None:
     config = gateway_config(parser.parse_args(["--no-prefix-routing", "--prefix-routing-weight", "2"]))
     assert not config.prefix_routing and config.prefix_routing_weight == 2.0
     assert GatewayConfig().prefix_routing
+    exact_off = gateway_config(parser.parse_args(["--no-prefix-routing-events", "--prefix-routing-tokenizer", "gpt2"]))
+    assert not exact_off.prefix_routing_events and exact_off.prefix_routing_tokenizer == "gpt2"
+    assert GatewayConfig().prefix_routing_events  # the exact index is on by default
     prefill = WorkerPool("prefill", (A, B), RelayPrefillStub)
     decode = WorkerPool("decode", (C,), RelayDecodeStub)
     servicer = GatewayServicer(GatewayConfig(), prefill, decode)
     assert servicer.prefix_router is not None and servicer.prefix_router.pool is prefill
+    assert servicer.prefix_router.watchers is not None
+    approximate_only = GatewayServicer(exact_off, prefill, decode).prefix_router
+    assert approximate_only is not None and approximate_only.watchers is None
+    assert approximate_only.tokenizer.model_for("distilgpt2") == "gpt2"
     await prefill.close()
     await decode.close()

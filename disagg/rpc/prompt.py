@@ -1,41 +1,46 @@
 """A PrefillRequest as the model sees it: the prompt's token ids (plain, chat-rendered, or given) and the
 resolved sampling parameters (max_new_tokens filled in, the context checked). Every worker that prefills a
-request (prefill, aggregated) turns it into work the same way."""
+request (prefill, aggregated) turns it into work the same way, and so does the gateway's KV-aware router, which
+tokenizes only to look the prompt's blocks up (`request_token_ids` with its own copy of the tokenizer)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
 from disagg.errors import InvalidRequest
-from disagg.model.loading import LoadedModel
 from disagg.model.sampling import SamplingParams
 from disagg.pb.disagg.v1 import worker_pb2
 from disagg.rpc.convert import sampling_from_pb
 
 if TYPE_CHECKING:
-    from transformers import BatchEncoding
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+    from disagg.model.loading import LoadedModel
 
 
 def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
+    return request_token_ids(lm.tokenizer, lm.name, request)
+
+
+def request_token_ids(tokenizer: PreTrainedTokenizerBase, model: str, request: worker_pb2.PrefillRequest) -> list[int]:
+    """The prompt's token ids: given, a conversation rendered with the chat template, or the prompt encoded."""
     if request.prompt_token_ids:
         return list(request.prompt_token_ids)
     if request.messages:
-        return chat_token_ids(lm, [{"role": m.role, "content": m.content} for m in request.messages])
+        return chat_token_ids(tokenizer, model, [{"role": m.role, "content": m.content} for m in request.messages])
     if not request.prompt:
         raise InvalidRequest("prompt must not be empty")
     if request.apply_chat_template:
-        return chat_token_ids(lm, [{"role": "user", "content": request.prompt}])
-    return lm.tokenizer.encode(request.prompt)
+        return chat_token_ids(tokenizer, model, [{"role": "user", "content": request.prompt}])
+    return tokenizer.encode(request.prompt)
 
 
-def chat_token_ids(lm: LoadedModel, messages: list[dict[str, str]]) -> list[int]:
+def chat_token_ids(tokenizer: PreTrainedTokenizerBase, model: str, messages: list[dict[str, str]]) -> list[int]:
     """The conversation rendered with the model's chat template, ending with the assistant's turn to speak."""
-    if not lm.tokenizer.chat_template:
-        raise InvalidRequest(f"model {lm.name!r} has no chat template (messages / apply_chat_template)")
+    if not tokenizer.chat_template:
+        raise InvalidRequest(f"model {model!r} has no chat template (messages / apply_chat_template)")
     try:
-        rendered = lm.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     except Exception as exc:  # a template may refuse a conversation (roles out of order, ...): the client's fault
         raise InvalidRequest(f"messages: the chat template refused them: {exc}") from exc
     return list(cast("BatchEncoding", rendered)["input_ids"])  # return_dict=True: a BatchEncoding

@@ -73,6 +73,7 @@ class Server:
             raise OSError(f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"
         self._stopping = asyncio.Event()
+        self._on_shutdown: list[Callable[[], object]] = []
 
     def add_service(self, service: ServiceDescriptor, register: Callable[[grpc.aio.Server], None]) -> None:
         """Register a servicer (`register(grpc_server)`) and serve `service` in health and reflection."""
@@ -107,6 +108,11 @@ class Server:
     def stop_soon(self) -> None:
         self._stopping.set()
 
+    def on_shutdown(self, callback: Callable[[], object]) -> None:
+        """Call `callback` when shutdown begins (after NOT_SERVING, before the grace period): where streams that
+        never end on their own (WatchKvEvents) end, so that they do not hold the grace period."""
+        self._on_shutdown.append(callback)
+
     async def serve_until_signal(self, grace_seconds: float) -> None:
         """Serve until SIGTERM/SIGINT (or stop_soon): go NOT_SERVING, let in-flight calls finish, then stop."""
         loop = asyncio.get_running_loop()
@@ -115,4 +121,6 @@ class Server:
         await self._stopping.wait()
         log.info("shutting down (grace %.1fs)", grace_seconds)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for callback in self._on_shutdown:
+            callback()
         await self.grpc.stop(grace_seconds)

@@ -27,7 +27,12 @@ def add_prefill_service(servicer: worker_pb2_grpc.PrefillServiceServicer, server
                 servicer.Prefill,
                 request_deserializer=worker_pb2.PrefillRequest.FromString,
                 response_serializer=serialize,
-            )
+            ),
+            "WatchKvEvents": grpc.unary_stream_rpc_method_handler(
+                servicer.WatchKvEvents,
+                request_deserializer=worker_pb2.WatchKvEventsRequest.FromString,
+                response_serializer=worker_pb2.WatchKvEventsResponse.SerializeToString,
+            ),
         },
     )
 
@@ -64,11 +69,17 @@ class PushKvStub:
 
 
 class RelayPrefillStub:
-    """PrefillService as the gateway calls it: responses stay serialized, to go on to decode byte for byte."""
+    """PrefillService as the gateway calls it: Prefill's responses stay serialized, to go on to decode byte for
+    byte; WatchKvEvents as generated (the router's exact index)."""
 
     def __init__(self, channel: grpc.aio.Channel):
         self.Prefill = channel.unary_stream(
             "/disagg.v1.PrefillService/Prefill", request_serializer=worker_pb2.PrefillRequest.SerializeToString
+        )
+        self.WatchKvEvents = channel.unary_stream(
+            "/disagg.v1.PrefillService/WatchKvEvents",
+            request_serializer=worker_pb2.WatchKvEventsRequest.SerializeToString,
+            response_deserializer=worker_pb2.WatchKvEventsResponse.FromString,
         )
 
 

@@ -7,7 +7,7 @@ re-exported here, so a call site reads `telemetry.record_decode(seq)`.
 """
 
 from disagg.telemetry.decode import observe_kv_push, observe_kv_transfer, record_decode, record_kv_push
-from disagg.telemetry.gateway import note_model, observe_generate
+from disagg.telemetry.gateway import note_indexed_blocks, note_model, observe_generate, record_routing
 from disagg.telemetry.interceptor import server_interceptors
 from disagg.telemetry.metrics import count_error, watch_engine, watch_prefix_cache
 from disagg.telemetry.prefill import KvSerialize, record_prefill
@@ -20,6 +20,7 @@ __all__ = [
     "call_metadata",
     "configure_logging",
     "count_error",
+    "note_indexed_blocks",
     "note_model",
     "observe_generate",
     "observe_kv_push",
@@ -27,6 +28,7 @@ __all__ = [
     "record_decode",
     "record_kv_push",
     "record_prefill",
+    "record_routing",
     "registry",
     "server_interceptors",
     "setup",

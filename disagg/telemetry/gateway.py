@@ -3,6 +3,7 @@ client-side latency metrics (TTFT, TPOT, inter-token latency, end to end), obser
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
 from collections.abc import AsyncIterator
@@ -155,3 +156,25 @@ def note_model(model: str) -> None:
     if req.span is not None and req.span.is_recording():
         req.span.update_name(f"{OPERATION} {model}")
         req.span.set_attributes({"gen_ai.request.model": model, "gen_ai.response.model": model})
+
+
+def record_routing(source: str, share: float | None = None) -> None:
+    """One choice of prefill worker: by the `exact` or `approximate` index (with the share of the prompt the
+    chosen worker held by it) or by load alone (`none`)."""
+    if (m := current(GatewayMetrics)) is not None:
+        m.routing_decisions.labels(source).inc()
+        if share is not None:
+            m.routing_matched_share.labels(source).observe(share)
+
+
+def note_indexed_blocks(worker: str, blocks: int | None, snapshot: bool = False) -> None:
+    """The exact index's block count for `worker` (None: it no longer reports); `snapshot`: a new subscription."""
+    if (m := current(GatewayMetrics)) is None:
+        return
+    if snapshot:
+        m.kv_snapshots.labels(worker).inc()
+    if blocks is None:
+        with contextlib.suppress(KeyError):
+            m.indexed_blocks.remove(worker)
+    else:
+        m.indexed_blocks.labels(worker).set(blocks)

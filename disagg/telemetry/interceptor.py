@@ -22,6 +22,8 @@ from disagg.telemetry.setup import state
 from disagg.telemetry.spans import grpc_code, mark_error, tracer
 
 WORKER_METHODS = ("/disagg.v1.PrefillService/", "/disagg.v1.DecodeService/")
+# A subscription that lasts as long as its caller, not a request: no span (it would be hours long and in no trace).
+UNTRACED = frozenset({"/disagg.v1.PrefillService/WatchKvEvents"})
 
 
 class ServerTelemetry(grpc.aio.ServerInterceptor):
@@ -37,7 +39,7 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
             return handler
         if method == GENERATE_METHOD:
             return wrap_handler(handler, wrap_stream=observe_generate)
-        if not state.tracing or not method.startswith(WORKER_METHODS):
+        if not state.tracing or not method.startswith(WORKER_METHODS) or method in UNTRACED:
             return handler
         metadata = carrier(handler_call_details.invocation_metadata)
         service, _, rpc = method[1:].rpartition("/")

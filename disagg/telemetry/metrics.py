@@ -36,6 +36,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BYTES_BUCKETS = tuple(float(1 << n) for n in range(14, 32, 2))  # 16 KiB .. 2 GiB
+SHARE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 _registry = CollectorRegistry()
 
@@ -86,6 +87,35 @@ class GatewayMetrics(ComponentMetrics):
         )
         self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens of finished requests", model, registry=reg)
         self.generation_tokens = Counter("disagg_generation_tokens", "Tokens sent to clients", model, registry=reg)
+        # KV-aware routing of prefill (gateway.prefix_routing): which index chose, and how much of the prompt the
+        # chosen worker held by it
+        self.routing_decisions = Counter(
+            "disagg_prefix_routing_decisions",
+            "Prefill worker choices by the index that made them: exact (the workers' cache events), approximate "
+            "(this gateway's own routing), none (routing off, one candidate, or the imbalance guard: least loaded)",
+            ["source"],
+            registry=reg,
+        )
+        self.routing_matched_share = Histogram(
+            "disagg_prefix_routing_matched_share",
+            "Share of the prompt the chosen prefill worker held by the index that chose it (exact: tokens of its "
+            "leading cached blocks; approximate: bytes of the longest prefix routed there)",
+            ["source"],
+            buckets=SHARE_BUCKETS,
+            registry=reg,
+        )
+        self.indexed_blocks = Gauge(
+            "disagg_prefix_routing_indexed_blocks",
+            "Blocks a prefill worker reports in its prefix cache (exact index; no series while it does not report)",
+            ["worker"],
+            registry=reg,
+        )
+        self.kv_snapshots = Counter(
+            "disagg_prefix_routing_snapshots",
+            "WatchKvEvents snapshots received from a prefill worker (one per subscription)",
+            ["worker"],
+            registry=reg,
+        )
 
 
 class WorkerMetrics(ComponentMetrics):

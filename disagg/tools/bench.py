@@ -20,11 +20,12 @@ what stalls an aggregated worker's running streams).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -139,6 +140,9 @@ class RunResult:
     name: str
     duration: float
     records: list[RequestRecord]
+    # where prefills went, if known: the gateway's choices by index ("exact", ...) and requests per prefill worker
+    # ("prefill-0", ...)
+    routing: dict[str, float] = field(default_factory=dict)
 
     def stats(self, slos_ms: Mapping[str, float] | None = None) -> dict:
         """The run's statistics; with SLOs (milliseconds by metric, see `parse_goodput`) also its goodput."""
@@ -171,6 +175,7 @@ class RunResult:
             "prefix_hit_rate": cached / prompt_tokens if prompt_tokens else float("nan"),
             "errors": sorted({r.error for r in self.records if r.error})[:5],
             **slo,
+            **({"routing": self.routing} if self.routing else {}),
         }
 
 
@@ -367,15 +372,18 @@ async def run_conversations(
     timeout: float = 600.0,
 ) -> RunResult:
     """The multi-turn workload: each conversation sends its user turns one after the other, every turn re-sending
-    the history with the replies received; up to `concurrency` conversations at once. Record c * turns + t is turn
-    t of conversation c; a failed turn ends its conversation (the turns left are counted as failed)."""
+    the history with the replies received; up to `concurrency` conversations at once, each starting at a Poisson
+    arrival at `request_rate` conversations per second (inf: all at once). Record c * turns + t is turn t of
+    conversation c; a failed turn ends its conversation (the turns left are counted as failed)."""
     limit = asyncio.Semaphore(workload.concurrency)
+    starts = list(itertools.accumulate(arrival_delays(replace(workload, num_requests=len(conversations)))))
     offsets = [sum(len(c) for c in conversations[:i]) for i in range(len(conversations))]
     records = [RequestRecord() for c in conversations for _ in c]
     async with channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
 
         async def conversation(c: int) -> None:
+            await asyncio.sleep(starts[c])
             async with limit:
                 prompt, reply = "", ""
                 for t, user in enumerate(conversations[c]):
@@ -501,6 +509,9 @@ def comparison(results: dict[str, dict]) -> dict[str, float]:
     if (http := results.get("cluster_openai")) is not None:  # the HTTP front against the gRPC one, same cluster
         ratios["openai_throughput_vs_grpc"] = http["output_token_throughput"] / cluster["output_token_throughput"]
         ratios["openai_ttft_mean_vs_grpc"] = http["ttft_s"]["mean"] / cluster["ttft_s"]["mean"]
+    if (least := results.get("cluster_least_loaded")) is not None:  # the same trace, KV-aware vs least-loaded
+        aware, plain = cluster["prefix_hit_rate"], least["prefix_hit_rate"]
+        ratios["kv_aware_hit_rate_vs_least_loaded"] = aware / plain if plain else float("inf")
     if (off := results.get("cluster_prefix_off")) is not None:  # the same workload, prefix cache on vs off
         ratios["prefix_off_ttft_p50_vs_on"] = off["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
         ratios["prefix_off_ttft_p99_vs_on"] = off["ttft_s"]["p99"] / cluster["ttft_s"]["p99"]

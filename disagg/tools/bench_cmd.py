@@ -44,7 +44,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "--request-rate",
         type=float,
         default=float("inf"),
-        help="Poisson arrivals per second (default inf: all at once, limited by --concurrency)",
+        help="Poisson arrivals per second (default inf: all at once, limited by --concurrency); multi-turn: "
+        "conversation starts per second",
     )
     rate.add_argument(
         "--request-rates",
@@ -128,6 +129,15 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         help="the prefill workers' prefix cache ('off' passes --prefix-cache-mb 0); 'both' runs the same workload "
         "on a cluster with it on and one with it off. Default on; off with --mode both (aggregated workers have "
         "none) or --request-rates (each rate re-sends the same prompts)",
+    )
+    c.add_argument("--prefill-workers", type=int, default=1, help="prefill workers of the local cluster")
+    c.add_argument(
+        "--routing",
+        default="kv-aware",
+        choices=["kv-aware", "least-loaded", "both"],
+        help="the gateway's choice of prefill worker (matters with --prefill-workers > 1): kv-aware (its default: "
+        "the workers' cache events, else its own routing decisions), least-loaded (--no-prefix-routing); 'both' "
+        "runs the same workload on a cluster of each",
     )
     c.add_argument(
         "--kv-transport",
@@ -277,6 +287,7 @@ class Variant(NamedTuple):
     kv_on: bool = True
     prefix_on: bool = True  # the prefill worker's prefix cache (disaggregated only: aggregated workers have none)
     aggregated: bool = False
+    kv_aware: bool = True  # the gateway's KV-aware routing of prefill workers (--routing)
 
     @property
     def name(self) -> str:
@@ -284,19 +295,22 @@ class Variant(NamedTuple):
             ("cluster_aggregated" if self.aggregated else "cluster")
             + ("" if self.kv_on else "_kv_off")
             + ("" if self.prefix_on or self.aggregated else "_prefix_off")
+            + ("" if self.kv_aware or self.aggregated else "_least_loaded")
         )
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
-    """The clusters that --mode, --kv-cache and --prefix-cache ask for (the prefix cache only varies the
-    disaggregated cluster's prefill worker)."""
+    """The clusters that --mode, --kv-cache, --prefix-cache and --routing ask for (the prefix cache and the
+    routing only vary the disaggregated cluster's prefill workers)."""
     modes = {"on": [True], "off": [False], "both": [True, False]}
     aggregated = {"disaggregated": [False], "aggregated": [True], "both": [False, True]}[args.mode]
+    routing = {"kv-aware": [True], "least-loaded": [False], "both": [True, False]}[args.routing]
     return [
-        Variant(kv_on, prefix_on, agg)
+        Variant(kv_on, prefix_on, agg, kv_aware)
         for agg in aggregated
         for kv_on in modes[args.kv_cache]
         for prefix_on in (modes[args.prefix_cache] if not agg else [True])
+        for kv_aware in (routing if not agg else [True])
     ]
 
 
@@ -304,7 +318,11 @@ def mode_label(name: str, args: argparse.Namespace) -> str:
     """A run's name as the sweep's line: cluster -> disaggregated, cluster_aggregated -> aggregated, keeping the
     suffixes of what the invocation varies (`_kv_off` with --kv-cache both; `_openai`)."""
     label = name.replace("cluster_aggregated", "aggregated").replace("cluster", "disaggregated")
-    for flag, suffix in ((args.kv_cache, "_kv_off"), (args.prefix_cache, "_prefix_off")):
+    for flag, suffix in (
+        (args.kv_cache, "_kv_off"),
+        (args.prefix_cache, "_prefix_off"),
+        (args.routing, "_least_loaded"),
+    ):
         if flag != "both":
             label = label.replace(suffix, "")
     return label
@@ -332,6 +350,7 @@ async def _start_cluster(args: argparse.Namespace, variant: Variant) -> tuple[Cl
     from disagg.tools.cluster import Cluster, free_port
 
     gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
+    gateway_args += [] if variant.kv_aware else ["--no-prefix-routing"]
     http = ""
     if args.api != "grpc":
         port = free_port()
@@ -341,6 +360,7 @@ async def _start_cluster(args: argparse.Namespace, variant: Variant) -> tuple[Cl
     cluster = Cluster(
         _worker_args(args, variant.kv_on),
         gateway_args,
+        prefill_workers=args.prefill_workers,
         prefill_args=prefill_args,
         decode_args=shlex.split(args.decode_args),
         aggregated_workers=args.workers if variant.aggregated else 0,
@@ -422,6 +442,13 @@ class _OneCluster:
             self.up = (variant, *await _start_cluster(self.args, variant))
         return self.up[2], self.up[3]
 
+    def metrics_addresses(self) -> list[str]:
+        """The gateway's and each prefill worker's /metrics of the cluster up (empty: none, or --address)."""
+        gateway = self.up[1].gateway if self.up is not None else None
+        if self.up is None or gateway is None:
+            return []
+        return [gateway.metrics_address, *(c.metrics_address for c in self.up[1].prefill)]
+
     async def stop(self) -> None:
         if self.up is not None:
             cluster, self.up = self.up[1], None
@@ -461,10 +488,33 @@ async def _all_runs(
                 at_rate = dataclasses.replace(workload, request_rate=rate)
                 for name, address in targets.items():
                     key = RunKey(name, rate if args.request_rates else None)
-                    runs.setdefault(key, []).append(await _cluster_run(args, address, at_rate, prompts, key))
+                    before = _routing_counts(clusters.metrics_addresses())
+                    run = await _cluster_run(args, address, at_rate, prompts, key)
+                    after = _routing_counts(clusters.metrics_addresses())
+                    run.routing = {where: n - before.get(where, 0.0) for where, n in after.items()}
+                    runs.setdefault(key, []).append(run)
         return runs
     finally:
         await clusters.stop()
+
+
+def _routing_counts(metrics_addresses: list[str]) -> dict[str, float]:
+    """Where prefills went so far, from /metrics (the gateway's, then each prefill worker's): the gateway's choices
+    by the index that made them ("exact", "approximate", "none") and the requests each worker prefilled
+    ("prefill-0", ...). Empty without metrics (a remote cluster)."""
+    from disagg.tools.client import scrape_metrics
+
+    if not metrics_addresses or not all(metrics_addresses):
+        return {}
+    gateway, *workers = (scrape_metrics(address) for address in metrics_addresses)
+    counts = {
+        dict(labels)["source"]: n
+        for (name, labels), n in gateway.items()
+        if name == "disagg_prefix_routing_decisions_total"
+    }
+    for i, samples in enumerate(workers):
+        counts[f"prefill-{i}"] = samples.get(("disagg_prefill_forward_seconds_count", frozenset()), 0.0)
+    return counts
 
 
 def _policy_text(args: argparse.Namespace, aggregated: bool = False) -> str:
@@ -549,6 +599,16 @@ def _record_blocks(
                 f"prefix cache {prefix}: {stats['cached_prompt_tokens']} of {stats['prompt_tokens']} prompt tokens "
                 f"cached (hit rate {stats['prefix_hit_rate']:.1%}, from usage.cached_prompt_tokens)"
             )
+            if not args.address:
+                policy = "least-loaded (--no-prefix-routing)" if "least_loaded" in name else "KV-aware"
+                notes.append(f"{args.prefill_workers} prefill worker(s), routing {policy}")
+            if counts := stats.get("routing"):  # (warm-up requests included)
+                by_index = ", ".join(f"{k} {n:.0f}" for k, n in sorted(counts.items()) if not k.startswith("prefill-"))
+                by_worker = ", ".join(f"{k} {n:.0f}" for k, n in sorted(counts.items()) if k.startswith("prefill-"))
+                notes.append(
+                    f"prefill requests, warm-up included: by the index that chose the worker {by_index or 'none'}; "
+                    f"per worker {by_worker}"
+                )
         if len(repeats.get(name, [])) > 1:
             notes.append(f"best of {len(repeats[name])} alternating rounds (output tokens/s of each: {repeats[name]})")
         if cluster:
@@ -608,9 +668,11 @@ def _workload_text(workload: Workload) -> str:
             f"each request one of them + a distinct user turn of {workload.prompt_tokens} tokens"
         )
     if workload.kind == "multi-turn":
+        starts = "all at once" if workload.request_rate == float("inf") else f"{workload.request_rate:g}/s Poisson"
         return (
             f"multi-turn: {workload.num_requests // workload.turns} conversations of {workload.turns} turns, each "
-            f"re-sending the history + a user turn of {workload.prompt_tokens} tokens"
+            f"re-sending the history + a user turn of {workload.prompt_tokens} tokens, conversations starting "
+            f"{starts}"
         )
     if workload.kind == "mixed":
         long = round(workload.num_requests * workload.long_fraction)
@@ -663,6 +725,8 @@ def bench_main(args: argparse.Namespace) -> None:
     resolve_run_args(args)
     if args.workload == "multi-turn" and args.api != "grpc":
         raise SystemExit("--workload multi-turn drives the gRPC front only (--api grpc)")
+    if args.address and args.routing != "kv-aware":
+        raise SystemExit("--routing least-loaded/both starts its own clusters: not with --address")
     if args.workload == "multi-turn" and args.baseline != "none":
         print("multi-turn: no generate() baseline (histories depend on the replies): --baseline none", file=sys.stderr)
         args.baseline = "none"

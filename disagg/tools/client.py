@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -97,3 +98,16 @@ async def wait_serving(ch: grpc.aio.Channel, timeout: float) -> None:
 
 def channel(address: str, tls: TlsOptions | None = None) -> grpc.aio.Channel:
     return open_channel(address, tls)
+
+
+def scrape_metrics(address: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """{(sample name, labels): value} of a process's Prometheus /metrics page at `address` (host:port)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

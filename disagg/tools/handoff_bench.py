@@ -336,7 +336,7 @@ def chat_ids(lm: LoadedModel, prompt: str) -> list[int]:
     """The token ids of `prompt` as one user turn of the model's chat template, ready for the assistant's reply."""
     from disagg.rpc.prompt import chat_token_ids
 
-    return chat_token_ids(lm, [{"role": "user", "content": prompt}])
+    return chat_token_ids(lm.tokenizer, lm.name, [{"role": "user", "content": prompt}])
 
 
 def tally(entry: dict[str, Any], reference: list[int], got: list[int]) -> None:

@@ -19,6 +19,40 @@ KV_TRANSPORT_RELAYED: KvTransport
 KV_TRANSPORT_DIRECT: KvTransport
 KV_TRANSPORT_SHARED_MEMORY: KvTransport
 
+class WatchKvEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchKvEventsResponse(_message.Message):
+    __slots__ = ("snapshot", "events")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    snapshot: KvCacheSnapshot
+    events: KvCacheEvents
+    def __init__(self, snapshot: _Optional[_Union[KvCacheSnapshot, _Mapping]] = ..., events: _Optional[_Union[KvCacheEvents, _Mapping]] = ...) -> None: ...
+
+class KvCacheSnapshot(_message.Message):
+    __slots__ = ("instance_id", "model", "model_fingerprint", "block_tokens", "block_keys")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    model: str
+    model_fingerprint: str
+    block_tokens: int
+    block_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., block_tokens: _Optional[int] = ..., block_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class KvCacheEvents(_message.Message):
+    __slots__ = ("stored", "removed")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    stored: _containers.RepeatedScalarFieldContainer[bytes]
+    removed: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class AggregatedServiceGenerateRequest(_message.Message):
     __slots__ = ("request",)
     REQUEST_FIELD_NUMBER: _ClassVar[int]

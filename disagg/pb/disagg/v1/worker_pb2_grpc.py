@@ -40,6 +40,11 @@ class PrefillServiceStub:
                 request_serializer=disagg_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.WatchKvEvents = channel.unary_stream(
+                '/disagg.v1.PrefillService/WatchKvEvents',
+                request_serializer=disagg_dot_v1_dot_worker__pb2.WatchKvEventsRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_worker__pb2.WatchKvEventsResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -56,6 +61,16 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKvEvents(self, request, context):
+        """WatchKvEvents streams what the prefix cache holds, for a router: first one KvCacheSnapshot (who is answering
+        and the keys of the blocks held now), then KvCacheEvents as blocks are stored and removed (evicted, cleared),
+        batched, each key's latest change only. The stream lasts until the caller leaves or the worker stops; a
+        watcher that falls too far behind is ended with RESOURCE_EXHAUSTED (subscribe again for a fresh snapshot).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +78,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=disagg_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=disagg_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'WatchKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvEvents,
+                    request_deserializer=disagg_dot_v1_dot_worker__pb2.WatchKvEventsRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_worker__pb2.WatchKvEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +113,33 @@ class PrefillService:
             '/disagg.v1.PrefillService/Prefill',
             disagg_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
             disagg_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/disagg.v1.PrefillService/WatchKvEvents',
+            disagg_dot_v1_dot_worker__pb2.WatchKvEventsRequest.SerializeToString,
+            disagg_dot_v1_dot_worker__pb2.WatchKvEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
