@@ -193,7 +193,8 @@ async def test_gateway_follows_dns_adds_and_drains_workers_without_losing_reques
             b_at_drain = _decoded_tokens(decode_b)
             await _until(lambda: len(results) >= removed_at_results + 12, 120, "requests after the drain")
             assert _decoded_tokens(decode_a) == a_after_drain, "decode-a got requests after it left DNS"
-            assert _decoded_tokens(decode_b) > b_at_drain
+            # (its metrics count a request when its stream is finalized, which can trail the client's last token)
+            await _until(lambda: _decoded_tokens(decode_b) > b_at_drain, 30, "decode-b serving after the drain")
 
             stopping.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 60)
