@@ -25,7 +25,7 @@ from disagg.kv.prefix_cache import PrefixCache
 from disagg.model.loading import load_model
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import SamplingParams
-from disagg.tools.experiment_record import hardware, publish
+from disagg.tools.experiment_record import publish, run_header
 
 
 def one_request(engine: PrefillEngine, ids: list[int]) -> tuple[float, PrefillResult]:
@@ -74,10 +74,7 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratio = medians["cached system prompt"] / medians["user turn alone"]
     record = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        hardware=hardware(),
-        load_average_before=os.getloadavg(),
+        **run_header("python " + " ".join(sys.argv)),
         threads=args.threads,
         system_tokens=args.system_tokens,
         user_tokens=args.user_tokens,

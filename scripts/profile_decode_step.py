@@ -19,7 +19,7 @@ from torch.profiler import profile
 from disagg.config import ModelOptions
 from disagg.model.decode_batch import DecodeBatch
 from disagg.model.runtime import load_for_serving
-from disagg.tools.experiment_record import hardware, publish
+from disagg.tools.experiment_record import publish, run_header
 
 
 def main() -> None:
@@ -56,10 +56,7 @@ def main() -> None:
         for e in events[:12]
     ]
     record = dict(
-        command="python " + " ".join(sys.argv),
-        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        hardware=hardware(),
-        load_average_before=os.getloadavg(),
+        **run_header("python " + " ".join(sys.argv)),
         batch=args.batch,
         threads=args.threads,
         dtype=args.dtype,

@@ -56,7 +56,7 @@ def test_dtype_agreement_uses_the_serving_path_and_counts_divergence(gpt2_model)
     import torch
 
     from disagg.tools.dtype_agreement import greedy_tokens
-    from disagg.tools.handoff_bench import tally
+    from disagg.tools.handoff_bench import empty_tally, tally
 
     ids = gpt2_model.tokenizer.encode("The decode worker keeps every running sequence in one slab")
     with torch.inference_mode():
@@ -69,10 +69,10 @@ def test_dtype_agreement_uses_the_serving_path_and_counts_divergence(gpt2_model)
         )[0, len(ids) :].tolist()
     assert greedy_tokens(gpt2_model, ids, 8) == expected
 
-    entry = dict(matching=0, total=0, identical_sequences=0, first_divergence=[])
+    entry = empty_tally()
     tally(entry, [1, 2, 3, 4], [1, 2, 3, 4])
     tally(entry, [1, 2, 3, 4], [1, 9, 3, 4])
-    assert entry == dict(matching=7, total=8, identical_sequences=1, first_divergence=[None, 1])
+    assert entry == dict(matching=7, total=8, identical_sequences=1, first_divergence=[None, 1], agreement=7 / 8)
 
 
 def test_bench_dtype_writes_a_record(tmp_path):

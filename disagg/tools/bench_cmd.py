@@ -444,10 +444,10 @@ class _OneCluster:
 
     def metrics_addresses(self) -> list[str]:
         """The gateway's and each prefill worker's /metrics of the cluster up (empty: none, or --address)."""
-        gateway = self.up[1].gateway if self.up is not None else None
-        if self.up is None or gateway is None:
+        cluster = self.up[1] if self.up is not None else None
+        if cluster is None or cluster.gateway is None:
             return []
-        return [gateway.metrics_address, *(c.metrics_address for c in self.up[1].prefill)]
+        return [cluster.gateway.metrics_address, *(c.metrics_address for c in cluster.prefill)]
 
     async def stop(self) -> None:
         if self.up is not None:
@@ -550,8 +550,8 @@ def _threads_text(args: argparse.Namespace, aggregated: bool) -> str:
     if aggregated:
         return f"{args.workers} aggregated workers --threads {threads} each (extra: '{args.decode_args}')"
     return (
-        f"1 prefill + 1 decode worker --threads {threads} each (extra: prefill '{args.prefill_args}', decode "
-        f"'{args.decode_args}'), KV transport {transport}"
+        f"{args.prefill_workers} prefill + 1 decode worker(s) --threads {threads} each (extra: prefill "
+        f"'{args.prefill_args}', decode '{args.decode_args}'), KV transport {transport}"
     )
 
 

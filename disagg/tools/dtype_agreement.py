@@ -22,7 +22,7 @@ from disagg.model.decode_batch import DecodeBatch
 from disagg.model.loading import BUNDLED_MODEL, LoadedModel, load_model
 from disagg.model.prefill import prefill
 from disagg.tools.experiment_record import publish
-from disagg.tools.handoff_bench import AGREEMENT_PROMPTS, chat_ids, tally
+from disagg.tools.handoff_bench import AGREEMENT_PROMPTS, chat_ids, empty_tally, tally
 
 
 @torch.inference_mode()
@@ -53,11 +53,9 @@ def measure_dtype_agreement(
     result: dict[str, dict[str, Any]] = {}
     for dtype in dtypes:
         lm = load_model(model, dtype=dtype)
-        entry: dict[str, Any] = dict(matching=0, total=0, identical_sequences=0, first_divergence=[])
+        result[dtype] = entry = empty_tally()
         for ids, ref in zip(prompt_ids, reference):
             tally(entry, ref, greedy_tokens(lm, ids, new_tokens))
-        entry["agreement"] = entry["matching"] / entry["total"]
-        result[dtype] = entry
     return dict(model=model, prompts=len(prompts), new_tokens=new_tokens, dtypes=result)
 
 

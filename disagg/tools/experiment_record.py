@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -76,3 +78,13 @@ def publish(record: dict, markdown: str, prefix: str) -> None:
             json.dump(record, f, indent=2)
         with open(prefix + ".md", "w") as f:
             f.write(markdown)
+
+
+def run_header(command: str) -> dict[str, Any]:
+    """What every script's record starts with: its command, when, on what, and how busy the machine was."""
+    return dict(
+        command=command,
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        hardware=hardware(),
+        load_average_before=os.getloadavg(),
+    )

@@ -317,9 +317,7 @@ def measure_agreement(
             assembler.add(chunk)
         return assembler.layers()
 
-    result: dict[str, dict[str, Any]] = {
-        wire: dict(matching=0, total=0, identical_sequences=0, first_divergence=[]) for wire in formats
-    }
+    result: dict[str, dict[str, Any]] = {wire: empty_tally() for wire in formats}
     for prompt in prompts:
         out = prefill(lm.model, [chat_ids(lm, prompt)])[0]
         assert out.kv is not None  # prefill keeps the KV cache unless told not to
@@ -327,8 +325,6 @@ def measure_agreement(
         reference = continuation(first, through_wire(out.kv, None))
         for wire in formats:
             tally(result[wire], reference, continuation(first, through_wire(out.kv, wire)))
-    for entry in result.values():
-        entry["agreement"] = entry["matching"] / entry["total"]
     return dict(model=lm.name, prompts=len(prompts), new_tokens=new_tokens, formats=result)
 
 
@@ -339,12 +335,19 @@ def chat_ids(lm: LoadedModel, prompt: str) -> list[int]:
     return chat_token_ids(lm.tokenizer, lm.name, [{"role": "user", "content": prompt}])
 
 
+def empty_tally() -> dict[str, Any]:
+    """An agreement entry before any prompt: see `tally`."""
+    return dict(matching=0, total=0, identical_sequences=0, first_divergence=[], agreement=0.0)
+
+
 def tally(entry: dict[str, Any], reference: list[int], got: list[int]) -> None:
-    """Add one prompt's greedy tokens to an agreement entry (matching positions, identical, first divergence)."""
+    """Add one prompt's greedy tokens to an agreement entry (matching positions, identical, first divergence, and
+    the share of matching positions so far)."""
     entry["matching"] += sum(a == b for a, b in zip(reference, got, strict=True))
     entry["total"] += len(reference)
     entry["identical_sequences"] += got == reference
     entry["first_divergence"].append(next((i for i, (a, b) in enumerate(zip(reference, got)) if a != b), None))
+    entry["agreement"] = entry["matching"] / entry["total"]
 
 
 def render_markdown(record: dict) -> str:
