@@ -15,6 +15,7 @@ each sender records the `kv.serialize` span.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import torch
@@ -150,7 +151,9 @@ class SharedMemorySender(KvSender):
         """`deadline_seconds`: the request's time left; a segment nobody took by then is removed (the decode worker
         unlinks the one it takes, so this only ever removes a segment whose message was lost, e.g. a partition)."""
         super().__init__(layout, chunk_bytes)
-        self.segments, self.deadline_seconds = segments, deadline_seconds
+        self.segments = segments
+        # Counted from now (arrival), not from finish: a prefill queued or computed for seconds must not stretch it.
+        self.expires_at = time.monotonic() + (deadline_seconds or segments.ttl)
         self.segment = segments.create(layout.total_bytes)
         self.crcs = [0] * (2 * layout.num_layers)
 
@@ -167,7 +170,7 @@ class SharedMemorySender(KvSender):
     async def finish(self) -> list:
         self.segment.memory.close()
         asyncio.get_running_loop().call_later(
-            self.deadline_seconds or self.segments.ttl, self.segments.remove, self.segment.name
+            max(0.0, self.expires_at - time.monotonic()), self.segments.remove, self.segment.name
         )
         message = worker_pb2.KvSharedMemory(
             name=self.segment.name, size=self.layout.total_bytes, tensor_crc32=self.crcs
