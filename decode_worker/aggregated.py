@@ -5,6 +5,12 @@ reserves its final KV size in the budget (as a Decode call does at SequenceStart
 before anything was sent), answers with SequenceStart, then streams each sequence's tokens, the first one (from
 the prefill in the engine's loop) included. A call that ends early (client gone, deadline) cancels its sequences
 in the engine, which frees their KV at its next step; the reservation is released whichever way the call ends.
+
+Conditional disaggregation (`disagg decode --local-prefill`, the gateway's --local-prefill-tokens): a request
+with `max_uncached_tokens` is served only if at most that many of its tokens are missing from this worker's prefix
+cache; otherwise the one response is LocalPrefillDeclined, before anything was queued or reserved, and the caller
+sends it to a prefill worker instead. The count is the worker's own (its tokenizer, its cache, now): exact, at the
+cost of one round trip for a request that goes remote after all.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import grpc
 
 from decode_worker.forks import Deliver, response_of, sequence_id
 from decode_worker.servicer import final_kv_bytes
+from disagg import telemetry
 from disagg.engine.aggregated import AggregatedEngine, Prompt
 from disagg.engine.decode import DecodeSequence, TokenEvent
 from disagg.errors import InvalidRequest
@@ -53,6 +60,14 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
             params = resolve_params(self.lm, prefill, len(prompt) + len(generated))
             if params.n > 1 and generated:
                 raise InvalidRequest("a sequence with n > 1 cannot be resumed")
+            if request.max_uncached_tokens:
+                uncached = self.engine.uncached_tokens([*prompt, *generated])
+                if uncached > request.max_uncached_tokens:
+                    declined = worker_pb2.LocalPrefillDeclined(
+                        prompt_tokens=len(prompt) + len(generated), uncached_tokens=uncached
+                    )
+                    yield worker_pb2.AggregatedServiceGenerateResponse(declined=declined)
+                    return
             start = worker_pb2.SequenceStart(
                 request_id=prefill.request_id,
                 prompt_token_ids=prompt,
@@ -80,19 +95,25 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
                     deliver=deliver_to(index),
                     reservation=reservation,  # one for all n (the budget counts it once)
                 )
-            self.engine.submit_prompt(Prompt(list(running.values())))  # may refuse: queue full
+            queued, parent = Prompt(list(running.values())), telemetry.call_context()
+            self.engine.submit_prompt(queued)  # may refuse: queue full
             try:
                 yield worker_pb2.AggregatedServiceGenerateResponse(start=start)
+                first = True
                 while running:
                     index, event = await events.get()
                     if isinstance(event, BaseException):
                         raise event
                     if event.finish_reason is not None:
-                        running.pop(index)
-                    yield worker_pb2.AggregatedServiceGenerateResponse(tokens=response_of(index, event))
+                        telemetry.record_aggregated(queued, running.pop(index), parent)
+                    response = worker_pb2.AggregatedServiceGenerateResponse(tokens=response_of(index, event))
+                    if first and index == 0:  # (set by the engine before it delivered this first token)
+                        response.cached_tokens, first = queued.cached_tokens, False
+                    yield response
             finally:
                 for seq in running.values():  # client gone, deadline passed or a failure: free the KV now
                     self.engine.cancel(seq.request_id)
+                    telemetry.record_aggregated(queued, seq, parent)
         finally:
             if reservation is not None:  # exactly once, whichever way the call ends
                 reservation.release()

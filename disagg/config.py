@@ -70,8 +70,11 @@ class WorkerConfig:
     kv_layerwise: bool = False  # prefill only: stream each layer's K/V while later layers compute
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     aggregated: bool = False  # decode only: also prefill (AggregatedService), one engine for both phases
-    prefix_cache_mb: int = 256  # prefill only: KV of computed prompt blocks kept for reuse (0 = off)
-    prefix_block_tokens: int = 16  # prefill only: tokens per prefix-cache block
+    local_prefill: bool = False  # decode only: DecodeService and AggregatedService (conditional disaggregation)
+    # KV of computed prompt blocks kept for reuse (0 = off); a decode worker's (--aggregated, --local-prefill) also
+    # keeps finished sequences' prompt + generated tokens
+    prefix_cache_mb: int = 256
+    prefix_block_tokens: int = 16  # tokens per prefix-cache block
     grace_seconds: float = 10.0
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -87,6 +90,11 @@ class StreamInterval:
     @property
     def enabled(self) -> bool:
         return self.tokens > 1 or self.milliseconds > 0
+
+
+# Conditional disaggregation's threshold where it is on by default (`disagg up`, `disagg bench --local-prefill`):
+# uncached prompt tokens a decode worker prefills itself. From the TTFT sweep in results/local_prefill_threshold.md.
+LOCAL_PREFILL_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,9 @@ class GatewayConfig:
     prefix_balance_rel: float = 1.5  # ... and max load > this x min load
     prefix_routing_events: bool = True  # the exact index: subscribe to the prefill workers' cache events
     prefix_routing_tokenizer: str = ""  # its tokenizer (a model name or folder); "" = the model the workers report
+    # Conditional disaggregation: offer a prompt to a decode worker (--local-prefill) first, to prefill there when at
+    # most this many of its tokens are not in that worker's prefix cache (0 = always a prefill worker)
+    local_prefill_tokens: int = 0
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -221,21 +232,36 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
         )
         _flag(
             parser,
-            "--prefix-cache-mb",
-            d.prefix_cache_mb,
-            "memory for the prefix cache: the KV of computed prompt blocks, reused by later prompts that start "
-            "with the same tokens (LRU; 0 = off)",
-        )
-        _flag(parser, "--prefix-block-tokens", d.prefix_block_tokens, "tokens per prefix-cache block")
-        _flag(
-            parser,
             "--kv-layerwise",
             d.kv_layerwise,
             "stream each layer's KV as soon as the forward pass has "
             "computed it, overlapping the handoff with the later layers (worth it where the forward pass does not "
             "need the CPU cores the encoding uses: on an accelerator, or with idle cores)",
         )
+    _flag(
+        parser,
+        "--prefix-cache-mb",
+        d.prefix_cache_mb,
+        "memory for the prefix cache: the KV of computed prompt blocks, reused by later prompts that start with the "
+        "same tokens (LRU; 0 = off)"
+        + (
+            ""
+            if prefill
+            else "; decode workers have one with --aggregated or --local-prefill, and also keep there "
+            "each finished sequence's prompt + generated tokens (a conversation's next turn); it is not part of "
+            "--kv-budget-mb"
+        ),
+    )
+    _flag(parser, "--prefix-block-tokens", d.prefix_block_tokens, "tokens per prefix-cache block")
     if not prefill:
+        _flag(
+            parser,
+            "--local-prefill",
+            d.local_prefill,
+            "conditional disaggregation: serve AggregatedService next to DecodeService, so that the gateway "
+            "(--local-prefill-tokens) can send a prompt with few uncached tokens here to be prefilled in the decode "
+            "batch's engine instead of on a prefill worker",
+        )
         _flag(
             parser,
             "--kv-budget-mb",
@@ -328,6 +354,15 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         d.prefix_routing_tokenizer,
         "the tokenizer the exact index tokenizes with: a model name or folder as --model takes it (empty: the "
         "model the prefill workers report)",
+    )
+    _flag(
+        parser,
+        "--local-prefill-tokens",
+        d.local_prefill_tokens,
+        "conditional disaggregation: offer each prompt to a decode worker first (they must run --local-prefill), "
+        "which prefills it in its own engine when at most this many of its tokens are missing from its prefix "
+        "cache (a short prompt, or a conversation's next turn on the worker that decoded the last one) and "
+        "declines otherwise; 0 = every prompt goes to a prefill worker",
     )
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     _flag(parser, "--http-port", d.http_port, "serve the OpenAI-compatible HTTP API on this port (0 = off)")

@@ -12,6 +12,12 @@ is not computed again. The client gets RESOURCE_EXHAUSTED only when every health
 Aggregated mode (`--aggregated`): each attempt sends the request whole to one aggregated worker
 (AggregatedService/Generate: prefill and decode in its one engine) and relays its tokens; retries, resumption,
 refusals (another aggregated worker is tried), deadlines and the responses are the same code as above.
+
+Conditional disaggregation (`--local-prefill-tokens N`, decode workers with `--local-prefill`): an attempt first
+offers the request whole to a decode worker, as in aggregated mode but with `max_uncached_tokens = N`; that worker
+prefills it itself when at most N of its tokens are missing from its own prefix cache (a short prompt, or a
+conversation's next turn after the reply it decoded), and otherwise declines before doing anything. A declined or
+refused request takes the disaggregated path (a prefill worker, then a decode worker), and its retries too.
 """
 
 from __future__ import annotations
@@ -159,6 +165,7 @@ class Progress:
     finished: set[int] = field(default_factory=set)  # indices of the n sequences that have their finish reason
     completion_tokens: int = 0  # of all n sequences
     cached_tokens: int | None = None  # prompt tokens the first prefill took from its prefix cache
+    remote_prefill: bool = False  # a decode worker declined to prefill it (conditional disaggregation)
 
     @property
     def n(self) -> int:
@@ -255,7 +262,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.in_flight >= self.config.max_inflight:
             raise Overloaded(f"gateway has {self.in_flight} requests in flight (--max-inflight); retry later")
         progress = Progress(to_prefill_request(request, self.config))
-        attempt = self._attempt if self.aggregated is None else self._attempt_aggregated
+        attempt = self._attempt
+        if self.aggregated is not None:
+            attempt = self._attempt_aggregated
+        elif self.config.local_prefill_tokens > 0:
+            attempt = self._attempt_conditional
         deadline = time.monotonic() + self.config.request_timeout_seconds
         self.in_flight += 1
         try:
@@ -335,25 +346,73 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _attempt_aggregated(
         self, progress: Progress, context: grpc.aio.ServicerContext, deadline: float
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        """One try on an aggregated worker: the request (or, resumed, prompt + tokens sent) goes there whole; its
-        SequenceStart says what a resumption needs, then its tokens stream back, the first one included."""
+        """One try on an aggregated worker (aggregated mode)."""
         assert self.aggregated is not None  # (aggregated mode)
+        worker = _pick_unrefused(self.aggregated, progress)
+        async for response in self._attempt_whole(worker, worker.stub, progress, context, deadline):
+            yield response
+
+    async def _attempt_conditional(
+        self, progress: Progress, context: grpc.aio.ServicerContext, deadline: float
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """One try with conditional disaggregation: offered to a decode worker to prefill itself; if it declines
+        (or is full), the disaggregated path."""
+        if not progress.remote_prefill:
+            worker = _pick_unrefused(self.decode, progress)
+            local = worker_pb2_grpc.AggregatedServiceStub(worker.channel)
+            try:
+                async for response in self._attempt_whole(
+                    worker, local, progress, context, deadline, self.config.local_prefill_tokens
+                ):
+                    yield response
+            except WorkerRefused as refused:  # (before anything was sent) full: its Decode calls would be refused
+                self._refused(progress, refused)
+                progress.remote_prefill = True
+                telemetry.record_local_prefill("refused")
+            if not progress.remote_prefill:
+                return
+        async for response in self._attempt(progress, context, deadline):
+            yield response
+
+    async def _attempt_whole(
+        self,
+        worker: Worker[Any],
+        stub: worker_pb2_grpc.AggregatedServiceStub,
+        progress: Progress,
+        context: grpc.aio.ServicerContext,
+        deadline: float,
+        max_uncached_tokens: int = 0,
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """One try on a worker that prefills and decodes: the request (or, resumed, prompt + tokens sent) goes there
+        whole; its SequenceStart says what a resumption needs, then its tokens stream back, the first one included.
+        With `max_uncached_tokens`, the worker may decline instead: `progress.remote_prefill` is set, nothing sent.
+        """
         request = progress.prefill_request()
         metadata = telemetry.call_metadata(request.request_id)
         timeout = self._timeout(context, deadline)
-        worker = _pick_unrefused(self.aggregated, progress)
         worker.begin()
-        call = worker.stub.Generate(
-            worker_pb2.AggregatedServiceGenerateRequest(request=request), timeout=timeout, metadata=metadata
+        call = stub.Generate(
+            worker_pb2.AggregatedServiceGenerateRequest(request=request, max_uncached_tokens=max_uncached_tokens),
+            timeout=timeout,
+            metadata=metadata,
         )
         try:
             async for message in _receive(worker, call):
-                if message.HasField("start"):
+                kind = message.WhichOneof("event")
+                if kind == "declined":
+                    progress.remote_prefill = True
+                    telemetry.record_local_prefill("declined", message.declined.uncached_tokens)
+                    return
+                if kind == "start":
                     progress.prompt_token_ids = list(message.start.prompt_token_ids)
                     progress.sampling = message.start.sampling
                     telemetry.note_model(message.start.model)
+                    if max_uncached_tokens:
+                        telemetry.record_local_prefill("local")
                     continue
                 out = message.tokens
+                if progress.cached_tokens is None and not progress.sent_any:
+                    progress.cached_tokens = min(message.cached_tokens, len(progress.prompt_token_ids or ()))
                 yield progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
                 if progress.done:
                     return

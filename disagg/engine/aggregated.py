@@ -10,6 +10,12 @@ budget, one decode step for every running sequence, leaving, one `notify` for th
 So a prompt's forward pass delays the next token of every running stream by its whole length: that interference
 is what the aggregated-vs-disaggregated experiment measures, and it is not hidden (no chunked prefill: a prompt
 longer than the token budget is prefilled alone, in one forward pass).
+
+With a prefix cache (disagg/kv/prefix_cache.py), a prompt that starts with cached blocks computes only the rest
+(alone, attending to its cached prefix), and two kinds of KV are kept: each prefilled prompt's, and each finished
+sequence's whole context (prompt + generated tokens, copied from its row of the batch as it leaves). The second
+is what makes a conversation's next turn, which re-sends the history and the reply, nearly free on the worker
+that decoded the reply (conditional disaggregation: the decode worker's --local-prefill).
 """
 
 from __future__ import annotations
@@ -19,15 +25,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from disagg.config import BatchPolicy
 from disagg.engine.batching import similar_length_batch, take_indices
 from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent, _deliver_all
 from disagg.errors import Overloaded
 from disagg.kv.budget import KvBudget
+from disagg.kv.prefix_cache import PrefixCache, PrefixHit
+from disagg.model.decode_batch import DecodeBatch
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import token_logprobs
-from disagg.model.prefill import prefill
+from disagg.model.prefill import PrefillOutput, prefill, prefill_after_prefix
 from disagg.model.sampling import sample_token
 
 
@@ -42,8 +51,10 @@ class Prompt:
 
     sequences: list[DecodeSequence]
     enqueued_at: float = field(default_factory=time.monotonic)
+    prefill_started: float = 0.0  # time.monotonic() when its forward pass began (set by the engine)
     prefill_seconds: float = 0.0  # the forward pass it took part in (set by the engine)
     prefill_batch_size: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (set by the engine)
 
     @property
     def input_ids(self) -> list[int]:
@@ -69,10 +80,18 @@ class AggregatedEngine(DecodeEngine):
         kv_cache: bool = True,
         budget: KvBudget | None = None,
         notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
+        prefix_cache: PrefixCache | None = None,
     ):
         super().__init__(lm, policy, kv_cache, budget, notify)
         self.prompts: deque[Prompt] = deque()
         self.last_prefill: PrefillStats | None = None
+        # the prefix cache needs the prompts' KV: off with the KV cache
+        self.prefix_cache = prefix_cache if kv_cache and prefix_cache is not None and prefix_cache.enabled else None
+
+    def uncached_tokens(self, input_ids: list[int]) -> int:
+        """Of `input_ids`, the tokens a prefill here would compute now (the rest are in the prefix cache)."""
+        cached = self.prefix_cache.lookup(input_ids) if self.prefix_cache is not None else 0
+        return len(input_ids) - cached
 
     def submit_prompt(self, prompt: Prompt) -> None:
         with self.lock:
@@ -129,9 +148,9 @@ class AggregatedEngine(DecodeEngine):
         taken = self._take_prompts()
         if not taken:
             return
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.monotonic()
         try:
-            outputs = prefill(self.lm.model, [p.input_ids for p in taken], want_kv=self.kv_cache)
+            outputs = self._forward([p.input_ids for p in taken])
         except Exception as exc:
             self.notify(functools.partial(_deliver_all, [(s, exc) for p in taken for s in p.sequences]))
             raise
@@ -139,8 +158,9 @@ class AggregatedEngine(DecodeEngine):
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         joining: list[DecodeSequence] = []
         now = time.monotonic()
-        for prompt, out in zip(taken, outputs):
-            prompt.prefill_seconds, prompt.prefill_batch_size = seconds, len(taken)
+        for prompt, (out, cached) in zip(taken, outputs):
+            prompt.prefill_started, prompt.prefill_seconds = started_at, seconds
+            prompt.prefill_batch_size, prompt.cached_tokens = len(taken), cached
             for seq in prompt.sequences:
                 params = seq.output.params
                 token = sample_token(out.logits, params, step=len(seq.output.tokens))
@@ -160,6 +180,40 @@ class AggregatedEngine(DecodeEngine):
         self.notify(functools.partial(_deliver_all, events))  # first tokens leave before the decode step runs
         tokens = max(len(p.input_ids) for p in taken) * len(taken)
         self.last_prefill = PrefillStats(len(taken), tokens, seconds)
+        if self.prefix_cache is not None:  # after the first tokens left: off their path
+            for prompt, (out, _) in zip(taken, outputs):
+                if out.kv is not None:
+                    self.prefix_cache.insert(prompt.input_ids, out.kv)
+
+    def _forward(self, prompts: list[list[int]]) -> list[tuple[PrefillOutput, int]]:
+        """Each prompt's output and its tokens taken from the prefix cache: prompts with cached blocks alone
+        (their suffix attends to their prefix), the others in one left-padded forward pass."""
+        cache = self.prefix_cache
+        hits = [cache.acquire(ids) if cache is not None else PrefixHit() for ids in prompts]
+        try:
+            outputs: list[PrefillOutput | None] = [
+                prefill_after_prefix(self.lm.model, ids, hit.kv()) if hit.blocks else None
+                for ids, hit in zip(prompts, hits)
+            ]
+            cold = [i for i, out in enumerate(outputs) if out is None]
+            if cold:
+                computed = prefill(self.lm.model, [prompts[i] for i in cold], want_kv=self.kv_cache)
+                for i, out in zip(cold, computed):
+                    outputs[i] = out
+            return [(out, hit.tokens) for out, hit in zip(outputs, hits) if out is not None]
+        finally:
+            for hit in hits:
+                if cache is not None:
+                    cache.release(hit)
+
+    def _retire(self, seq: DecodeSequence) -> None:
+        """Keep the finished sequence's whole context (prompt + generated tokens) in the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        kv = cast(DecodeBatch, self.batch).row_kv(seq.request_id)
+        fed = kv[0][0].shape[2] - len(seq.context)  # tokens the decode steps computed: all but the newest
+        tokens = seq.output.tokens
+        self.prefix_cache.insert([*seq.context, *tokens[len(tokens) - 1 - fed : -1]], kv)
 
     def run_once(self) -> None:
         self._apply_cancellations()

@@ -188,6 +188,9 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         self.budget.set_slab(self.batch.kv_bytes)
         return len(joining)
 
+    def _retire(self, seq: DecodeSequence) -> None:
+        """`seq` finished, its row still in the batch: a subclass may keep what it needs of it (nothing here)."""
+
     def _leave(self, request_id: str) -> None:
         self.batch.remove(request_id)  # first: a sequence that no longer counts as active holds no KV
         self.budget.set_slab(self.batch.kv_bytes)
@@ -221,9 +224,10 @@ class DecodeEngine(EngineThread[DecodeSequence]):
             events.append((seq, TokenEvent(token, text, seq.output.finish_reason, token_logprobs)))
             if seq.output.finish_reason is not None:
                 finished.append(seq.request_id)
-        for request_id in finished:
-            self._leave(request_id)
         self.notify(functools.partial(_deliver_all, events))  # one wake-up of the event loop for the whole step
+        for request_id in finished:  # (after the tokens left: what _retire does is off their path)
+            self._retire(self.running[request_id])
+            self._leave(request_id)
         self.last_step = StepStats(len(seqs), joined, len(finished), time.perf_counter() - started)
 
 

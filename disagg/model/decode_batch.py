@@ -140,6 +140,16 @@ class DecodeBatch:
             self._pad = torch.cat([self._pad, torch.tensor([start])])
             self._last = torch.cat([self._last, torch.tensor([last_token])])
 
+    def row_kv(self, seq_id: str) -> KvLayers:
+        """A row's KV (every token before its newest), each [1, kv_heads, tokens, head_dim]: views of the slab,
+        valid until the batch next changes (copy what must outlive that)."""
+        row = self.seq_ids.index(seq_id)
+        start = int(self._pad[row])
+        return [
+            (k[row : row + 1, :, start : self.length], v[row : row + 1, :, start : self.length])
+            for k, v in zip(self._keys, self._values)
+        ]
+
     def remove(self, seq_id: str) -> None:
         """Leave the batch; the slab is released when the last sequence leaves."""
         row, last = self.seq_ids.index(seq_id), len(self.seq_ids) - 1

@@ -6,8 +6,21 @@ engine-thread stamps), and the phase recorders `prefill`, `decode` and `gateway`
 re-exported here, so a call site reads `telemetry.record_decode(seq)`.
 """
 
-from disagg.telemetry.decode import observe_kv_push, observe_kv_transfer, record_decode, record_kv_push
-from disagg.telemetry.gateway import note_indexed_blocks, note_model, observe_generate, record_routing
+from disagg.telemetry.decode import (
+    call_context,
+    observe_kv_push,
+    observe_kv_transfer,
+    record_aggregated,
+    record_decode,
+    record_kv_push,
+)
+from disagg.telemetry.gateway import (
+    note_indexed_blocks,
+    note_model,
+    observe_generate,
+    record_local_prefill,
+    record_routing,
+)
 from disagg.telemetry.interceptor import server_interceptors
 from disagg.telemetry.metrics import count_error, watch_engine, watch_prefix_cache
 from disagg.telemetry.prefill import KvSerialize, record_prefill
@@ -17,6 +30,7 @@ from disagg.telemetry.setup import configure_logging, registry, setup, setup_tra
 __all__ = [
     "REQUEST_ID_KEY",
     "KvSerialize",
+    "call_context",
     "call_metadata",
     "configure_logging",
     "count_error",
@@ -25,9 +39,11 @@ __all__ = [
     "observe_generate",
     "observe_kv_push",
     "observe_kv_transfer",
+    "record_aggregated",
     "record_decode",
     "record_kv_push",
     "record_prefill",
+    "record_local_prefill",
     "record_routing",
     "registry",
     "server_interceptors",

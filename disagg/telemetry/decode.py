@@ -121,7 +121,44 @@ def record_decode(seq: Any, finish_reason: str | None = None) -> None:
     transfer = _transfers.pop(seq.request_id, None)
     if transfer is None:  # recorded already (or its handoff was not observed)
         return
-    parent = transfer.parent
+    clock = Clock()
+    if transfer.transport != "direct":  # a direct push records its own transfer
+        _record_transfer(transfer, clock)
+    _record_decode_phases(seq, transfer.parent, clock, now, finish_reason)
+
+
+def call_context() -> otel_context.Context:
+    """The running RPC's trace context, for spans recorded after it moved on (record_aggregated)."""
+    return otel_context.get_current()
+
+
+def record_aggregated(prompt: Any, seq: Any, parent: otel_context.Context | None) -> None:
+    """When one sequence of an AggregatedService request ends: spans prefill.queue_wait and prefill.forward (the
+    prompt's, on this worker), then decode.queue_wait, kv.load and decode as for a handed-over sequence.
+
+    `prompt` is the engine's Prompt (enqueued_at, prefill_started, prefill_seconds, prefill_batch_size,
+    cached_tokens), `seq` the DecodeSequence, `parent` the call's trace context.
+    """
+    now, clock = time.monotonic(), Clock()
+    started = prompt.prefill_started
+    m = current(DecodeMetrics)
+    if m is not None and started and seq is prompt.sequences[0]:
+        m.prefix_cached_tokens.inc(prompt.cached_tokens)
+    if started and seq is prompt.sequences[0] and recording(parent):
+        span_between(clock, "prefill.queue_wait", prompt.enqueued_at, started, parent=parent)
+        attributes = {
+            "disagg.prefill.batch_size": prompt.prefill_batch_size,
+            "disagg.prefill.tokens": len(prompt.input_ids),
+            "disagg.prefix_cache.cached_tokens": prompt.cached_tokens,
+        }
+        span_between(clock, "prefill.forward", started, started + prompt.prefill_seconds, attributes, parent=parent)
+    if started:  # (a prompt cancelled before its prefill has no decode phases)
+        _record_decode_phases(seq, parent, clock, now)
+
+
+def _record_decode_phases(
+    seq: Any, parent: otel_context.Context | None, clock: Clock, now: float, finish_reason: str | None = None
+) -> None:
     admitted, loaded = getattr(seq, "admitted_at", 0.0), getattr(seq, "kv_loaded_at", 0.0)
     steps = list(getattr(seq, "batch_sizes", ()))
     finish_reason = finish_reason or getattr(seq.output, "finish_reason", None) or ""
@@ -129,9 +166,6 @@ def record_decode(seq: Any, finish_reason: str | None = None) -> None:
     decode_seconds = end - loaded if loaded else 0.0
     tpot = decode_seconds / len(steps) if steps else 0.0
     m = current(DecodeMetrics)
-    clock = Clock()
-    if transfer.transport != "direct":  # a direct push records its own transfer
-        _record_transfer(transfer, clock)
     if m is not None:
         if admitted:
             m.queue_wait.observe(max(0.0, admitted - seq.enqueued_at))

@@ -167,6 +167,18 @@ def record_routing(source: str, share: float | None = None) -> None:
             m.routing_matched_share.labels(source).observe(share)
 
 
+def record_local_prefill(outcome: str, uncached_tokens: int | None = None) -> None:
+    """A prompt offered to a decode worker (conditional disaggregation): `local`, `declined` or `refused`; the
+    request's span says which, with the uncached tokens the worker counted when it declined."""
+    if (m := current(GatewayMetrics)) is not None:
+        m.local_prefill.labels(outcome).inc()
+    req = _gateway_request.get()
+    if req is not None and req.span is not None and req.span.is_recording():
+        req.span.set_attribute("disagg.local_prefill", outcome)
+        if uncached_tokens is not None:
+            req.span.set_attribute("disagg.local_prefill.uncached_tokens", uncached_tokens)
+
+
 def note_indexed_blocks(worker: str, blocks: int | None, snapshot: bool = False) -> None:
     """The exact index's block count for `worker` (None: it no longer reports); `snapshot`: a new subscription."""
     if (m := current(GatewayMetrics)) is None:

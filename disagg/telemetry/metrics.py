@@ -116,6 +116,14 @@ class GatewayMetrics(ComponentMetrics):
             ["worker"],
             registry=reg,
         )
+        self.local_prefill = Counter(
+            "disagg_local_prefill",
+            "Conditional disaggregation (--local-prefill-tokens): prompts offered to a decode worker, by outcome: "
+            "local (prefilled there), declined (too many uncached tokens: sent to a prefill worker), refused (the "
+            "decode worker was full: sent to a prefill worker)",
+            ["outcome"],
+            registry=reg,
+        )
 
 
 class WorkerMetrics(ComponentMetrics):
@@ -148,20 +156,8 @@ class WorkerMetrics(ComponentMetrics):
             buckets=BATCH_BUCKETS,
             registry=reg,
         )
-
-    def observe_kv(self, size: int, seconds: float) -> None:
-        """One request's KV handoff, on either side."""
-        self.kv_bytes.inc(size)
-        self.kv_seconds.observe(seconds)
-        self.kv_request_bytes.observe(size)
-
-
-class PrefillMetrics(WorkerMetrics):
-    def __init__(self, reg: CollectorRegistry):
-        super().__init__(reg)
-        self.forward = _latency("disagg_prefill_forward_seconds", "Prefill forward pass of a request's batch", reg)
-        self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens prefilled", registry=reg)
-        # the prefix cache, counted in blocks of --prefix-block-tokens (a prompt's full blocks: found or not)
+        # the prefix cache (prefill workers; decode workers with --aggregated or --local-prefill), counted in blocks
+        # of --prefix-block-tokens (a prompt's full blocks: found or not)
         self.prefix_hits = Counter(
             "disagg_prefix_cache_hit_blocks", "Prompt blocks found in the prefix cache", registry=reg
         )
@@ -175,6 +171,19 @@ class PrefillMetrics(WorkerMetrics):
             "disagg_prefix_cache_evicted_blocks", "Blocks evicted from the prefix cache (LRU)", registry=reg
         )
         self.prefix_bytes = Gauge("disagg_prefix_cache_bytes", "KV bytes held by the prefix cache", registry=reg)
+
+    def observe_kv(self, size: int, seconds: float) -> None:
+        """One request's KV handoff, on either side."""
+        self.kv_bytes.inc(size)
+        self.kv_seconds.observe(seconds)
+        self.kv_request_bytes.observe(size)
+
+
+class PrefillMetrics(WorkerMetrics):
+    def __init__(self, reg: CollectorRegistry):
+        super().__init__(reg)
+        self.forward = _latency("disagg_prefill_forward_seconds", "Prefill forward pass of a request's batch", reg)
+        self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens prefilled", registry=reg)
 
 
 class DecodeMetrics(WorkerMetrics):
@@ -230,6 +239,6 @@ def watch_engine(engine: Any) -> None:
 def watch_prefix_cache(cache: Any) -> None:
     """The prefix cache's bytes (read at scrape time) and evictions (counted as they happen); `cache` is a
     disagg.kv.prefix_cache.PrefixCache."""
-    if (m := current(PrefillMetrics)) is not None:
+    if (m := current(WorkerMetrics)) is not None:
         m.prefix_bytes.set_function(lambda: cache.bytes_held)
         cache.on_evict = m.prefix_evictions.inc

@@ -140,6 +140,20 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "runs the same workload on a cluster of each",
     )
     c.add_argument(
+        "--local-prefill",
+        default="off",
+        choices=["on", "off", "both"],
+        help="conditional disaggregation of the disaggregated cluster: decode workers --local-prefill and the "
+        "gateway's --local-prefill-tokens (prompts with few uncached tokens prefilled on the decode worker); "
+        "'both' runs the same workload on a cluster without it and one with it",
+    )
+    c.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=cfg.LOCAL_PREFILL_TOKENS,
+        help="with --local-prefill: the threshold (uncached prompt tokens) the gateway gets",
+    )
+    c.add_argument(
         "--kv-transport",
         default="shared-memory",  # as `disagg up`
         choices=cfg.KV_TRANSPORTS,
@@ -288,6 +302,7 @@ class Variant(NamedTuple):
     prefix_on: bool = True  # the prefill worker's prefix cache (disaggregated only: aggregated workers have none)
     aggregated: bool = False
     kv_aware: bool = True  # the gateway's KV-aware routing of prefill workers (--routing)
+    local_prefill: bool = False  # conditional disaggregation (--local-prefill)
 
     @property
     def name(self) -> str:
@@ -296,6 +311,7 @@ class Variant(NamedTuple):
             + ("" if self.kv_on else "_kv_off")
             + ("" if self.prefix_on or self.aggregated else "_prefix_off")
             + ("" if self.kv_aware or self.aggregated else "_least_loaded")
+            + ("_local_prefill" if self.local_prefill and not self.aggregated else "")
         )
 
 
@@ -305,12 +321,14 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     modes = {"on": [True], "off": [False], "both": [True, False]}
     aggregated = {"disaggregated": [False], "aggregated": [True], "both": [False, True]}[args.mode]
     routing = {"kv-aware": [True], "least-loaded": [False], "both": [True, False]}[args.routing]
+    local = {"on": [True], "off": [False], "both": [False, True]}[args.local_prefill]
     return [
-        Variant(kv_on, prefix_on, agg, kv_aware)
+        Variant(kv_on, prefix_on, agg, kv_aware, local_prefill)
         for agg in aggregated
         for kv_on in modes[args.kv_cache]
         for prefix_on in (modes[args.prefix_cache] if not agg else [True])
         for kv_aware in (routing if not agg else [True])
+        for local_prefill in (local if not agg else [False])
     ]
 
 
@@ -322,6 +340,7 @@ def mode_label(name: str, args: argparse.Namespace) -> str:
         (args.kv_cache, "_kv_off"),
         (args.prefix_cache, "_prefix_off"),
         (args.routing, "_least_loaded"),
+        (args.local_prefill, "_local_prefill"),
     ):
         if flag != "both":
             label = label.replace(suffix, "")
@@ -364,6 +383,7 @@ async def _start_cluster(args: argparse.Namespace, variant: Variant) -> tuple[Cl
         prefill_args=prefill_args,
         decode_args=shlex.split(args.decode_args),
         aggregated_workers=args.workers if variant.aggregated else 0,
+        local_prefill_tokens=args.local_prefill_tokens if variant.local_prefill else 0,
     )
     return cluster, await cluster.start(args.start_timeout), http
 
@@ -512,6 +532,9 @@ def _routing_counts(metrics_addresses: list[str]) -> dict[str, float]:
         for (name, labels), n in gateway.items()
         if name == "disagg_prefix_routing_decisions_total"
     }
+    for (name, labels), n in gateway.items():
+        if name == "disagg_local_prefill_total":
+            counts["local-prefill-" + dict(labels)["outcome"]] = n
     for i, samples in enumerate(workers):
         counts[f"prefill-{i}"] = samples.get(("disagg_prefill_forward_seconds_count", frozenset()), 0.0)
     return counts
@@ -602,7 +625,15 @@ def _record_blocks(
             if not args.address:
                 policy = "least-loaded (--no-prefix-routing)" if "least_loaded" in name else "KV-aware"
                 notes.append(f"{args.prefill_workers} prefill worker(s), routing {policy}")
+            if "local_prefill" in name:
+                local = {k: v for k, v in stats.get("routing", {}).items() if k.startswith("local-prefill-")}
+                outcomes = ", ".join(f"{k.removeprefix('local-prefill-')} {n:.0f}" for k, n in sorted(local.items()))
+                notes.append(
+                    f"conditional disaggregation (--local-prefill-tokens {args.local_prefill_tokens}): prompts "
+                    f"offered to the decode worker, warm-up included: {outcomes or 'none counted'}"
+                )
             if counts := stats.get("routing"):  # (warm-up requests included)
+                counts = {k: n for k, n in counts.items() if not k.startswith("local-prefill-")}
                 by_index = ", ".join(f"{k} {n:.0f}" for k, n in sorted(counts.items()) if not k.startswith("prefill-"))
                 by_worker = ", ".join(f"{k} {n:.0f}" for k, n in sorted(counts.items()) if k.startswith("prefill-"))
                 notes.append(

@@ -30,6 +30,7 @@ def _up(args: argparse.Namespace) -> None:
         prefill_args=shlex.split(args.prefill_args),
         decode_args=shlex.split(args.decode_args),
         aggregated_workers=args.workers if args.aggregated else 0,
+        local_prefill_tokens=args.local_prefill_tokens,
     )
 
     async def run() -> None:
@@ -185,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prefilling and decoding in one engine; --decode-args apply) behind the gateway, no prefill/decode workers",
     )
     up.add_argument("--workers", type=int, default=1, help="aggregated workers (with --aggregated)")
+    up.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=cfg.LOCAL_PREFILL_TOKENS,
+        help="conditional disaggregation: a prompt with at most this many tokens missing from a decode worker's "
+        "prefix cache is prefilled there, not on a prefill worker (decode workers get --local-prefill, the "
+        "gateway this threshold; 0 = off; the default is measured: results/local_prefill_threshold.md)",
+    )
     up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)
     up.add_argument(
         "--kv-transport",

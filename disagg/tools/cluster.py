@@ -140,7 +140,13 @@ class Cluster:
         tls: TlsOptions | None = None,
         metrics: bool = True,
         aggregated_workers: int = 0,
+        local_prefill_tokens: int = 0,
     ):
+        """`local_prefill_tokens` > 0: conditional disaggregation (decode workers `--local-prefill`, the gateway's
+        `--local-prefill-tokens`)."""
+        if local_prefill_tokens > 0 and not aggregated_workers:
+            decode_args = [*decode_args, "--local-prefill"]
+            gateway_args = [*gateway_args, "--local-prefill-tokens", str(local_prefill_tokens)]
         self._metrics_port = free_port if metrics else (lambda: 0)  # each child serves /metrics on its own port
         if aggregated_workers:
             prefill_workers = decode_workers = 0

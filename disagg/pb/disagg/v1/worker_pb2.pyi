@@ -54,18 +54,32 @@ class KvCacheEvents(_message.Message):
     def __init__(self, stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AggregatedServiceGenerateRequest(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "max_uncached_tokens")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNCACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request: PrefillRequest
-    def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ...) -> None: ...
+    max_uncached_tokens: int
+    def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., max_uncached_tokens: _Optional[int] = ...) -> None: ...
 
 class AggregatedServiceGenerateResponse(_message.Message):
-    __slots__ = ("start", "tokens")
+    __slots__ = ("start", "tokens", "declined", "cached_tokens")
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     start: SequenceStart
     tokens: DecodeResponse
-    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeResponse, _Mapping]] = ...) -> None: ...
+    declined: LocalPrefillDeclined
+    cached_tokens: int
+    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeResponse, _Mapping]] = ..., declined: _Optional[_Union[LocalPrefillDeclined, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class LocalPrefillDeclined(_message.Message):
+    __slots__ = ("prompt_tokens", "uncached_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNCACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    uncached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., uncached_tokens: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
