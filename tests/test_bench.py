@@ -292,9 +292,9 @@ def test_mode_both_alternates_the_clusters_at_each_rate():
     args = build_parser().parse_args(["bench", "--mode", "both", "--request-rates", "1,2", "--num-requests", "40"])
     resolve_run_args(args)
     assert (args.prefix_cache, args.concurrency) == ("off", 40)  # the fair defaults: no cache, open loop
-    disaggregated, aggregated = Variant(True, False, False), Variant(True, True, True)
+    disaggregated, aggregated = Variant(True, False, False), Variant(True, False, True)  # both without a cache
     assert schedule(args) == [(disaggregated, 1.0), (aggregated, 1.0), (disaggregated, 2.0), (aggregated, 2.0)]
-    assert (disaggregated.name, aggregated.name) == ("cluster_prefix_off", "cluster_aggregated")
+    assert (disaggregated.name, aggregated.name) == ("cluster_prefix_off", "cluster_aggregated_prefix_off")
     assert [mode_label(v.name, args) for v in (disaggregated, aggregated)] == ["disaggregated", "aggregated"]
 
 

@@ -126,9 +126,10 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "--prefix-cache",
         default=None,
         choices=["on", "off", "both"],
-        help="the prefill workers' prefix cache ('off' passes --prefix-cache-mb 0); 'both' runs the same workload "
-        "on a cluster with it on and one with it off. Default on; off with --mode both (aggregated workers have "
-        "none) or --request-rates (each rate re-sends the same prompts)",
+        help="the workers' prefix caches (prefill workers; decode workers with --local-prefill; aggregated "
+        "workers): 'off' passes them --prefix-cache-mb 0; 'both' runs the same workload on a cluster with them on "
+        "and one with them off. Default on; off with --mode both or --request-rates (each rate re-sends the same "
+        "prompts)",
     )
     c.add_argument("--prefill-workers", type=int, default=1, help="prefill workers of the local cluster")
     c.add_argument(
@@ -299,7 +300,7 @@ class Variant(NamedTuple):
     """One cluster configuration of the invocation; the 'both' flags multiply into several, measured in turn."""
 
     kv_on: bool = True
-    prefix_on: bool = True  # the prefill worker's prefix cache (disaggregated only: aggregated workers have none)
+    prefix_on: bool = True  # the workers' prefix caches (prefill; decode with --local-prefill; aggregated)
     aggregated: bool = False
     kv_aware: bool = True  # the gateway's KV-aware routing of prefill workers (--routing)
     local_prefill: bool = False  # conditional disaggregation (--local-prefill)
@@ -309,15 +310,15 @@ class Variant(NamedTuple):
         return (
             ("cluster_aggregated" if self.aggregated else "cluster")
             + ("" if self.kv_on else "_kv_off")
-            + ("" if self.prefix_on or self.aggregated else "_prefix_off")
+            + ("" if self.prefix_on else "_prefix_off")
             + ("" if self.kv_aware or self.aggregated else "_least_loaded")
             + ("_local_prefill" if self.local_prefill and not self.aggregated else "")
         )
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
-    """The clusters that --mode, --kv-cache, --prefix-cache and --routing ask for (the prefix cache and the
-    routing only vary the disaggregated cluster's prefill workers)."""
+    """The clusters that --mode, --kv-cache, --prefix-cache, --routing and --local-prefill ask for (routing and
+    local prefill only vary the disaggregated cluster)."""
     modes = {"on": [True], "off": [False], "both": [True, False]}
     aggregated = {"disaggregated": [False], "aggregated": [True], "both": [False, True]}[args.mode]
     routing = {"kv-aware": [True], "least-loaded": [False], "both": [True, False]}[args.routing]
@@ -326,7 +327,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         Variant(kv_on, prefix_on, agg, kv_aware, local_prefill)
         for agg in aggregated
         for kv_on in modes[args.kv_cache]
-        for prefix_on in (modes[args.prefix_cache] if not agg else [True])
+        for prefix_on in modes[args.prefix_cache]
         for kv_aware in (routing if not agg else [True])
         for local_prefill in (local if not agg else [False])
     ]
@@ -381,7 +382,7 @@ async def _start_cluster(args: argparse.Namespace, variant: Variant) -> tuple[Cl
         gateway_args,
         prefill_workers=args.prefill_workers,
         prefill_args=prefill_args,
-        decode_args=shlex.split(args.decode_args),
+        decode_args=shlex.split(args.decode_args) + ([] if variant.prefix_on else ["--prefix-cache-mb", "0"]),
         aggregated_workers=args.workers if variant.aggregated else 0,
         local_prefill_tokens=args.local_prefill_tokens if variant.local_prefill else 0,
     )
