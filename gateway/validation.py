@@ -63,6 +63,7 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
         request_id=request.request_id or uuid.uuid4().hex,
         prompt=request.prompt,
         messages=request.messages,
+        prompt_token_ids=request.prompt_token_ids,
         sampling=sampling,
         apply_chat_template=request.apply_chat_template,
         default_max_new_tokens=config.default_max_new_tokens,
@@ -70,7 +71,20 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
 
 
 def _check_prompt(request: gateway_pb2.GenerateRequest, config: GatewayConfig) -> None:
-    """A prompt, or chat messages, not both; within the size limit."""
+    """A prompt, chat messages or token ids, one of them; within the size limit (the worker checks the ids
+    against its vocabulary)."""
+    if request.prompt_token_ids:
+        if request.prompt or request.messages:
+            raise InvalidRequest("give one of prompt, messages and prompt_token_ids")
+        if request.apply_chat_template:
+            raise InvalidRequest("apply_chat_template needs a text prompt, not prompt_token_ids")
+        if len(request.prompt_token_ids) > config.max_prompt_chars:
+            raise InvalidRequest(
+                f"prompt_token_ids has {len(request.prompt_token_ids)} ids, the limit is {config.max_prompt_chars}"
+            )
+        if (low := min(request.prompt_token_ids)) < 0:
+            raise InvalidRequest(f"prompt_token_ids must be >= 0, got {low}")
+        return
     if request.messages:
         if request.prompt:
             raise InvalidRequest("give prompt or messages, not both")

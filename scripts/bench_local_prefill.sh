@@ -5,9 +5,10 @@
 #    each length on a cluster without and with --local-prefill (threshold above L): TTFT, TPOT and E2E of a prompt
 #    prefilled on the decode worker vs on the prefill worker. The default threshold (disagg.config
 #    LOCAL_PREFILL_TOKENS) is the longest L where local is not worse on TTFT p50 and E2E p50.
-#  - results/local_prefill_multi_turn.{json,md,png}: the multi-turn workload (8 conversations of 6 turns, 4 at
-#    once, 64-token user turns, 96-token replies, ~960 tokens at the end) with the prefix cache off, on, and on with
-#    conditional disaggregation at the default threshold (the decode worker keeps each reply's KV).
+#  - results/local_prefill_multi_turn{,_tokens}.{json,md,png}: the multi-turn workload (8 conversations of 6 turns,
+#    4 at once, 64-token user turns, 96-token replies, ~960 tokens at the end), the history re-sent as text and as
+#    token ids, with the prefix caches off and on, each without and with conditional disaggregation at the default
+#    threshold (the decode worker keeps each reply's KV).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -20,6 +21,9 @@ if [[ "${SKIP_THRESHOLD:-0}" != 1 ]]; then
       --output "results/local_prefill_threshold_L$length" --name "conditional disaggregation: $length-token prompts"
   done
 fi
-disagg bench "${common[@]}" --workload multi-turn --conversations 8 --concurrency 4 --prefix-cache both \
-  --local-prefill both --output results/local_prefill_multi_turn \
-  --name "conditional disaggregation: multi-turn" "$@"
+for history in ${HISTORIES:-text tokens}; do
+  suffix=$([[ $history == tokens ]] && echo _tokens || true)
+  disagg bench "${common[@]}" --workload multi-turn --conversations 8 --concurrency 4 --prefix-cache both \
+    --local-prefill both --history "$history" --output "results/local_prefill_multi_turn$suffix" \
+    --name "conditional disaggregation: multi-turn, history as $history" "$@"
+done

@@ -182,3 +182,30 @@ async def test_decode_worker_declines_without_reserving_and_keeps_serving(local_
         with pytest.raises(grpc.aio.AioRpcError) as error:
             _ = [m async for m in stub.Generate(bad, timeout=60)]
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_token_id_history_reuses_every_block_of_the_reply(local_cluster, gpt2_model):
+    """A client that re-sends the conversation as token ids (prompt_token_ids) gives the decode worker's cache the
+    exact tokens it generated: the next turn finds every full block of prompt + reply (all but the newest token)."""
+    lm = gpt2_model
+    turn1 = lm.tokenizer.encode("User: keep my tokens, not my text.\nAssistant:")
+    async with channel(local_cluster.address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=turn1, max_new_tokens=40, ignore_eos=True)
+        first = await complete(stub, request, 300)
+        assert first.token_ids == reference(lm, turn1, 40)
+        turn2 = [*turn1, *first.token_ids, *lm.tokenizer.encode("\nUser: go on.\nAssistant:")]
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=turn2, max_new_tokens=8, ignore_eos=True)
+        second = await complete(stub, request, 300)
+        assert second.token_ids == reference(lm, turn2, 8)
+        assert second.prompt_tokens == len(turn2)
+        assert second.cached_prompt_tokens == (len(turn1) + 40 - 1) // BLOCK * BLOCK
+        for bad, message in (([1, 50257], "not in 0..50256"), ([-1], ">= 0")):
+            request = gateway_pb2.GenerateRequest(prompt_token_ids=bad, max_new_tokens=2)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await complete(stub, request, 60)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
+        both = gateway_pb2.GenerateRequest(prompt="x", prompt_token_ids=[1], max_new_tokens=2)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await complete(stub, both, 60)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -19,7 +19,13 @@ if TYPE_CHECKING:
 
 
 def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
-    return request_token_ids(lm.tokenizer, lm.name, request)
+    """The request's prompt as this model's token ids; given ids must be in its vocabulary (INVALID_ARGUMENT)."""
+    ids = request_token_ids(lm.tokenizer, lm.name, request)
+    if request.prompt_token_ids:
+        vocab = int(lm.model.config.vocab_size)
+        if (high := max(ids)) >= vocab or min(ids) < 0:
+            raise InvalidRequest(f"prompt_token_ids: id {high if high >= vocab else min(ids)} is not in 0..{vocab - 1}")
+    return ids
 
 
 def request_token_ids(tokenizer: PreTrainedTokenizerBase, model: str, request: worker_pb2.PrefillRequest) -> list[int]:

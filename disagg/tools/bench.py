@@ -26,12 +26,12 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
-from disagg.tools.client import channel, complete
+from disagg.tools.client import Completion, channel, complete
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -89,6 +89,7 @@ class Workload:
     system_prompts: int = 0  # shared-system-prompt: how many distinct system prompts
     system_tokens: int = 0  # shared-system-prompt: tokens of each
     turns: int = 1  # multi-turn: turns per conversation (num_requests = conversations x turns)
+    history: str = "text"  # multi-turn: the history re-sent as "text" or "tokens"
     long_fraction: float = 0.0  # mixed: the share of prompts that are long
     long_prompt_tokens: int = 0  # mixed: tokens of each long prompt
 
@@ -347,8 +348,8 @@ async def run_against_gateway(
 
 async def _send(
     stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.GenerateRequest, record: RequestRecord, timeout: float
-) -> str | None:
-    """One request into `record` (timings, usage or the error); returns the reply text, None when it failed."""
+) -> Completion | None:
+    """One request into `record` (timings, usage or the error); returns the completion, None when it failed."""
     try:
         done = await complete(stub, request, timeout=timeout)
     except Exception as exc:  # a failed request is counted, not fatal to the run
@@ -361,20 +362,24 @@ async def _send(
     if not done.token_times:
         record.error = "no tokens"
         return None
-    return done.text
+    return done
 
 
 async def run_conversations(
     address: str,
     workload: Workload,
-    conversations: list[list[str]],
+    conversations: list[list[str]] | list[list[list[int]]],
     on_done: Callable[[], None] = lambda: None,
     timeout: float = 600.0,
 ) -> RunResult:
     """The multi-turn workload: each conversation sends its user turns one after the other, every turn re-sending
     the history with the replies received; up to `concurrency` conversations at once, each starting at a Poisson
     arrival at `request_rate` conversations per second (inf: all at once). Record c * turns + t is turn t of
-    conversation c; a failed turn ends its conversation (the turns left are counted as failed)."""
+    conversation c; a failed turn ends its conversation (the turns left are counted as failed).
+
+    User turns as text re-send the history as text (what a chat client does: the server re-encodes it, and may
+    split a reply into other tokens than it generated); as token ids, the history is re-sent as the tokens sent
+    and received (`prompt_token_ids`: a client that keeps the conversation's tokens)."""
     limit = asyncio.Semaphore(workload.concurrency)
     starts = list(itertools.accumulate(arrival_delays(replace(workload, num_requests=len(conversations)))))
     offsets = [sum(len(c) for c in conversations[:i]) for i in range(len(conversations))]
@@ -385,23 +390,28 @@ async def run_conversations(
         async def conversation(c: int) -> None:
             await asyncio.sleep(starts[c])
             async with limit:
-                prompt, reply = "", ""
+                text, reply_text = "", ""
+                ids: list[int] = []
+                reply_ids: list[int] = []
                 for t, user in enumerate(conversations[c]):
-                    prompt = next_turn_prompt(prompt, reply, user)
                     request = gateway_pb2.GenerateRequest(
-                        prompt=prompt,
                         max_new_tokens=workload.output_tokens,
                         ignore_eos=workload.ignore_eos,
                         request_id=f"bench-conv{c}-turn{t}",
                     )
-                    text = await _send(stub, request, records[offsets[c] + t], timeout)
+                    if isinstance(user, str):
+                        request.prompt = text = next_turn_prompt(text, reply_text, user)
+                    else:
+                        ids = [*ids, *reply_ids, *cast("list[int]", user)]
+                        request.prompt_token_ids[:] = ids
+                    done = await _send(stub, request, records[offsets[c] + t], timeout)
                     on_done()
-                    if text is None:
+                    if done is None:
                         for left in records[offsets[c] + t + 1 : offsets[c] + len(conversations[c])]:
                             left.error = "an earlier turn of the conversation failed"
                             on_done()
                         return
-                    reply = text
+                    reply_text, reply_ids = done.text, done.token_ids
 
         started = time.perf_counter()
         await asyncio.gather(*(conversation(c) for c in range(len(conversations))))

@@ -90,6 +90,14 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="multi-turn: conversations (default --num-requests / --turns); the run sends conversations x turns",
     )
+    w.add_argument(
+        "--history",
+        default="text",
+        choices=["text", "tokens"],
+        help="multi-turn: how each turn re-sends the history: as text (a chat client; the server re-encodes it, "
+        "and a reply may come back as other tokens than were generated) or as the token ids sent and received "
+        "(GenerateRequest.prompt_token_ids)",
+    )
     w.add_argument("--ignore-eos", default=True, action=argparse.BooleanOptionalAction)
     w.add_argument("--warmup-requests", type=int, default=2, help="sent before timing starts (not counted)")
     w.add_argument(
@@ -223,7 +231,7 @@ class BenchPrompts:
 
     ids: list[list[int]]
     texts: list[str]
-    conversations: list[list[str]]
+    conversations: list[list[str]] | list[list[list[int]]]  # user turns as text, or as ids (--history tokens)
     warmup: list[str]
 
 
@@ -270,14 +278,14 @@ def build_prompts(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
     def text(ids: list[int]) -> str:
         return cast(str, tokenizer.decode(ids))  # (one list of ids decodes to one str)
 
-    conversations: list[list[str]] = []
+    conversations: list[list[str]] | list[list[list[int]]] = []
     if args.workload == "shared-system-prompt":
         ids = make_shared_system_prompts(
             tokenizer, args.num_requests, args.system_prompts, args.system_tokens, args.prompt_tokens, args.seed
         )
     elif args.workload == "multi-turn":
         turns = make_conversations(tokenizer, args.conversations, args.turns, args.prompt_tokens, args.seed)
-        conversations = [[text(t) for t in conv] for conv in turns]
+        conversations = turns if args.history == "tokens" else [[text(t) for t in conv] for conv in turns]
         ids = [conv[0] for conv in turns]  # first turns: what the warm-up length and the record's prompt show
     elif args.workload == "mixed":
         ids = make_mixed_prompts(
@@ -703,8 +711,8 @@ def _workload_text(workload: Workload) -> str:
         starts = "all at once" if workload.request_rate == float("inf") else f"{workload.request_rate:g}/s Poisson"
         return (
             f"multi-turn: {workload.num_requests // workload.turns} conversations of {workload.turns} turns, each "
-            f"re-sending the history + a user turn of {workload.prompt_tokens} tokens, conversations starting "
-            f"{starts}"
+            f"re-sending the history (as {'token ids' if workload.history == 'tokens' else 'text'}) + a user "
+            f"turn of {workload.prompt_tokens} tokens, conversations starting {starts}"
         )
     if workload.kind == "mixed":
         long = round(workload.num_requests * workload.long_fraction)
@@ -777,6 +785,7 @@ def bench_main(args: argparse.Namespace) -> None:
         system_prompts=args.system_prompts if args.workload == "shared-system-prompt" else 0,
         system_tokens=args.system_tokens if args.workload == "shared-system-prompt" else 0,
         turns=args.turns if args.workload == "multi-turn" else 1,
+        history=args.history,
         long_fraction=args.long_fraction if args.workload == "mixed" else 0.0,
         long_prompt_tokens=args.long_prompt_tokens if args.workload == "mixed" else 0,
     )

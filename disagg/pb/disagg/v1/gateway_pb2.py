@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/gateway.proto\x12\tdisagg.v1\"\xc7\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x1b\n\x13\x61pply_chat_template\x18\n \x01(\x08\x12(\n\x08messages\x18\x0b \x03(\x0b\x32\x16.disagg.v1.ChatMessage\x12\t\n\x01n\x18\x0c \x01(\x05\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\x05\x42\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.disagg.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xb9\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.disagg.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\x05\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob2P\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/gateway.proto\x12\tdisagg.v1\"\xe1\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x1b\n\x13\x61pply_chat_template\x18\n \x01(\x08\x12(\n\x08messages\x18\x0b \x03(\x0b\x32\x16.disagg.v1.ChatMessage\x12\t\n\x01n\x18\x0c \x01(\x05\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x0f \x03(\x05\x42\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.disagg.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xb9\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.disagg.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\x05\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob2P\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.gateway_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=39
-  _globals['_GENERATEREQUEST']._serialized_end=366
-  _globals['_CHATMESSAGE']._serialized_start=368
-  _globals['_CHATMESSAGE']._serialized_end=412
-  _globals['_TOPLOGPROB']._serialized_start=414
-  _globals['_TOPLOGPROB']._serialized_end=476
-  _globals['_TOKENLOGPROB']._serialized_start=478
-  _globals['_TOKENLOGPROB']._serialized_end=587
-  _globals['_USAGE']._serialized_start=589
-  _globals['_USAGE']._serialized_end=676
-  _globals['_GENERATERESPONSE']._serialized_start=679
-  _globals['_GENERATERESPONSE']._serialized_end=864
-  _globals['_GATEWAY']._serialized_start=866
-  _globals['_GATEWAY']._serialized_end=946
+  _globals['_GENERATEREQUEST']._serialized_end=392
+  _globals['_CHATMESSAGE']._serialized_start=394
+  _globals['_CHATMESSAGE']._serialized_end=438
+  _globals['_TOPLOGPROB']._serialized_start=440
+  _globals['_TOPLOGPROB']._serialized_end=502
+  _globals['_TOKENLOGPROB']._serialized_start=504
+  _globals['_TOKENLOGPROB']._serialized_end=613
+  _globals['_USAGE']._serialized_start=615
+  _globals['_USAGE']._serialized_end=702
+  _globals['_GENERATERESPONSE']._serialized_start=705
+  _globals['_GENERATERESPONSE']._serialized_end=890
+  _globals['_GATEWAY']._serialized_start=892
+  _globals['_GATEWAY']._serialized_end=972
 # @@protoc_insertion_point(module_scope)
