@@ -36,7 +36,7 @@ from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.model.decode_batch import DecodeBatch
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import token_logprobs
-from disagg.model.prefill import PrefillOutput, prefill, prefill_after_prefix
+from disagg.model.prefill import prefill, prefill_after_prefix
 from disagg.model.sampling import sample_token
 
 
@@ -144,23 +144,53 @@ class AggregatedEngine(DecodeEngine):
         return taken
 
     def _prefill(self) -> None:
-        """(a): prefill what fits this step, deliver first tokens, queue the sequences that go on for the batch."""
+        """(a): prefill what fits this step: prompts that start with cached blocks one by one (their suffix attends
+        to their cached prefix), then the others in one left-padded forward pass; each forward pass's first tokens
+        are delivered as soon as it ends, and its sequences that go on queued for the batch."""
         taken = self._take_prompts()
         if not taken:
             return
-        started, started_at = time.perf_counter(), time.monotonic()
+        cache = self.prefix_cache
+        hits = [cache.acquire(p.input_ids) if cache is not None else PrefixHit() for p in taken]
+        groups = [[(p, h)] for p, h in zip(taken, hits) if h.blocks]  # short suffixes first: soonest first tokens
+        if cold := [(p, h) for p, h in zip(taken, hits) if not h.blocks]:
+            groups.append(cold)
+        total = PrefillStats(0, 0, 0.0)
         try:
-            outputs = self._forward([p.input_ids for p in taken])
-        except Exception as exc:
-            self.notify(functools.partial(_deliver_all, [(s, exc) for p in taken for s in p.sequences]))
-            raise
+            for index, group in enumerate(groups):
+                try:
+                    done = self._prefill_group(group)
+                    total = PrefillStats(
+                        total.prompts + done.prompts, total.tokens + done.tokens, total.seconds + done.seconds
+                    )
+                    self.last_prefill = total
+                except Exception as exc:  # this pass and those not run yet: their clients hear why at once
+                    failed: list[tuple[DecodeSequence, TokenEvent | BaseException]] = [
+                        (s, exc) for g in groups[index:] for p, _ in g for s in p.sequences
+                    ]
+                    self.notify(functools.partial(_deliver_all, failed))
+                    raise
+        finally:
+            for hit in hits:
+                if cache is not None:
+                    cache.release(hit)
+
+    def _prefill_group(self, group: list[tuple[Prompt, PrefixHit]]) -> PrefillStats:
+        """One forward pass: one prompt after its cached prefix, or prompts with nothing cached, batched."""
+        started, started_at = time.perf_counter(), time.monotonic()
+        prompts = [p for p, _ in group]
+        hit = group[0][1]
+        if hit.blocks:
+            outputs = [prefill_after_prefix(self.lm.model, prompts[0].input_ids, hit.kv())]
+        else:
+            outputs = prefill(self.lm.model, [p.input_ids for p in prompts], want_kv=self.kv_cache)
         seconds = time.perf_counter() - started
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         joining: list[DecodeSequence] = []
         now = time.monotonic()
-        for prompt, (out, cached) in zip(taken, outputs):
+        for (prompt, prompt_hit), out in zip(group, outputs):
             prompt.prefill_started, prompt.prefill_seconds = started_at, seconds
-            prompt.prefill_batch_size, prompt.cached_tokens = len(taken), cached
+            prompt.prefill_batch_size, prompt.cached_tokens = len(group), prompt_hit.tokens
             for seq in prompt.sequences:
                 params = seq.output.params
                 token = sample_token(out.logits, params, step=len(seq.output.tokens))
@@ -177,34 +207,13 @@ class AggregatedEngine(DecodeEngine):
                     joining.append(seq)
         with self.lock:
             self.waiting.extend(joining)
-        self.notify(functools.partial(_deliver_all, events))  # first tokens leave before the decode step runs
-        tokens = max(len(p.input_ids) for p in taken) * len(taken)
-        self.last_prefill = PrefillStats(len(taken), tokens, seconds)
+        self.notify(functools.partial(_deliver_all, events))  # first tokens leave before the next pass
         if self.prefix_cache is not None:  # after the first tokens left: off their path
-            for prompt, (out, _) in zip(taken, outputs):
+            for prompt, out in zip(prompts, outputs):
                 if out.kv is not None:
                     self.prefix_cache.insert(prompt.input_ids, out.kv)
-
-    def _forward(self, prompts: list[list[int]]) -> list[tuple[PrefillOutput, int]]:
-        """Each prompt's output and its tokens taken from the prefix cache: prompts with cached blocks alone
-        (their suffix attends to their prefix), the others in one left-padded forward pass."""
-        cache = self.prefix_cache
-        hits = [cache.acquire(ids) if cache is not None else PrefixHit() for ids in prompts]
-        try:
-            outputs: list[PrefillOutput | None] = [
-                prefill_after_prefix(self.lm.model, ids, hit.kv()) if hit.blocks else None
-                for ids, hit in zip(prompts, hits)
-            ]
-            cold = [i for i, out in enumerate(outputs) if out is None]
-            if cold:
-                computed = prefill(self.lm.model, [prompts[i] for i in cold], want_kv=self.kv_cache)
-                for i, out in zip(cold, computed):
-                    outputs[i] = out
-            return [(out, hit.tokens) for out, hit in zip(outputs, hits) if out is not None]
-        finally:
-            for hit in hits:
-                if cache is not None:
-                    cache.release(hit)
+        tokens = max(len(p.input_ids) - h.tokens for p, h in group) * len(group)  # (computed, padded)
+        return PrefillStats(len(group), tokens, seconds)
 
     def _retire(self, seq: DecodeSequence) -> None:
         """Keep the finished sequence's whole context (prompt + generated tokens) in the prefix cache."""
