@@ -8,9 +8,10 @@ in the engine, which frees their KV at its next step; the reservation is release
 
 Conditional disaggregation (`disagg decode --local-prefill`, the gateway's --local-prefill-tokens): a request
 with `max_uncached_tokens` is served only if at most that many of its tokens are missing from this worker's prefix
-cache; otherwise the one response is LocalPrefillDeclined, before anything was queued or reserved, and the caller
-sends it to a prefill worker instead. The count is the worker's own (its tokenizer, its cache, now): exact, at the
-cost of one round trip for a request that goes remote after all.
+cache and at least `min_cached_share` of them are there; otherwise the one response is LocalPrefillDeclined,
+before anything was queued or reserved, and the caller sends it to a prefill worker instead. The count is the
+worker's own (its tokenizer, its cache, now): exact, at the cost of one round trip for a request that goes remote
+after all.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
             if params.n > 1 and generated:
                 raise InvalidRequest("a sequence with n > 1 cannot be resumed")
             if request.max_uncached_tokens:
+                total = len(prompt) + len(generated)
                 uncached = self.engine.uncached_tokens([*prompt, *generated])
-                if uncached > request.max_uncached_tokens:
+                if uncached > request.max_uncached_tokens or total - uncached < request.min_cached_share * total:
                     declined = worker_pb2.LocalPrefillDeclined(
                         prompt_tokens=len(prompt) + len(generated), uncached_tokens=uncached
                     )

@@ -124,6 +124,7 @@ class GatewayConfig:
     # Conditional disaggregation: offer a prompt to a decode worker (--local-prefill) first, to prefill there when at
     # most this many of its tokens are not in that worker's prefix cache (0 = always a prefill worker)
     local_prefill_tokens: int = 0
+    local_prefill_min_cached: float = 0.5  # ... and at least this share of them is in that worker's cache
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -363,6 +364,14 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "which prefills it in its own engine when at most this many of its tokens are missing from its prefix "
         "cache (a short prompt, or a conversation's next turn on the worker that decoded the last one) and "
         "declines otherwise; 0 = every prompt goes to a prefill worker",
+    )
+    _flag(
+        parser,
+        "--local-prefill-min-cached",
+        d.local_prefill_min_cached,
+        "with --local-prefill-tokens: a decode worker prefills a prompt only if it holds at least this share of "
+        "its tokens (0.5: a conversation's next turn, not a cold prompt, which is cheaper on a prefill worker "
+        "than inside a busy decode loop; results/local_prefill_threshold_*.md); 0 = by uncached tokens alone",
     )
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     _flag(parser, "--http-port", d.http_port, "serve the OpenAI-compatible HTTP API on this port (0 = off)")

@@ -70,8 +70,9 @@ async def serve(config: GatewayConfig) -> None:
         await http.stop()
     for task in monitors:
         task.cancel()
-    if router is not None:
-        await router.close()
+    for routing in (router, servicer.decode_router):
+        if routing is not None:
+            await routing.close()
     for pool in pools:
         await pool.close()
 

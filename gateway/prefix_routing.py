@@ -177,12 +177,19 @@ class RoutingOptions:
 
 
 class PrefixRouter:
-    """Picks a prefill worker by cost (module docstring) and records where each prompt went."""
+    """Picks a prefill worker by cost (module docstring) and records where each prompt went.
 
-    def __init__(self, pool: WorkerPool[Any], options: RoutingOptions = RoutingOptions()):
+    Also the decode workers' affinity under conditional disaggregation (`fingerprint` given, `exact` off): a
+    decode worker keeps each finished sequence's prompt + generated tokens in its cache, so the continuation keys
+    of a finished request (`record_continuation`) go under the worker that decoded it, and a conversation's next
+    turn, which starts with them, goes back there unless that worker is much busier. The token keys are then the
+    gateway's own (its `fingerprint`, not the model's), as only the gateway computes them."""
+
+    def __init__(self, pool: WorkerPool[Any], options: RoutingOptions = RoutingOptions(), fingerprint: str = ""):
         self.pool, self.options = pool, options
         self.index = PrefixIndex(options.max_entries)
-        self.fingerprint = ""  # the model's, from the last SequenceStart (token keys need it)
+        self.fingerprint = fingerprint  # the model's, from the last SequenceStart (token keys need it)
+        self.affinity = bool(fingerprint)  # the decode workers' router (the class docstring)
         pool.on_gone.append(self.index.drop_worker)
         self.exact = ExactIndex()
         self.tokenizer = RoutingTokenizer(options.tokenizer)
@@ -232,7 +239,7 @@ class PrefixRouter:
         shares = self._shares(request, candidates, blocks)
         if not any(share for _, share in shares.values()):
             chosen = self.pool.pick(exclude)  # nobody holds any of it: least loaded
-            telemetry.record_routing(shares[chosen.address][0], 0.0)
+            self._count(shares[chosen.address][0], 0.0)
             return chosen
         now = self.pool.now()
         loads = {w.address: self.pool.score(w, now) for w in candidates}
@@ -245,12 +252,17 @@ class PrefixRouter:
             return self.pool.deprioritised(w, now), self.options.weight * uncached + loads[w.address]
 
         chosen = min(candidates, key=cost)
-        telemetry.record_routing(*shares[chosen.address])
+        self._count(*shares[chosen.address])
         return chosen
 
     def _by_load(self, exclude: frozenset[str]) -> Worker[Any]:
-        telemetry.record_routing("none")
+        self._count("none")
         return self.pool.pick(exclude)
+
+    def _count(self, source: str, share: float | None = None) -> None:
+        """The prefill routing metrics count prefill choices only (not the decode workers' affinity)."""
+        if not self.affinity:
+            telemetry.record_routing(source, share)
 
     def _shares(
         self, request: worker_pb2.PrefillRequest, candidates: list[Worker[Any]], blocks: PromptBlocks | None
@@ -274,11 +286,27 @@ class PrefixRouter:
         """`worker` sent `request`'s SequenceStart: it computes (and caches) the prompt; remember both key kinds."""
         if not self.options.enabled:
             return
-        if start.kv_layout.model_fingerprint:
+        if start.kv_layout.model_fingerprint and not self.affinity:
             self.fingerprint = start.kv_layout.model_fingerprint
         keys: list[bytes] = []
         if not request.prompt_token_ids:
             keys.extend(key for _, key in text_keys(prompt_text(request)).cuts)
         if self.fingerprint:
             keys.extend(key for _, key in token_keys(start.prompt_token_ids, self.fingerprint).cuts)
+        self.index.record(worker.address, keys)
+
+    def record_continuation(
+        self, worker: Worker[Any], request: worker_pb2.PrefillRequest, token_ids: Sequence[int], reply: str
+    ) -> None:
+        """`worker` finished `request` (prompt + generated = `token_ids`, `reply` the text of sequence 0): the keys
+        a next turn re-sending this history starts with (text: the prompt and the reply; a chat request's
+        messages and an assistant message; tokens: every full block)."""
+        if not self.options.enabled:
+            return
+        keys: list[bytes] = []
+        if not request.prompt_token_ids:
+            history = prompt_text(request) + (f"assistant\0{reply}\0" if request.messages else reply).encode()
+            keys.extend(key for _, key in text_keys(history).cuts)
+        if self.fingerprint:
+            keys.extend(key for _, key in token_keys(token_ids, self.fingerprint).cuts)
         self.index.record(worker.address, keys)

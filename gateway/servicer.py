@@ -14,10 +14,12 @@ Aggregated mode (`--aggregated`): each attempt sends the request whole to one ag
 refusals (another aggregated worker is tried), deadlines and the responses are the same code as above.
 
 Conditional disaggregation (`--local-prefill-tokens N`, decode workers with `--local-prefill`): an attempt first
-offers the request whole to a decode worker, as in aggregated mode but with `max_uncached_tokens = N`; that worker
-prefills it itself when at most N of its tokens are missing from its own prefix cache (a short prompt, or a
-conversation's next turn after the reply it decoded), and otherwise declines before doing anything. A declined or
-refused request takes the disaggregated path (a prefill worker, then a decode worker), and its retries too.
+offers the request whole to a decode worker (the one that decoded the conversation's last turn, by the decode
+router's affinity), as in aggregated mode but with `max_uncached_tokens = N` and `min_cached_share`
+(--local-prefill-min-cached); that worker prefills it itself when at most N of its tokens are missing from its own
+prefix cache and it holds at least that share (a conversation's next turn after the reply it decoded), and
+otherwise declines before doing anything. A declined or refused request takes the disaggregated path (a prefill
+worker, then a decode worker), and its retries too.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 # Initial metadata of a Decode call whose worker reserved the sequence's KV budget (see _open_admitted).
 ADMITTED = ("disagg-admitted", "1")
+DECODE_AFFINITY_KEYS = "disagg-gateway-decode-affinity-v1"  # the decode router's token keys (its own)
 
 
 class WorkerFailed(Exception):
@@ -141,10 +144,12 @@ async def _open_admitted(
         raise
 
 
-def _pick_unrefused(pool: WorkerPool[Any], progress: Progress) -> Worker[Any]:
-    """The pool's best worker that has not refused this request; RESOURCE_EXHAUSTED once every healthy one did."""
+def _pick_unrefused(pool: WorkerPool[Any], progress: Progress, router: PrefixRouter | None = None) -> Worker[Any]:
+    """The pool's best worker (by `router`'s cost, else load) that has not refused this request;
+    RESOURCE_EXHAUSTED once every healthy one did."""
+    exclude = frozenset(progress.refusals)
     try:
-        return pool.pick(exclude=frozenset(progress.refusals))
+        return pool.pick(exclude) if router is None else router.pick(progress.prefill_request(), exclude)
     except NoWorkerAvailable as none:
         if not progress.refusals:
             raise
@@ -160,6 +165,7 @@ class Progress:
     prompt_token_ids: list[int] | None = None
     sampling: worker_pb2.SamplingParams | None = None
     generated: list[int] = field(default_factory=list)  # sequence 0's (n = 1 requests resume from these)
+    text: str = ""  # sequence 0's, as sent
     sent_any: bool = False
     refusals: dict[str, str] = field(default_factory=dict)  # decode worker address -> why it refused this request
     finished: set[int] = field(default_factory=set)  # indices of the n sequences that have their finish reason
@@ -196,6 +202,7 @@ class Progress:
     ) -> gateway_pb2.GenerateResponse:
         if index == 0:
             self.generated.extend(token_ids)
+            self.text += text
         self.completion_tokens += len(token_ids)
         response = gateway_pb2.GenerateResponse(
             text=text, token_ids=token_ids, finish_reason=finish_reason, index=index, logprobs=logprobs
@@ -236,6 +243,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 tokenizer=config.prefix_routing_tokenizer,
             )
             self.prefix_router = PrefixRouter(prefill, options)
+        # Conditional disaggregation: a conversation's next turn goes back to the decode worker that holds it
+        self.decode_router: PrefixRouter | None = None
+        if decode is not None and aggregated is None and config.local_prefill_tokens > 0:
+            affinity = RoutingOptions(
+                config.prefix_routing,
+                config.prefix_routing_weight,
+                config.prefix_balance_abs,
+                config.prefix_balance_rel,
+                exact=False,
+            )
+            self.decode_router = PrefixRouter(decode, affinity, fingerprint=DECODE_AFFINITY_KEYS)
 
     @property
     def prefill(self) -> WorkerPool[RelayPrefillStub]:
@@ -358,7 +376,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """One try with conditional disaggregation: offered to a decode worker to prefill itself; if it declines
         (or is full), the disaggregated path."""
         if not progress.remote_prefill:
-            worker = _pick_unrefused(self.decode, progress)
+            worker = _pick_unrefused(self.decode, progress, self.decode_router)
             local = worker_pb2_grpc.AggregatedServiceStub(worker.channel)
             try:
                 async for response in self._attempt_whole(
@@ -392,7 +410,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         timeout = self._timeout(context, deadline)
         worker.begin()
         call = stub.Generate(
-            worker_pb2.AggregatedServiceGenerateRequest(request=request, max_uncached_tokens=max_uncached_tokens),
+            worker_pb2.AggregatedServiceGenerateRequest(
+                request=request,
+                max_uncached_tokens=max_uncached_tokens,
+                min_cached_share=self.config.local_prefill_min_cached if max_uncached_tokens else 0.0,
+            ),
             timeout=timeout,
             metadata=metadata,
         )
@@ -415,11 +437,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     progress.cached_tokens = min(message.cached_tokens, len(progress.prompt_token_ids or ()))
                 yield progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
                 if progress.done:
+                    self._finished_on(worker, progress)
                     return
             raise WorkerFailed(worker, "stream ended without a finish reason")
         finally:
             call.cancel()
             worker.end()
+
+    def _finished_on(self, worker: Worker[Any], progress: Progress) -> None:
+        """`worker` decoded the whole request: with conditional disaggregation, its cache now holds prompt +
+        reply, which a next turn starts with (the decode router remembers where)."""
+        if self.decode_router is not None and worker.kind == "decode":
+            tokens = [*(progress.prompt_token_ids or ()), *progress.generated]
+            self.decode_router.record_continuation(worker, progress.request, tokens, progress.text)
 
     def _timeout(self, context: grpc.aio.ServicerContext, deadline: float) -> float:
         """Seconds left for worker calls: the client's deadline or the server's limit, whichever comes first."""
@@ -502,6 +532,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for out in _receive(decode_worker, decode_call):
                 yield progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
                 if progress.done:
+                    self._finished_on(decode_worker, progress)
                     return
             raise WorkerFailed(decode_worker, "stream ended without a finish reason")
         finally:

@@ -11,11 +11,13 @@ worker, a next turn is prefilled locally from the decode worker's cache, and all
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from disagg.config import BatchPolicy
 from disagg.engine.aggregated import AggregatedEngine, Prompt
 from disagg.kv.prefix_cache import PrefixCache
 from disagg.model.loading import LoadedModel
@@ -35,8 +37,6 @@ def cached_engine() -> Iterator:
     engines: list[AggregatedEngine] = []
 
     def make(lm: LoadedModel) -> AggregatedEngine:
-        from disagg.config import BatchPolicy
-
         cache = PrefixCache(lm.fingerprint, 64 << 20, BLOCK)
         engine = AggregatedEngine(lm, BatchPolicy(max_batch_size=8), prefix_cache=cache)
         engines.append(engine)
@@ -111,7 +111,9 @@ def test_uncached_tokens_counts_what_a_prefill_would_compute(gpt2_model, cached_
 
 @pytest.fixture(scope="module")
 def local_cluster() -> Iterator[RunningCluster]:
-    running = start_cluster(GPT2_ARGS, local_prefill_tokens=THRESHOLD)
+    # By uncached tokens alone: a cold short prompt is prefilled locally too (the default share, 0.5, sends it to
+    # the prefill worker: see the test with two decode workers)
+    running = start_cluster(GPT2_ARGS, ["--local-prefill-min-cached", "0"], local_prefill_tokens=THRESHOLD)
     yield running
     running.cluster.stop()
 
@@ -172,6 +174,11 @@ async def test_decode_worker_declines_without_reserving_and_keeps_serving(local_
         )
         messages = [m async for m in stub.Generate(request, timeout=60)]
         assert [m.WhichOneof("event") for m in messages] == ["declined"]
+        short = worker_pb2.AggregatedServiceGenerateRequest(
+            request=worker_pb2.PrefillRequest(request_id="declined-2", prompt="Hi"), max_uncached_tokens=THRESHOLD
+        )
+        short.min_cached_share = 0.5  # short enough, but nothing of it is cached here
+        assert [m.WhichOneof("event") async for m in stub.Generate(short, timeout=60)] == ["declined"]
         tokens = len(gpt2_model.tokenizer.encode(long))
         assert messages[0].declined.prompt_tokens == messages[0].declined.uncached_tokens == tokens
         reading = await load.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)
@@ -209,3 +216,34 @@ async def test_token_id_history_reuses_every_block_of_the_reply(local_cluster, g
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await complete(stub, both, 60)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def two_decode_cluster() -> Iterator[RunningCluster]:
+    running = start_cluster(GPT2_ARGS, decode_workers=2, local_prefill_tokens=THRESHOLD)
+    yield running
+    running.cluster.stop()
+
+
+async def test_conversations_stay_on_the_decode_worker_that_holds_them(two_decode_cluster, gpt2_model):
+    """Two decode workers, the default --local-prefill-min-cached 0.5: a conversation's first turn (cold) is
+    declined and prefilled on the prefill worker, each next turn goes back to the decode worker that decoded the
+    last one (the gateway's decode affinity), finds the whole history in its cache and is prefilled there."""
+    lm, running = gpt2_model, two_decode_cluster
+    async with channel(running.address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+
+        async def conversation(c: int) -> list[gateway_pb2.GenerateResponse]:
+            history, results = [], []
+            for turn in range(3):
+                history += lm.tokenizer.encode(f"\nUser {c}: turn {turn}, tell me more.\nAssistant:")
+                request = gateway_pb2.GenerateRequest(prompt_token_ids=history, max_new_tokens=20, ignore_eos=True)
+                results.append(await complete(stub, request, 300))
+                history += results[-1].token_ids
+            return results
+
+        conversations = await asyncio.gather(*(conversation(c) for c in range(4)))
+    assert _outcomes(running) == {"local": 8, "declined": 4, "refused": 0}
+    for results in conversations:
+        for previous, result in zip(results, results[1:]):
+            assert result.cached_prompt_tokens == (previous.prompt_tokens + 20 - 1) // BLOCK * BLOCK

@@ -6,7 +6,7 @@ from typing import Any
 
 from disagg.config import GatewayConfig, add_gateway_flags, gateway_config
 from disagg.kv.prefix_cache import block_keys
-from disagg.pb.disagg.v1 import worker_pb2
+from disagg.pb.disagg.v1 import gateway_pb2, worker_pb2
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 from gateway.prefix_routing import PrefixIndex, PrefixRouter, RoutingOptions, cut_points, text_keys, token_keys
 from gateway.servicer import GatewayServicer
@@ -202,3 +202,29 @@ async def test_flags_and_servicer_wiring() -> None:
     assert approximate_only.tokenizer.model_for("distilgpt2") == "gpt2"
     await prefill.close()
     await decode.close()
+
+
+async def test_decode_affinity_sends_the_next_turn_to_the_worker_that_decoded_the_last() -> None:
+    """Conditional disaggregation: the decode router remembers prompt + reply under the worker that decoded them."""
+    from gateway.servicer import DECODE_AFFINITY_KEYS
+
+    pool: WorkerPool[RelayDecodeStub] = WorkerPool("decode", (A, B), RelayDecodeStub, clock=Clock())
+    router = PrefixRouter(pool, RoutingOptions(exact=False), fingerprint=DECODE_AFFINITY_KEYS)
+    turn1 = SYSTEM + "user: what is decode?"
+    reply = " It is the loop that makes one token per step for every running sequence. " * 4
+    router.record_continuation(pool.workers[B], _request(turn1), list(range(300)), reply)
+    _load(router, A, 0)
+    _load(router, B, 1)
+    assert router.pick(_request(turn1 + reply + "user: and why?")).address == B  # text history
+    assert router.pick(_request("user: something new entirely, long enough to be keyed" * 3)).address == A
+    by_tokens = worker_pb2.PrefillRequest(request_id="t", prompt_token_ids=[*range(300), 7, 7, 7])
+    assert router.pick(by_tokens).address == B  # token history: the gateway's own keys
+    chat = worker_pb2.PrefillRequest(request_id="c", messages=[gateway_pb2.ChatMessage(role="user", content=turn1)])
+    router.record_continuation(pool.workers[A], chat, [], reply)
+    _load(router, A, 1)
+    _load(router, B, 0)
+    nxt = worker_pb2.PrefillRequest(request_id="c2")
+    nxt.messages.extend([*chat.messages, gateway_pb2.ChatMessage(role="assistant", content=reply)])
+    nxt.messages.append(gateway_pb2.ChatMessage(role="user", content="go on"))
+    assert router.pick(nxt).address == A  # chat history: an assistant message follows the prompt's messages
+    await pool.close()

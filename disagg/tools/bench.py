@@ -526,12 +526,12 @@ def comparison(results: dict[str, dict]) -> dict[str, float]:
         ratios["prefix_off_ttft_p50_vs_on"] = off["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
         ratios["prefix_off_ttft_p99_vs_on"] = off["ttft_s"]["p99"] / cluster["ttft_s"]["p99"]
         ratios["prefix_off_e2e_p50_vs_on"] = off["e2e_s"]["p50"] / cluster["e2e_s"]["p50"]
-    if (local := results.get("cluster_local_prefill")) is not None:  # conditional disaggregation on vs off
-        ratios["ttft_p50_vs_local_prefill"] = cluster["ttft_s"]["p50"] / local["ttft_s"]["p50"]
-        ratios["e2e_p50_vs_local_prefill"] = cluster["e2e_s"]["p50"] / local["e2e_s"]["p50"]
-        if off is not None:  # no cache anywhere, no local prefill vs both
-            ratios["prefix_off_ttft_p50_vs_local_prefill"] = off["ttft_s"]["p50"] / local["ttft_s"]["p50"]
-            ratios["prefix_off_ttft_p99_vs_local_prefill"] = off["ttft_s"]["p99"] / local["ttft_s"]["p99"]
+    if (remote := results.get("cluster_local_prefill_off")) is not None:  # conditional disaggregation off vs on
+        ratios["local_prefill_off_ttft_p50_vs_on"] = remote["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
+        ratios["local_prefill_off_e2e_p50_vs_on"] = remote["e2e_s"]["p50"] / cluster["e2e_s"]["p50"]
+    if (neither := results.get("cluster_prefix_off_local_prefill_off")) is not None:  # no cache, no local prefill
+        ratios["neither_ttft_p50_vs_both"] = neither["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
+        ratios["neither_ttft_p99_vs_both"] = neither["ttft_s"]["p99"] / cluster["ttft_s"]["p99"]
     return ratios
 
 

@@ -150,11 +150,12 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--local-prefill",
-        default="off",
+        default="on",
         choices=["on", "off", "both"],
-        help="conditional disaggregation of the disaggregated cluster: decode workers --local-prefill and the "
-        "gateway's --local-prefill-tokens (prompts with few uncached tokens prefilled on the decode worker); "
-        "'both' runs the same workload on a cluster without it and one with it",
+        help="conditional disaggregation of the disaggregated cluster, on as in `disagg up`: decode workers "
+        "--local-prefill and the gateway's --local-prefill-tokens (a prompt whose tokens the decode worker "
+        "mostly holds, e.g. a conversation's next turn, is prefilled there); 'both' runs the same workload on a "
+        "cluster without it and one with it",
     )
     c.add_argument(
         "--local-prefill-tokens",
@@ -311,7 +312,7 @@ class Variant(NamedTuple):
     prefix_on: bool = True  # the workers' prefix caches (prefill; decode with --local-prefill; aggregated)
     aggregated: bool = False
     kv_aware: bool = True  # the gateway's KV-aware routing of prefill workers (--routing)
-    local_prefill: bool = False  # conditional disaggregation (--local-prefill)
+    local_prefill: bool = True  # conditional disaggregation (--local-prefill)
 
     @property
     def name(self) -> str:
@@ -320,7 +321,7 @@ class Variant(NamedTuple):
             + ("" if self.kv_on else "_kv_off")
             + ("" if self.prefix_on else "_prefix_off")
             + ("" if self.kv_aware or self.aggregated else "_least_loaded")
-            + ("_local_prefill" if self.local_prefill and not self.aggregated else "")
+            + ("_local_prefill_off" if not self.local_prefill and not self.aggregated else "")
         )
 
 
@@ -337,7 +338,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         for kv_on in modes[args.kv_cache]
         for prefix_on in modes[args.prefix_cache]
         for kv_aware in (routing if not agg else [True])
-        for local_prefill in (local if not agg else [False])
+        for local_prefill in (local if not agg else [True])
     ]
 
 
@@ -349,7 +350,7 @@ def mode_label(name: str, args: argparse.Namespace) -> str:
         (args.kv_cache, "_kv_off"),
         (args.prefix_cache, "_prefix_off"),
         (args.routing, "_least_loaded"),
-        (args.local_prefill, "_local_prefill"),
+        (args.local_prefill, "_local_prefill_off"),
     ):
         if flag != "both":
             label = label.replace(suffix, "")
@@ -634,7 +635,7 @@ def _record_blocks(
             if not args.address:
                 policy = "least-loaded (--no-prefix-routing)" if "least_loaded" in name else "KV-aware"
                 notes.append(f"{args.prefill_workers} prefill worker(s), routing {policy}")
-            if "local_prefill" in name:
+            if "local_prefill_off" not in name:
                 local = {k: v for k, v in stats.get("routing", {}).items() if k.startswith("local-prefill-")}
                 outcomes = ", ".join(f"{k.removeprefix('local-prefill-')} {n:.0f}" for k, n in sorted(local.items()))
                 notes.append(

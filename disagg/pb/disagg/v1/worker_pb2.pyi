@@ -54,12 +54,14 @@ class KvCacheEvents(_message.Message):
     def __init__(self, stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AggregatedServiceGenerateRequest(_message.Message):
-    __slots__ = ("request", "max_uncached_tokens")
+    __slots__ = ("request", "max_uncached_tokens", "min_cached_share")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_UNCACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CACHED_SHARE_FIELD_NUMBER: _ClassVar[int]
     request: PrefillRequest
     max_uncached_tokens: int
-    def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., max_uncached_tokens: _Optional[int] = ...) -> None: ...
+    min_cached_share: float
+    def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., max_uncached_tokens: _Optional[int] = ..., min_cached_share: _Optional[float] = ...) -> None: ...
 
 class AggregatedServiceGenerateResponse(_message.Message):
     __slots__ = ("start", "tokens", "declined", "cached_tokens")
