@@ -435,9 +435,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 out = message.tokens
                 if progress.cached_tokens is None and not progress.sent_any:
                     progress.cached_tokens = min(message.cached_tokens, len(progress.prompt_token_ids or ()))
-                yield progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
-                if progress.done:
+                response = progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
+                if progress.done:  # remembered before the client hears of it (and may send the next turn)
                     self._finished_on(worker, progress)
+                yield response
+                if progress.done:
                     return
             raise WorkerFailed(worker, "stream ended without a finish reason")
         finally:
@@ -530,9 +532,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             assert decode_worker is not None  # chosen before its call was made
             await _send(decode_worker, decode_call)
             async for out in _receive(decode_worker, decode_call):
-                yield progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
-                if progress.done:
+                response = progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
+                if progress.done:  # remembered before the client hears of it (and may send the next turn)
                     self._finished_on(decode_worker, progress)
+                yield response
+                if progress.done:
                     return
             raise WorkerFailed(decode_worker, "stream ended without a finish reason")
         finally:

@@ -214,7 +214,7 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         tokens = sample_batch(logits, [s.output.params for s in seqs], [len(s.output.tokens) for s in seqs])
         self.batch.set_last_tokens(tokens)
         logprobs = batch_logprobs(logits, tokens, [s.output.params for s in seqs], self.lm.tokenizer)
-        finished: list[str] = []
+        finished: set[str] = set()
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         now = time.monotonic()
         for seq, token, token_logprobs in zip(seqs, tokens, logprobs):
@@ -223,11 +223,18 @@ class DecodeEngine(EngineThread[DecodeSequence]):
             seq.last_token_at = now
             events.append((seq, TokenEvent(token, text, seq.output.finish_reason, token_logprobs)))
             if seq.output.finish_reason is not None:
-                finished.append(seq.request_id)
-        self.notify(functools.partial(_deliver_all, events))  # one wake-up of the event loop for the whole step
-        for request_id in finished:  # (after the tokens left: what _retire does is off their path)
+                finished.add(seq.request_id)
+        # One wake-up of the event loop for the step's tokens; the finishing sequences' last tokens after _retire
+        # (their KV kept first: a next turn sent on their last token finds it) in a second one.
+        going_on = [(seq, event) for seq, event in events if seq.request_id not in finished]
+        if going_on:
+            self.notify(functools.partial(_deliver_all, going_on))
+        for request_id in finished:
             self._retire(self.running[request_id])
             self._leave(request_id)
+        if finished:
+            last = [(seq, event) for seq, event in events if seq.request_id in finished]
+            self.notify(functools.partial(_deliver_all, last))
         self.last_step = StepStats(len(seqs), joined, len(finished), time.perf_counter() - started)
 
 
