@@ -43,6 +43,7 @@ HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 # Field names of the shared validation's messages, as the OpenAI API names them.
 PARAM_NAMES = {
     "prompt": "prompt",
+    "prompt_token_ids": "prompt",
     "messages": "messages",
     "max_new_tokens": "max_tokens",
     "temperature": "temperature",
@@ -218,11 +219,14 @@ def parse_completion(body: Any, served_model: str) -> ParsedRequest:
     model = _model(body, served_model)
     _unsupported(body)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise bad("prompt", "must be a string (or a list of one string)")
-    request = gateway_pb2.GenerateRequest(prompt=prompt)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=prompt)  # token ids (checked by the pipeline)
+    elif isinstance(prompt, str):
+        request = gateway_pb2.GenerateRequest(prompt=prompt)
+    else:
+        raise bad("prompt", "must be a string or token ids (or a list of one of them)")
     request.max_new_tokens = _int(body, "max_tokens", 1) or 0
     _common(body, request)
     if (logprobs := _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)) is not None:

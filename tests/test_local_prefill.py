@@ -207,7 +207,7 @@ async def test_token_id_history_reuses_every_block_of_the_reply(local_cluster, g
         assert second.token_ids == reference(lm, turn2, 8)
         assert second.prompt_tokens == len(turn2)
         assert second.cached_prompt_tokens == (len(turn1) + 40 - 1) // BLOCK * BLOCK
-        for bad, message in (([1, 50257], "not in 0..50256"), ([-1], ">= 0")):
+        for bad, message in (([1, 50257], "outside the vocabulary 0..50256"), ([-1], ">= 0")):
             request = gateway_pb2.GenerateRequest(prompt_token_ids=bad, max_new_tokens=2)
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await complete(stub, request, 60)

@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 
-from disagg.model.loading import LoadedModel
+from disagg.model.loading import LoadedModel, load_tokenizer
 from disagg.model.logprobs import token_text
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from disagg.tools.client import channel
@@ -149,6 +149,13 @@ async def test_greedy_completion_equals_grpc_front_sync_and_streaming(gpt2_http)
     assert text == ref_text
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.usage is None for c in chunks)  # no usage chunk unless asked
+
+    ids = load_tokenizer("distilgpt2").encode(PROMPT)  # the workers' tokenizer
+    for prompt in (ids, [ids]):  # token ids, and a batch of one: the same completion as the text
+        by_ids = await asyncio.to_thread(
+            client.completions.create, model="distilgpt2", prompt=prompt, max_tokens=8, temperature=0, extra_body=body
+        )
+        assert by_ids.choices[0].text == ref_text and by_ids.usage.prompt_tokens == 13
 
 
 async def test_async_streaming_with_usage_chunk_and_max_tokens_one(gpt2_http):
@@ -331,6 +338,9 @@ async def test_chat_logprobs_with_top_alternatives(llama_http):
         (b"[1, 2]", 400, None),
         ({"model": "distilgpt2", "prompt": PROMPT, "temperature": "hot"}, 400, "temperature"),
         ({"model": "distilgpt2", "prompt": 42}, 400, "prompt"),
+        ({"model": "distilgpt2", "prompt": [1, "x"]}, 400, "prompt"),
+        ({"model": "distilgpt2", "prompt": [1, 50257]}, 400, "prompt"),  # out of the vocabulary (the worker)
+        ({"model": "distilgpt2", "prompt": [-1]}, 400, "prompt"),  # (the gateway)
         ({"model": "distilgpt2", "prompt": PROMPT, "max_tokens": -1}, 400, "max_tokens"),
         ({"model": "distilgpt2", "prompt": PROMPT, "n": 0}, 400, "n"),
         ({"model": "distilgpt2", "prompt": PROMPT, "n": 17}, 400, "n"),

@@ -24,7 +24,8 @@ def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> lis
     if request.prompt_token_ids:
         vocab = int(lm.model.config.vocab_size)
         if (high := max(ids)) >= vocab or min(ids) < 0:
-            raise InvalidRequest(f"prompt_token_ids: id {high if high >= vocab else min(ids)} is not in 0..{vocab - 1}")
+            bad = high if high >= vocab else min(ids)
+            raise InvalidRequest(f"prompt_token_ids has id {bad}, outside the vocabulary 0..{vocab - 1}")
     return ids
 
 
