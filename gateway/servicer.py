@@ -25,6 +25,7 @@ worker, then a decode worker), and its retries too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -232,27 +233,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.config, self._prefill, self._decode, self.aggregated = config, prefill, decode, aggregated
         self.transport = TRANSPORT_VALUES[config.kv_transport]
         self.in_flight = 0
+        options = RoutingOptions(
+            config.prefix_routing,
+            config.prefix_routing_weight,
+            config.prefix_balance_abs,
+            config.prefix_balance_rel,
+            exact=config.prefix_routing_events,
+            tokenizer=config.prefix_routing_tokenizer,
+        )
         self.prefix_router: PrefixRouter | None = None  # KV-aware choice of prefill worker
         if prefill is not None and aggregated is None:
-            options = RoutingOptions(
-                config.prefix_routing,
-                config.prefix_routing_weight,
-                config.prefix_balance_abs,
-                config.prefix_balance_rel,
-                exact=config.prefix_routing_events,
-                tokenizer=config.prefix_routing_tokenizer,
-            )
             self.prefix_router = PrefixRouter(prefill, options)
-        # Conditional disaggregation: a conversation's next turn goes back to the decode worker that holds it
+        # Conditional disaggregation: a conversation's next turn goes back to the decode worker that holds it (the
+        # same cost and guard, by the gateway's own index: decode workers report no cache events)
         self.decode_router: PrefixRouter | None = None
         if decode is not None and aggregated is None and config.local_prefill_tokens > 0:
-            affinity = RoutingOptions(
-                config.prefix_routing,
-                config.prefix_routing_weight,
-                config.prefix_balance_abs,
-                config.prefix_balance_rel,
-                exact=False,
-            )
+            affinity = dataclasses.replace(options, exact=False)
             self.decode_router = PrefixRouter(decode, affinity, fingerprint=DECODE_AFFINITY_KEYS)
 
     @property
