@@ -151,22 +151,22 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 loop.call_soon_threadsafe(layers.put_nowait, None)
 
             job.deliver = deliver_then_end
-        self.engine.submit(job)
         pb_layout = layout_to_pb(layout, kv_included=sender is not None)
         pb_layout.transport = destination.transport or RELAYED
         pb_layout.handle = destination.handle if destination.transport == DIRECT else ""
-        yield worker_pb2.PrefillResponse(
-            start=worker_pb2.SequenceStart(
-                request_id=request.request_id,
-                prompt_token_ids=prompt,
-                generated_token_ids=generated,
-                sampling=sampling_to_pb(params),
-                model=self.lm.name,
-                kv_layout=pb_layout,
-            )
-        )
         handed_over = first_sent = False
-        try:
+        try:  # from the sender's creation: a call ended at any yield (even the first) removes its segment
+            self.engine.submit(job)
+            yield worker_pb2.PrefillResponse(
+                start=worker_pb2.SequenceStart(
+                    request_id=request.request_id,
+                    prompt_token_ids=prompt,
+                    generated_token_ids=generated,
+                    sampling=sampling_to_pb(params),
+                    model=self.lm.name,
+                    kv_layout=pb_layout,
+                )
+            )
             while layers is not None and (item := await layers.get()) is not None:
                 if done.done() and not first_sent:  # the forward pass ended: the first token before queued layers
                     first_sent = True
