@@ -9,9 +9,10 @@ in the engine, which frees their KV at its next step; the reservation is release
 Conditional disaggregation (`disagg decode --local-prefill`, the gateway's --local-prefill-tokens): a request
 with `max_uncached_tokens` is served only if at most that many of its tokens are missing from this worker's prefix
 cache and at least `min_cached_share` of them are there; otherwise the one response is LocalPrefillDeclined,
-before anything was queued or reserved, and the caller sends it to a prefill worker instead. The count is the
-worker's own (its tokenizer, its cache, now): exact, at the cost of one round trip for a request that goes remote
-after all.
+before anything was queued or reserved, and the caller sends it to a prefill worker instead (the decline says how
+many of its leading tokens this worker holds in whole blocks: a handoff back here may leave their KV out). The
+count is the worker's own (its tokenizer, its cache, now): exact, at the cost of one round trip for a request that
+goes remote after all.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
                 total = len(prompt) + len(generated)
                 uncached = self.engine.uncached_tokens([*prompt, *generated])
                 if uncached > request.max_uncached_tokens or total - uncached < request.min_cached_share * total:
-                    declined = worker_pb2.LocalPrefillDeclined(
-                        prompt_tokens=len(prompt) + len(generated), uncached_tokens=uncached
-                    )
+                    declined = worker_pb2.LocalPrefillDeclined(prompt_tokens=total, uncached_tokens=uncached)
+                    if (cache := self.engine.prefix_cache) is not None:  # a handoff here may leave these out
+                        declined.held_prefix_tokens = cache.held_prefix([*prompt, *generated])
+                        declined.block_tokens = cache.block_tokens
                     yield worker_pb2.AggregatedServiceGenerateResponse(declined=declined)
                     return
             start = worker_pb2.SequenceStart(

@@ -29,6 +29,7 @@ async def serve(config: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
     server = Server(config.host, config.port, tls=config.tls)
     engine: DecodeEngine
+    prefix_cache: PrefixCache | None = None
     reports: list[LoadReport] = []
     if config.aggregated or config.local_prefill:  # this engine prefills too, with a prefix cache of its own
         prefix_cache = PrefixCache(lm.fingerprint, config.prefix_cache_mb << 20, config.prefix_block_tokens)
@@ -45,7 +46,7 @@ async def serve(config: WorkerConfig) -> None:
     else:
         engine = DecodeEngine(lm, config.batch, config.kv_cache, budget, notify=loop.call_soon_threadsafe)
     if not config.aggregated:  # handed-over sequences join the same batch
-        servicer = DecodeServicer(lm, engine, budget)
+        servicer = DecodeServicer(lm, engine, budget, prefix_cache)
         server.add_service(
             worker_pb2.DESCRIPTOR.services_by_name["DecodeService"], lambda s: add_decode_service(servicer, s)
         )

@@ -3,6 +3,10 @@
 Admission comes first: at SequenceStart the sequence reserves its final KV size in the worker's budget, before
 anything is allocated, and the call's initial metadata (`disagg-admitted: 1`) tells the sender to go on; a refusal
 is RESOURCE_EXHAUSTED at once, so the gateway can take the same handoff to another decode worker.
+
+A handoff may leave out the first blocks of the sequence's KV when this worker's prefix cache holds them
+(disagg/kv/held_prefix.py): they are checked and pinned at admission too (DATA_LOSS, before the cache is sent, when
+they are gone) and joined to the received rest before the sequence is queued.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from disagg import telemetry
 from disagg.engine.decode import DecodeEngine, TokenEvent
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.framing import HandoffMessage
+from disagg.kv.held_prefix import pin_held_prefix
 from disagg.kv.inbox import KvInbox
+from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.kv.receive import Handoff, receive_handoff
 from disagg.kv.transports import DIRECT
 from disagg.model.loading import LoadedModel
@@ -34,8 +40,11 @@ def final_kv_bytes(lm: LoadedModel, start: worker_pb2.SequenceStart) -> int:
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, lm: LoadedModel, engine: DecodeEngine, budget: KvBudget):
-        self.lm, self.engine, self.budget = lm, engine, budget
+    def __init__(
+        self, lm: LoadedModel, engine: DecodeEngine, budget: KvBudget, prefix_cache: PrefixCache | None = None
+    ):
+        """`prefix_cache`: the engine's (a worker with --local-prefill), which handoffs may leave blocks of out."""
+        self.lm, self.engine, self.budget, self.prefix_cache = lm, engine, budget, prefix_cache
         self.inbox = KvInbox(lm.fingerprint, budget)
         self.active = 0  # Decode calls in progress: receiving KV, waiting or running
 
@@ -63,10 +72,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         self.active += 1
         reservation: Reservation | None = None
+        held: PrefixHit | None = None  # the blocks the handoff left out, pinned
 
         async def admit(start: worker_pb2.SequenceStart) -> None:
-            nonlocal reservation
+            nonlocal reservation, held
             if self.engine.kv_cache:
+                held = pin_held_prefix(self.prefix_cache, start)
                 nbytes = final_kv_bytes(self.lm, start) * max(1, start.sampling.n)
                 label = f"sequence {start.request_id}"
                 reservation = (
@@ -85,12 +96,25 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 context.time_remaining() or 60.0,
                 admit=admit,
             )
+            if held is not None:  # joined to the received rest (a copy of each tensor: off the event loop)
+                pinned, held = held, None
+                try:
+                    assert handoff.kv is not None  # (blocks are pinned only when the worker keeps KV)
+                    handoff.kv = await asyncio.to_thread(pinned.joined, handoff.kv)
+                finally:
+                    self._release(pinned)
             async for response in self._decode(handoff, reservation):
                 yield response
         finally:
+            if held is not None:
+                self._release(held)
             if reservation is not None:  # exactly once, whichever way the call ends
                 reservation.release()
             self.active -= 1
+
+    def _release(self, held: PrefixHit) -> None:
+        assert self.prefix_cache is not None  # (blocks are pinned only in it)
+        self.prefix_cache.release(held)
 
     async def _decode(
         self, handoff: Handoff, reservation: Reservation | None

@@ -125,6 +125,8 @@ class GatewayConfig:
     # most this many of its tokens are not in that worker's prefix cache (0 = always a prefill worker)
     local_prefill_tokens: int = 0
     local_prefill_min_cached: float = 0.5  # ... and at least this share of them is in that worker's cache
+    # ... and a prompt it declines goes back to it, handed over without the blocks it holds (disagg/kv/held_prefix.py)
+    handoff_held_prefix: bool = True
     auth_token: str = ""
     tls: TlsOptions = TlsOptions()
     metrics_port: int = 0  # Prometheus /metrics over HTTP on --host; 0 = off
@@ -372,6 +374,14 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "with --local-prefill-tokens: a decode worker prefills a prompt only if it holds at least this share of "
         "its tokens (0.5: a conversation's next turn, not a cold prompt, which is cheaper on a prefill worker "
         "than inside a busy decode loop; results/local_prefill_threshold_*.md); 0 = by uncached tokens alone",
+    )
+    _flag(
+        parser,
+        "--handoff-held-prefix",
+        d.handoff_held_prefix,
+        "with --local-prefill-tokens: a prompt a decode worker declined, whose first blocks it holds, is handed to "
+        "that worker with only the KV after them (the prefill worker sends the rest; the worker checks the blocks' "
+        "keys, and a block evicted meanwhile means the handoff is made again, whole)",
     )
     _flag(parser, "--auth-token", d.auth_token, "require 'authorization: Bearer TOKEN' on Generate")
     _flag(parser, "--http-port", d.http_port, "serve the OpenAI-compatible HTTP API on this port (0 = off)")

@@ -19,7 +19,10 @@ router's affinity), as in aggregated mode but with `max_uncached_tokens = N` and
 (--local-prefill-min-cached); that worker prefills it itself when at most N of its tokens are missing from its own
 prefix cache and it holds at least that share (a conversation's next turn after the reply it decoded), and
 otherwise declines before doing anything. A declined or refused request takes the disaggregated path (a prefill
-worker, then a decode worker), and its retries too.
+worker, then a decode worker), and its retries too. A declined one whose first blocks that worker holds (a long new
+message after a conversation it decoded) goes back to it, and the prefill worker sends only the KV after those
+blocks (`--handoff-held-prefix`, disagg/kv/held_prefix.py); if the worker evicted them meanwhile (DATA_LOSS at
+admission) or is full, the request is handed over again, whole, to whichever decode worker admits it.
 """
 
 from __future__ import annotations
@@ -71,6 +74,24 @@ class WorkerRefused(UpstreamError):
     def __init__(self, worker: Worker[Any], details: str):
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{worker.kind} worker {worker.address}: {details}")
         self.worker, self.details = worker, details
+
+
+class HeldPrefixLost(Exception):
+    """The decode worker a handoff left its held blocks out for cannot take it (evicted them, or full): the
+    attempt is made again, handed over whole."""
+
+    def __init__(self, outcome: str, tokens: int, refused: WorkerRefused | None = None):
+        super().__init__(f"held prefix of {tokens} tokens: {outcome}")
+        self.outcome, self.tokens, self.refused = outcome, tokens, refused
+
+
+@dataclass
+class HeldPrefix:
+    """What a declining decode worker said it holds: the prompt's first `tokens` tokens, in blocks."""
+
+    worker: Worker[Any]
+    tokens: int
+    block_tokens: int
 
 
 def _failure(worker: Worker[Any], code: grpc.StatusCode, details: str) -> Exception:
@@ -145,6 +166,27 @@ async def _open_admitted(
         raise
 
 
+async def _open_held(
+    worker: Worker[RelayDecodeStub],
+    held: HeldPrefix,
+    start: bytes,
+    timeout: float,
+    metadata: Sequence[tuple[str, str]],
+) -> grpc.aio.StreamStreamCall:
+    """_open_admitted for a handoff that leaves out the blocks `worker` holds; HeldPrefixLost when it no longer
+    holds them (DATA_LOSS at admission, before the cache was sent) or refuses the sequence."""
+    try:
+        call = await _open_admitted(worker, start, timeout, metadata)
+    except WorkerRefused as refused:
+        raise HeldPrefixLost("refused", held.tokens, refused) from refused
+    except UpstreamError as error:
+        if error.code != grpc.StatusCode.DATA_LOSS:
+            raise
+        raise HeldPrefixLost("gone", held.tokens) from error
+    telemetry.record_held_prefix("suffix", held.tokens)
+    return call
+
+
 def _pick_unrefused(pool: WorkerPool[Any], progress: Progress, router: PrefixRouter | None = None) -> Worker[Any]:
     """The pool's best worker (by `router`'s cost, else load) that has not refused this request;
     RESOURCE_EXHAUSTED once every healthy one did."""
@@ -173,6 +215,7 @@ class Progress:
     completion_tokens: int = 0  # of all n sequences
     cached_tokens: int | None = None  # prompt tokens the first prefill took from its prefix cache
     remote_prefill: bool = False  # a decode worker declined to prefill it (conditional disaggregation)
+    held: HeldPrefix | None = None  # ... and holds its first blocks (for the next attempt only)
 
     @property
     def n(self) -> int:
@@ -301,6 +344,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     # another; aggregated: it refused before any work. Not a failure: bounded by the workers,
                     # each refuses a request once.
                     self._refused(progress, refused)
+                except HeldPrefixLost as lost:  # (once: only a decline sets progress.held, and only the first)
+                    telemetry.record_held_prefix(lost.outcome, lost.tokens)
+                    log.info("request %s: %s; handing it over whole", progress.request.request_id, lost)
+                    if lost.refused is not None:
+                        self._refused(progress, lost.refused)
                 except WorkerFailed as failure:
                     self._pool(failure.worker).mark_failed(failure.worker)
                     failures += 1
@@ -418,8 +466,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for message in _receive(worker, call):
                 kind = message.WhichOneof("event")
                 if kind == "declined":
+                    declined = message.declined
                     progress.remote_prefill = True
-                    telemetry.record_local_prefill("declined", message.declined.uncached_tokens)
+                    telemetry.record_local_prefill("declined", declined.uncached_tokens)
+                    if self.config.handoff_held_prefix and declined.held_prefix_tokens and declined.block_tokens:
+                        progress.held = HeldPrefix(worker, declined.held_prefix_tokens, declined.block_tokens)
                     return
                 if kind == "start":
                     progress.prompt_token_ids = list(message.start.prompt_token_ids)
@@ -481,9 +532,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         decode_worker: Worker[RelayDecodeStub] | None = None
         pushes_to: Worker[RelayDecodeStub] | None = None
         decode_call: grpc.aio.StreamStreamCall | None = None
-        if self.transport == DIRECT:  # the decode worker is chosen first: the prefill worker pushes the KV to it
-            decode_worker = pushes_to = self._pick_decode(progress)
+        held, progress.held = progress.held, None  # this attempt only: a retry or resumption hands over whole
+        if held is not None and (not held.worker.healthy or held.worker.address in progress.refusals):
+            held = None
+        if held is not None:  # only the worker that holds the first blocks can take this handoff
+            decode_worker = held.worker
             decode_worker.begin()
+        # (set on every attempt: `request` may be the one the last attempt changed)
+        request.kv_destination.prefix_tokens = held.tokens if held is not None else 0
+        request.kv_destination.prefix_block_tokens = held.block_tokens if held is not None else 0
+        if self.transport == DIRECT:  # the decode worker is chosen first: the prefill worker pushes the KV to it
+            if decode_worker is None:
+                decode_worker = self._pick_decode(progress)
+                decode_worker.begin()
+            pushes_to = decode_worker
             request.kv_destination.decode_address = decode_worker.address
             request.kv_destination.handle = f"{request.request_id}/{uuid.uuid4().hex}"
         request.kv_destination.transport = self.transport
@@ -506,8 +568,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     timeout = self._timeout(context, deadline)
                     if decode_worker is None:
                         decode_worker, decode_call = await self._admit(progress, raw, timeout, metadata)
-                    else:  # direct: only the worker the KV is pushed to will do
+                    elif held is None:  # direct: only the worker the KV is pushed to will do
                         decode_call = await _open_admitted(decode_worker, raw, timeout, metadata)
+                    else:
+                        decode_call = await _open_held(decode_worker, held, raw, timeout, metadata)
                     continue
                 if decode_call is None:
                     raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")

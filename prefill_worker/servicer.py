@@ -15,6 +15,7 @@ from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
 from disagg.errors import InvalidRequest
 from disagg.kv.codec import KvLayout
 from disagg.kv.events import DEFAULT_MAX_PENDING, CacheWatch, batched, event_messages
+from disagg.kv.held_prefix import set_skipped, skipped_prefix
 from disagg.kv.prefix_cache import PrefixCache
 from disagg.kv.senders import PushClients, make_sender
 from disagg.kv.shared_memory import SharedMemorySegments
@@ -129,7 +130,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             loop.call_soon_threadsafe(_settle, done, result)
 
         job = PrefillJob(request.request_id, input_ids, output, deliver, forks=forks)
-        layout, destination = self._layout(len(input_ids)), request.kv_destination
+        destination = request.kv_destination
+        # the decode worker may hold the first blocks already (disagg/kv/held_prefix.py): only the rest is sent
+        skipped = skipped_prefix(destination, input_ids, self.lm.fingerprint)
+        skip = skipped.tokens if self.engine.kv_cache else 0
+        layout = self._layout(len(input_ids) - skip)
         sender = None
         if self.engine.kv_cache:
             sender = make_sender(
@@ -154,6 +159,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         pb_layout = layout_to_pb(layout, kv_included=sender is not None)
         pb_layout.transport = destination.transport or RELAYED
         pb_layout.handle = destination.handle if destination.transport == DIRECT else ""
+        if skip:
+            set_skipped(pb_layout, skipped)
         handed_over = first_sent = False
         try:  # from the sender's creation: a call ended at any yield (even the first) removes its segment
             self.engine.submit(job)
@@ -173,7 +180,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                     for message in _first_tokens(job, done.result()):
                         yield message
                 assert sender is not None  # (layers are queued only with a sender)
-                for message in await sender.send_layer(*item):
+                layer, keys, values = item
+                for message in await sender.send_layer(layer, keys[:, :, skip:], values[:, :, skip:]):
                     yield message
             result = await done
             if not first_sent:
@@ -183,7 +191,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 if layers is None:
                     assert result.kv is not None  # a sender means the engine keeps the KV cache
                     for layer, (keys, values) in enumerate(result.kv):
-                        for message in await sender.send_layer(layer, keys, values):
+                        for message in await sender.send_layer(layer, keys[:, :, skip:], values[:, :, skip:]):
                             yield message
                 for message in await sender.finish():
                     yield message

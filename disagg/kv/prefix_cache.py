@@ -77,6 +77,17 @@ class PrefixHit:
         stacked = torch.cat([b.kv for b in self.blocks], dim=3)[:, :, :, : self.tokens]
         return [(layer[0].unsqueeze(0).contiguous(), layer[1].unsqueeze(0).contiguous()) for layer in stacked]
 
+    def joined(self, suffix: KvLayers) -> KvLayers:
+        """The prefix's KV followed by `suffix`'s (the KV of the tokens after it), one copy per tensor: a handoff
+        that left out the blocks its receiver holds, made whole."""
+        if self.tokens != len(self.blocks) * self.blocks[0].kv.shape[3]:
+            raise ValueError("only a prefix of whole blocks joins a handed-over suffix")
+
+        def cat(layer: int, kind: int, tail: torch.Tensor) -> torch.Tensor:
+            return torch.cat([*(b.kv[layer, kind] for b in self.blocks), tail[0]], dim=1).unsqueeze(0)
+
+        return [(cat(layer, 0, keys), cat(layer, 1, values)) for layer, (keys, values) in enumerate(suffix)]
+
 
 class PrefixCache:
     """Blocks of prompt KV under a byte budget, LRU, pinned while in use."""
@@ -153,6 +164,26 @@ class PrefixCache:
                 block.pins += 1
             self._touch(blocks)
         return PrefixHit(blocks, used if blocks else 0, len(keys))
+
+    def held_prefix(self, tokens: Sequence[int]) -> int:
+        """Leading tokens of `tokens` held in whole blocks, fewer than all of them (a sender may leave them out of
+        a handoff to this cache's owner: the last token's KV always travels)."""
+        with self._lock:
+            blocks = len(self._matched(tokens, self.keys(tokens)))
+        while blocks and blocks * self.block_tokens >= len(tokens):
+            blocks -= 1
+        return blocks * self.block_tokens
+
+    def pin_blocks(self, tokens: Sequence[int], keys: Sequence[bytes]) -> PrefixHit | None:
+        """Exactly the blocks `keys` (the first len(keys) blocks of `tokens`), pinned; None when any is not held."""
+        with self._lock:
+            blocks = self._matched(tokens, list(keys))
+            if len(blocks) < len(keys) or not keys:
+                return None
+            for block in blocks:
+                block.pins += 1
+            self._touch(blocks)
+        return PrefixHit(blocks, len(blocks) * self.block_tokens, len(keys))
 
     def release(self, hit: PrefixHit) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ from disagg.telemetry.gateway import (
     note_indexed_blocks,
     note_model,
     observe_generate,
+    record_held_prefix,
     record_local_prefill,
     record_routing,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "record_decode",
     "record_kv_push",
     "record_prefill",
+    "record_held_prefix",
     "record_local_prefill",
     "record_routing",
     "registry",

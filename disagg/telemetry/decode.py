@@ -28,6 +28,7 @@ class KvTransfer:
     bytes: int = 0
     chunks: int = 0
     transport: str = "relayed"
+    held_prefix_tokens: int = 0  # leading tokens whose KV the handoff left out: this worker held them
 
 
 # Handoffs in progress on this decode worker, by request id, until record_decode takes them. The servicer's
@@ -54,6 +55,7 @@ class ObservedHandoff:
             transfer.started = now
             if kind == "start":
                 transfer.transport = transport_name(message.start.kv_layout.transport)
+                transfer.held_prefix_tokens = message.start.kv_layout.prefix_tokens
                 if len(_transfers) >= MAX_PENDING_TRANSFERS:  # handoffs refused before decoding are never taken
                     _transfers.pop(next(iter(_transfers)))
                 _transfers[message.start.request_id] = transfer
@@ -103,6 +105,7 @@ def _record_transfer(transfer: KvTransfer, clock: Clock) -> None:
                 "disagg.kv.bytes": transfer.bytes,
                 "disagg.kv.chunks": transfer.chunks,
                 "disagg.kv.transport": transfer.transport,
+                "disagg.kv.held_prefix_tokens": transfer.held_prefix_tokens,
                 "disagg.kv.transfer_seconds": seconds,
                 "disagg.kv.mb_per_s": mb_per_s(transfer.bytes, seconds),
             },
@@ -122,6 +125,8 @@ def record_decode(seq: Any, finish_reason: str | None = None) -> None:
     if transfer is None:  # recorded already (or its handoff was not observed)
         return
     clock = Clock()
+    if (m := current(DecodeMetrics)) is not None:
+        m.held_prefix_tokens.inc(transfer.held_prefix_tokens)
     if transfer.transport != "direct":  # a direct push records its own transfer
         _record_transfer(transfer, clock)
     _record_decode_phases(seq, transfer.parent, clock, now, finish_reason)

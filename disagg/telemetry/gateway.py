@@ -179,6 +179,17 @@ def record_local_prefill(outcome: str, uncached_tokens: int | None = None) -> No
             req.span.set_attribute("disagg.local_prefill.uncached_tokens", uncached_tokens)
 
 
+def record_held_prefix(outcome: str, tokens: int) -> None:
+    """A handoff to the decode worker that holds the prompt's first `tokens` tokens: `suffix` (the rest only),
+    `gone` or `refused` (handed over whole after all); on the request's span too."""
+    if (m := current(GatewayMetrics)) is not None:
+        m.held_prefix_handoffs.labels(outcome).inc()
+    req = _gateway_request.get()
+    if req is not None and req.span is not None and req.span.is_recording():
+        req.span.set_attribute("disagg.held_prefix", outcome)
+        req.span.set_attribute("disagg.held_prefix.tokens", tokens)
+
+
 def note_indexed_blocks(worker: str, blocks: int | None, snapshot: bool = False) -> None:
     """The exact index's block count for `worker` (None: it no longer reports); `snapshot`: a new subscription."""
     if (m := current(GatewayMetrics)) is None:

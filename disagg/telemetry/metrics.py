@@ -124,6 +124,14 @@ class GatewayMetrics(ComponentMetrics):
             ["outcome"],
             registry=reg,
         )
+        self.held_prefix_handoffs = Counter(
+            "disagg_held_prefix_handoffs",
+            "Handoffs to a decode worker that holds the prompt's first blocks (it declined to prefill the rest), by "
+            "outcome: suffix (only the KV after them sent), gone (evicted meanwhile: handed over whole), refused "
+            "(that worker was full: handed over whole to another)",
+            ["outcome"],
+            registry=reg,
+        )
 
 
 class WorkerMetrics(ComponentMetrics):
@@ -197,6 +205,11 @@ class DecodeMetrics(WorkerMetrics):
             reg,
         )
         self.generation_tokens = Counter("disagg_generation_tokens", "Tokens decoded", registry=reg)
+        self.held_prefix_tokens = Counter(
+            "disagg_kv_held_prefix_tokens",
+            "Tokens whose KV a handoff left out because this worker's prefix cache held it (sent: the rest)",
+            registry=reg,
+        )
 
 
 COMPONENTS: dict[str, type[ComponentMetrics]] = {

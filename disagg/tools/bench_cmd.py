@@ -124,17 +124,12 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         help="aggregated workers of the aggregated cluster (default 2: as many processes as the disaggregated "
         "cluster's prefill + decode worker; with --threads 0 they split the cores)",
     )
-    c.add_argument(
-        "--kv-cache",
-        default="on",
-        choices=["on", "off", "both"],
-        help="'both' runs the cluster twice (KV cache on, then off) for the comparison",
-    )
-    c.add_argument(
+    _on_off_both(c, "--kv-cache", "on", "'both' runs the cluster twice (KV cache on, then off) for the comparison")
+    _on_off_both(
+        c,
         "--prefix-cache",
-        default=None,
-        choices=["on", "off", "both"],
-        help="the workers' prefix caches (prefill workers; decode workers with --local-prefill; aggregated "
+        None,
+        "the workers' prefix caches (prefill workers; decode workers with --local-prefill; aggregated "
         "workers): 'off' passes them --prefix-cache-mb 0; 'both' runs the same workload on a cluster with them on "
         "and one with them off. Default on; off with --mode both or --request-rates (each rate re-sends the same "
         "prompts)",
@@ -148,11 +143,11 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "the workers' cache events, else its own routing decisions), least-loaded (--no-prefix-routing); 'both' "
         "runs the same workload on a cluster of each",
     )
-    c.add_argument(
+    _on_off_both(
+        c,
         "--local-prefill",
-        default="on",
-        choices=["on", "off", "both"],
-        help="conditional disaggregation of the disaggregated cluster, on as in `disagg up`: decode workers "
+        "on",
+        "conditional disaggregation of the disaggregated cluster, on as in `disagg up`: decode workers "
         "--local-prefill and the gateway's --local-prefill-tokens (a prompt whose tokens the decode worker "
         "mostly holds, e.g. a conversation's next turn, is prefilled there); 'both' runs the same workload on a "
         "cluster without it and one with it",
@@ -162,6 +157,14 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=cfg.LOCAL_PREFILL_TOKENS,
         help="with --local-prefill: the threshold (uncached prompt tokens) the gateway gets",
+    )
+    _on_off_both(
+        c,
+        "--handoff-held-prefix",
+        "on",
+        "with --local-prefill: a prompt the decode worker declined goes back to it without the KV blocks it "
+        "holds (the gateway's --handoff-held-prefix, on as in `disagg up`); 'both' runs the same workload on a "
+        "cluster without it and one with it",
     )
     c.add_argument(
         "--kv-transport",
@@ -305,6 +308,11 @@ def build_prompts(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) 
     return BenchPrompts(ids, texts, conversations, warmup)
 
 
+def _on_off_both(group: argparse._ArgumentGroup, flag: str, default: str | None, help_text: str) -> None:
+    """A cluster setting to measure on, off, or 'both' (the same workload on a cluster of each)."""
+    group.add_argument(flag, default=default, choices=["on", "off", "both"], help=help_text)
+
+
 class Variant(NamedTuple):
     """One cluster configuration of the invocation; the 'both' flags multiply into several, measured in turn."""
 
@@ -313,6 +321,7 @@ class Variant(NamedTuple):
     aggregated: bool = False
     kv_aware: bool = True  # the gateway's KV-aware routing of prefill workers (--routing)
     local_prefill: bool = True  # conditional disaggregation (--local-prefill)
+    held_prefix: bool = True  # ... handing a declined prompt back without the blocks the decode worker holds
 
     @property
     def name(self) -> str:
@@ -322,6 +331,7 @@ class Variant(NamedTuple):
             + ("" if self.prefix_on else "_prefix_off")
             + ("" if self.kv_aware or self.aggregated else "_least_loaded")
             + ("_local_prefill_off" if not self.local_prefill and not self.aggregated else "")
+            + ("_held_prefix_off" if not self.held_prefix and self.local_prefill and not self.aggregated else "")
         )
 
 
@@ -332,13 +342,15 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     aggregated = {"disaggregated": [False], "aggregated": [True], "both": [False, True]}[args.mode]
     routing = {"kv-aware": [True], "least-loaded": [False], "both": [True, False]}[args.routing]
     local = {"on": [True], "off": [False], "both": [False, True]}[args.local_prefill]
+    held = {"on": [True], "off": [False], "both": [False, True]}[args.handoff_held_prefix]
     return [
-        Variant(kv_on, prefix_on, agg, kv_aware, local_prefill)
+        Variant(kv_on, prefix_on, agg, kv_aware, local_prefill, held_prefix)
         for agg in aggregated
         for kv_on in modes[args.kv_cache]
         for prefix_on in modes[args.prefix_cache]
         for kv_aware in (routing if not agg else [True])
         for local_prefill in (local if not agg else [True])
+        for held_prefix in (held if local_prefill and not agg else [True])
     ]
 
 
@@ -351,6 +363,7 @@ def mode_label(name: str, args: argparse.Namespace) -> str:
         (args.prefix_cache, "_prefix_off"),
         (args.routing, "_least_loaded"),
         (args.local_prefill, "_local_prefill_off"),
+        (args.handoff_held_prefix, "_held_prefix_off"),
     ):
         if flag != "both":
             label = label.replace(suffix, "")
@@ -380,6 +393,7 @@ async def _start_cluster(args: argparse.Namespace, variant: Variant) -> tuple[Cl
 
     gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
     gateway_args += [] if variant.kv_aware else ["--no-prefix-routing"]
+    gateway_args += [] if variant.held_prefix else ["--no-handoff-held-prefix"]
     http = ""
     if args.api != "grpc":
         port = free_port()
@@ -545,8 +559,13 @@ def _routing_counts(metrics_addresses: list[str]) -> dict[str, float]:
     for (name, labels), n in gateway.items():
         if name == "disagg_local_prefill_total":
             counts["local-prefill-" + dict(labels)["outcome"]] = n
+        if name == "disagg_held_prefix_handoffs_total":
+            counts["held-prefix-" + dict(labels)["outcome"]] = n
     for i, samples in enumerate(workers):
         counts[f"prefill-{i}"] = samples.get(("disagg_prefill_forward_seconds_count", frozenset()), 0.0)
+        counts["kv-bytes-sent"] = counts.get("kv-bytes-sent", 0.0) + samples.get(
+            ("disagg_kv_transferred_bytes_total", frozenset()), 0.0
+        )
     return counts
 
 
@@ -635,15 +654,23 @@ def _record_blocks(
             if not args.address:
                 policy = "least-loaded (--no-prefix-routing)" if "least_loaded" in name else "KV-aware"
                 notes.append(f"{args.prefill_workers} prefill worker(s), routing {policy}")
+            routed = stats.get("routing", {})
             if "local_prefill_off" not in name:
-                local = {k: v for k, v in stats.get("routing", {}).items() if k.startswith("local-prefill-")}
+                local = {k: v for k, v in routed.items() if k.startswith("local-prefill-")}
                 outcomes = ", ".join(f"{k.removeprefix('local-prefill-')} {n:.0f}" for k, n in sorted(local.items()))
+                held = {k: v for k, v in routed.items() if k.startswith("held-prefix-")}
+                handed = ", ".join(f"{k.removeprefix('held-prefix-')} {n:.0f}" for k, n in sorted(held.items()))
                 notes.append(
                     f"conditional disaggregation (--local-prefill-tokens {args.local_prefill_tokens}): prompts "
-                    f"offered to the decode worker, warm-up included: {outcomes or 'none counted'}"
+                    f"offered to the decode worker, warm-up included: {outcomes or 'none counted'}; handed back "
+                    f"without the blocks it held ({'off' if 'held_prefix_off' in name else 'on'}): "
+                    f"{handed or 'none'}"
                 )
+            if "kv-bytes-sent" in routed:
+                notes.append(f"KV bytes the prefill workers sent, warm-up included: {routed['kv-bytes-sent']:.0f}")
             if counts := stats.get("routing"):  # (warm-up requests included)
-                counts = {k: n for k, n in counts.items() if not k.startswith("local-prefill-")}
+                skip = ("local-prefill-", "held-prefix-", "kv-bytes-")
+                counts = {k: n for k, n in counts.items() if not k.startswith(skip)}
                 by_index = ", ".join(f"{k} {n:.0f}" for k, n in sorted(counts.items()) if not k.startswith("prefill-"))
                 by_worker = ", ".join(f"{k} {n:.0f}" for k, n in sorted(counts.items()) if k.startswith("prefill-"))
                 notes.append(

@@ -76,12 +76,16 @@ class AggregatedServiceGenerateResponse(_message.Message):
     def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeResponse, _Mapping]] = ..., declined: _Optional[_Union[LocalPrefillDeclined, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class LocalPrefillDeclined(_message.Message):
-    __slots__ = ("prompt_tokens", "uncached_tokens")
+    __slots__ = ("prompt_tokens", "uncached_tokens", "held_prefix_tokens", "block_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNCACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HELD_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     uncached_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., uncached_tokens: _Optional[int] = ...) -> None: ...
+    held_prefix_tokens: int
+    block_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., uncached_tokens: _Optional[int] = ..., held_prefix_tokens: _Optional[int] = ..., block_tokens: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
@@ -148,17 +152,21 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., default_max_new_tokens: _Optional[int] = ..., kv_destination: _Optional[_Union[KvDestination, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_gateway_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class KvDestination(_message.Message):
-    __slots__ = ("transport", "decode_address", "handle")
+    __slots__ = ("transport", "decode_address", "handle", "prefix_tokens", "prefix_block_tokens")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     transport: KvTransport
     decode_address: str
     handle: str
-    def __init__(self, transport: _Optional[_Union[KvTransport, str]] = ..., decode_address: _Optional[str] = ..., handle: _Optional[str] = ...) -> None: ...
+    prefix_tokens: int
+    prefix_block_tokens: int
+    def __init__(self, transport: _Optional[_Union[KvTransport, str]] = ..., decode_address: _Optional[str] = ..., handle: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., prefix_block_tokens: _Optional[int] = ...) -> None: ...
 
 class KvLayout(_message.Message):
-    __slots__ = ("dtype", "num_layers", "kv_heads", "seq_len", "head_dim", "model_fingerprint", "total_bytes", "wire_dtype", "transport", "handle")
+    __slots__ = ("dtype", "num_layers", "kv_heads", "seq_len", "head_dim", "model_fingerprint", "total_bytes", "wire_dtype", "transport", "handle", "prefix_tokens", "prefix_block_tokens", "prefix_block_keys")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +177,9 @@ class KvLayout(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     num_layers: int
     kv_heads: int
@@ -179,7 +190,10 @@ class KvLayout(_message.Message):
     wire_dtype: str
     transport: KvTransport
     handle: str
-    def __init__(self, dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., head_dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., total_bytes: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., transport: _Optional[_Union[KvTransport, str]] = ..., handle: _Optional[str] = ...) -> None: ...
+    prefix_tokens: int
+    prefix_block_tokens: int
+    prefix_block_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., seq_len: _Optional[int] = ..., head_dim: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., total_bytes: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., transport: _Optional[_Union[KvTransport, str]] = ..., handle: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., prefix_block_tokens: _Optional[int] = ..., prefix_block_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SequenceStart(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "sampling", "kv_layout", "model")
