@@ -529,13 +529,13 @@ def comparison(results: dict[str, dict]) -> dict[str, float]:
     if (remote := results.get("cluster_local_prefill_off")) is not None:  # conditional disaggregation off vs on
         ratios["local_prefill_off_ttft_p50_vs_on"] = remote["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
         ratios["local_prefill_off_e2e_p50_vs_on"] = remote["e2e_s"]["p50"] / cluster["e2e_s"]["p50"]
-    if (whole := results.get("cluster_held_prefix_off")) is not None:  # handoffs back to a decode worker, whole
-        ratios["held_prefix_off_ttft_p50_vs_on"] = whole["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
-        ratios["held_prefix_off_e2e_p50_vs_on"] = whole["e2e_s"]["p50"] / cluster["e2e_s"]["p50"]
+    if (whole := results.get("cluster_whole_handoff")) is not None:  # handoffs back to a decode worker, whole
+        ratios["whole_handoff_ttft_p50_vs_on"] = whole["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
+        ratios["whole_handoff_e2e_p50_vs_on"] = whole["e2e_s"]["p50"] / cluster["e2e_s"]["p50"]
         sent = cluster.get("routing", {}).get("kv-bytes-sent")
         sent_whole = whole.get("routing", {}).get("kv-bytes-sent")
         if sent and sent_whole:
-            ratios["held_prefix_off_kv_bytes_vs_on"] = sent_whole / sent
+            ratios["whole_handoff_kv_bytes_vs_on"] = sent_whole / sent
     if (neither := results.get("cluster_prefix_off_local_prefill_off")) is not None:  # no cache, no local prefill
         ratios["neither_ttft_p50_vs_both"] = neither["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
         ratios["neither_ttft_p99_vs_both"] = neither["ttft_s"]["p99"] / cluster["ttft_s"]["p99"]

@@ -331,7 +331,7 @@ class Variant(NamedTuple):
             + ("" if self.prefix_on else "_prefix_off")
             + ("" if self.kv_aware or self.aggregated else "_least_loaded")
             + ("_local_prefill_off" if not self.local_prefill and not self.aggregated else "")
-            + ("_held_prefix_off" if not self.held_prefix and self.local_prefill and not self.aggregated else "")
+            + ("_whole_handoff" if not self.held_prefix and self.local_prefill and not self.aggregated else "")
         )
 
 
@@ -363,7 +363,7 @@ def mode_label(name: str, args: argparse.Namespace) -> str:
         (args.prefix_cache, "_prefix_off"),
         (args.routing, "_least_loaded"),
         (args.local_prefill, "_local_prefill_off"),
-        (args.handoff_held_prefix, "_held_prefix_off"),
+        (args.handoff_held_prefix, "_whole_handoff"),
     ):
         if flag != "both":
             label = label.replace(suffix, "")
@@ -663,7 +663,7 @@ def _record_blocks(
                 notes.append(
                     f"conditional disaggregation (--local-prefill-tokens {args.local_prefill_tokens}): prompts "
                     f"offered to the decode worker, warm-up included: {outcomes or 'none counted'}; handed back "
-                    f"without the blocks it held ({'off' if 'held_prefix_off' in name else 'on'}): "
+                    f"without the blocks it held ({'off' if 'whole_handoff' in name else 'on'}): "
                     f"{handed or 'none'}"
                 )
             if "kv-bytes-sent" in routed:
