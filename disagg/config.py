@@ -124,7 +124,9 @@ class GatewayConfig:
     # Conditional disaggregation: offer a prompt to a decode worker (--local-prefill) first, to prefill there when at
     # most this many of its tokens are not in that worker's prefix cache (0 = always a prefill worker)
     local_prefill_tokens: int = 0
-    local_prefill_min_cached: float = 0.5  # ... and at least this share of them is in that worker's cache
+    # ... and at least this share of them is in that worker's cache (0: by uncached tokens alone, which on a host
+    # whose workers share the cores is the faster choice: results/local_prefill_threshold_*.md, bench_c32/c64)
+    local_prefill_min_cached: float = 0.0
     # ... and a prompt it declines goes back to it, handed over without the blocks it holds (disagg/kv/held_prefix.py)
     handoff_held_prefix: bool = True
     auth_token: str = ""
@@ -372,8 +374,9 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "--local-prefill-min-cached",
         d.local_prefill_min_cached,
         "with --local-prefill-tokens: a decode worker prefills a prompt only if it holds at least this share of "
-        "its tokens (0.5: a conversation's next turn, not a cold prompt, which is cheaper on a prefill worker "
-        "than inside a busy decode loop; results/local_prefill_threshold_*.md); 0 = by uncached tokens alone",
+        "its tokens (e.g. 0.5: a conversation's next turn, not a cold prompt, whose first token comes sooner from "
+        "an idle prefill worker than from inside a busy decode loop; results/local_prefill_threshold_*.md); 0 = by "
+        "uncached tokens alone",
     )
     _flag(
         parser,

@@ -95,7 +95,8 @@ def main() -> None:
     lines = [
         f"# Engine ceiling at concurrency {args.concurrency} (issue #14)",
         "",
-        f"`{header['command']}`, {header['date']}, {header['hardware']}, load before {header['load_average_before']}; "
+        f"`{header['command']}`, {header['date']}, {header['hardware']}, 1-min load average before "
+        f"{header['load_average_before'][0]:.2f}; "
         f"distilgpt2 shapes, dummy weights, fp32, {args.prompt_tokens}-token prompts, {args.output_tokens} output "
         "tokens, ignore_eos, one process, all cores.",
         "",

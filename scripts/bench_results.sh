@@ -17,3 +17,7 @@ disagg bench "${COMMON[@]}" --concurrency 32 --num-requests 64 --baseline static
   --output results/bench_c32 --name "concurrency 32"
 disagg bench "${COMMON[@]}" --concurrency 64 --num-requests 64 --baseline static --repeats 2 \
   --output results/bench_c64 --name "concurrency 64"
+# The same concurrency-1 workload with conditional disaggregation off and on (the default) in one run: prompts
+# prefilled on the prefill worker vs on the decode worker (issue #14's defaults, issue #12's threshold)
+disagg bench "${COMMON[@]}" --concurrency 1 --num-requests 8 --baseline sequential --baseline-requests 8 \
+  --repeats 2 --local-prefill both --output results/bench_c1_local_prefill --name "concurrency 1, local prefill off/on"

@@ -98,8 +98,7 @@ def test_sender_and_receiver_check_the_left_out_prefix():
 
 @pytest.fixture(scope="module", params=["relayed", "shared-memory", "direct"])
 def held_cluster(request) -> Iterator[RunningCluster]:
-    gateway = ["--local-prefill-min-cached", "0", "--kv-transport", request.param]
-    running = start_cluster(GPT2_ARGS, gateway, local_prefill_tokens=THRESHOLD)
+    running = start_cluster(GPT2_ARGS, ["--kv-transport", request.param], local_prefill_tokens=THRESHOLD)
     yield running
     running.cluster.stop()
 

@@ -111,9 +111,9 @@ def test_uncached_tokens_counts_what_a_prefill_would_compute(gpt2_model, cached_
 
 @pytest.fixture(scope="module")
 def local_cluster() -> Iterator[RunningCluster]:
-    # By uncached tokens alone: a cold short prompt is prefilled locally too (the default share, 0.5, sends it to
-    # the prefill worker: see the test with two decode workers)
-    running = start_cluster(GPT2_ARGS, ["--local-prefill-min-cached", "0"], local_prefill_tokens=THRESHOLD)
+    # By uncached tokens alone (the default): a cold short prompt is prefilled locally too (a share of 0.5 sends it
+    # to the prefill worker: see the test with two decode workers)
+    running = start_cluster(GPT2_ARGS, local_prefill_tokens=THRESHOLD)
     yield running
     running.cluster.stop()
 
@@ -220,13 +220,15 @@ async def test_token_id_history_reuses_every_block_of_the_reply(local_cluster, g
 
 @pytest.fixture(scope="module")
 def two_decode_cluster() -> Iterator[RunningCluster]:
-    running = start_cluster(GPT2_ARGS, decode_workers=2, local_prefill_tokens=THRESHOLD)
+    running = start_cluster(
+        GPT2_ARGS, ["--local-prefill-min-cached", "0.5"], decode_workers=2, local_prefill_tokens=THRESHOLD
+    )
     yield running
     running.cluster.stop()
 
 
 async def test_conversations_stay_on_the_decode_worker_that_holds_them(two_decode_cluster, gpt2_model):
-    """Two decode workers, the default --local-prefill-min-cached 0.5: a conversation's first turn (cold) is
+    """Two decode workers, --local-prefill-min-cached 0.5: a conversation's first turn (cold) is
     declined and prefilled on the prefill worker, each next turn goes back to the decode worker that decoded the
     last one (the gateway's decode affinity), finds the whole history in its cache and is prefilled there."""
     lm, running = gpt2_model, two_decode_cluster
