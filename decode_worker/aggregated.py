@@ -27,14 +27,12 @@ from decode_worker.servicer import final_kv_bytes
 from disagg import telemetry
 from disagg.engine.aggregated import AggregatedEngine, Prompt
 from disagg.engine.decode import DecodeSequence, TokenEvent
-from disagg.errors import InvalidRequest
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import sampling_to_pb
-from disagg.rpc.prompt import prompt_token_ids, resolve_params
+from disagg.rpc.prompt import resolve_request
 
 
 class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
@@ -57,28 +55,19 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
         reservation: Reservation | None = None
         try:
             prefill = request.request
-            prompt = prompt_token_ids(self.lm, prefill)
-            generated = list(prefill.generated_token_ids)
-            params = resolve_params(self.lm, prefill, len(prompt) + len(generated))
-            if params.n > 1 and generated:
-                raise InvalidRequest("a sequence with n > 1 cannot be resumed")
+            resolved = resolve_request(self.lm, prefill)
+            input_ids, generated, params = resolved.input_ids, resolved.generated, resolved.params
             if request.max_uncached_tokens:
-                total = len(prompt) + len(generated)
-                uncached = self.engine.uncached_tokens([*prompt, *generated])
+                total = len(input_ids)
+                uncached = self.engine.uncached_tokens(input_ids)
                 if uncached > request.max_uncached_tokens or total - uncached < request.min_cached_share * total:
                     declined = worker_pb2.LocalPrefillDeclined(prompt_tokens=total, uncached_tokens=uncached)
                     if (cache := self.engine.prefix_cache) is not None:  # a handoff here may leave these out
-                        declined.held_prefix_tokens = cache.held_prefix([*prompt, *generated])
+                        declined.held_prefix_tokens = cache.held_prefix(input_ids)
                         declined.block_tokens = cache.block_tokens
                     yield worker_pb2.AggregatedServiceGenerateResponse(declined=declined)
                     return
-            start = worker_pb2.SequenceStart(
-                request_id=prefill.request_id,
-                prompt_token_ids=prompt,
-                generated_token_ids=generated,
-                sampling=sampling_to_pb(params),
-                model=self.lm.name,
-            )
+            start = resolved.sequence_start(self.lm.name)
             if self.engine.kv_cache:  # before anything is allocated for it: refused here, nothing was sent
                 nbytes = final_kv_bytes(self.lm, start) * params.n
                 reservation = self.budget.reserve(nbytes, f"sequence {prefill.request_id}")
@@ -93,7 +82,7 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
                 output.replay(generated)
                 running[index] = DecodeSequence(
                     sequence_id(prefill.request_id, index),
-                    [*prompt, *generated],
+                    input_ids,
                     output,
                     kv=None,  # computed by the engine's prefill
                     deliver=deliver_to(index),

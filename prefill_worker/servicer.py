@@ -12,7 +12,6 @@ import grpc
 
 from disagg import telemetry
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
-from disagg.errors import InvalidRequest
 from disagg.kv.codec import KvLayout
 from disagg.kv.events import DEFAULT_MAX_PENDING, CacheWatch, batched, event_messages
 from disagg.kv.held_prefix import set_skipped, skipped_prefix
@@ -25,8 +24,8 @@ from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import layout_to_pb, logprob_to_pb, sampling_to_pb
-from disagg.rpc.prompt import prompt_token_ids, resolve_params
+from disagg.rpc.convert import layout_to_pb, logprob_to_pb
+from disagg.rpc.prompt import resolve_request
 
 if TYPE_CHECKING:
     import torch
@@ -111,14 +110,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     async def _prefill(
         self, request: worker_pb2.PrefillRequest, time_remaining: float | None
     ) -> AsyncIterator[worker_pb2.PrefillResponse | bytes]:
-        prompt = prompt_token_ids(self.lm, request)
-        generated = list(request.generated_token_ids)
-        input_ids = prompt + generated
-        params = resolve_params(self.lm, request, len(input_ids))
+        resolved = resolve_request(self.lm, request)
+        input_ids, params = resolved.input_ids, resolved.params
         output = OutputStream(self.lm.tokenizer, params, self.lm.eos_token_ids)
-        output.replay(generated)
-        if params.n > 1 and generated:
-            raise InvalidRequest("a sequence with n > 1 cannot be resumed")
+        output.replay(resolved.generated)
         forks = [
             OutputStream(self.lm.tokenizer, for_sequence(params, i), self.lm.eos_token_ids) for i in range(1, params.n)
         ]
@@ -164,16 +159,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         handed_over = first_sent = False
         try:  # from the sender's creation: a call ended at any yield (even the first) removes its segment
             self.engine.submit(job)
-            yield worker_pb2.PrefillResponse(
-                start=worker_pb2.SequenceStart(
-                    request_id=request.request_id,
-                    prompt_token_ids=prompt,
-                    generated_token_ids=generated,
-                    sampling=sampling_to_pb(params),
-                    model=self.lm.name,
-                    kv_layout=pb_layout,
-                )
-            )
+            yield worker_pb2.PrefillResponse(start=resolved.sequence_start(self.lm.name, pb_layout))
             while layers is not None and (item := await layers.get()) is not None:
                 if done.done() and not first_sent:  # the forward pass ended: the first token before queued layers
                     first_sent = True

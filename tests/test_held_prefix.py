@@ -15,8 +15,8 @@ admission and the gateway hands the sequence over again, whole: same tokens, no 
 from __future__ import annotations
 
 import asyncio
-from concurrent import futures
 from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import pytest

@@ -5,17 +5,53 @@ tokenizes only to look the prompt's blocks up (`request_token_ids` with its own 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from disagg.errors import InvalidRequest
 from disagg.model.sampling import SamplingParams
 from disagg.pb.disagg.v1 import worker_pb2
-from disagg.rpc.convert import sampling_from_pb
+from disagg.rpc.convert import sampling_from_pb, sampling_to_pb
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding, PreTrainedTokenizerBase
 
     from disagg.model.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """What a worker prefills: the prompt's ids, the tokens generated before a resume, the resolved sampling."""
+
+    request_id: str
+    prompt: list[int]
+    generated: list[int]
+    params: SamplingParams
+
+    @property
+    def input_ids(self) -> list[int]:
+        return [*self.prompt, *self.generated]
+
+    def sequence_start(self, model: str, kv_layout: worker_pb2.KvLayout | None = None) -> worker_pb2.SequenceStart:
+        """The SequenceStart that opens this request's stream (no layout: the cache never leaves the worker)."""
+        return worker_pb2.SequenceStart(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt,
+            generated_token_ids=self.generated,
+            sampling=sampling_to_pb(self.params),
+            model=model,
+            kv_layout=kv_layout,
+        )
+
+
+def resolve_request(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> ResolvedRequest:
+    """Tokenize and resolve a request (INVALID_ARGUMENT for what this model cannot run)."""
+    prompt = prompt_token_ids(lm, request)
+    generated = list(request.generated_token_ids)
+    params = resolve_params(lm, request, len(prompt) + len(generated))
+    if params.n > 1 and generated:
+        raise InvalidRequest("a sequence with n > 1 cannot be resumed")
+    return ResolvedRequest(request.request_id, prompt, generated, params)
 
 
 def prompt_token_ids(lm: LoadedModel, request: worker_pb2.PrefillRequest) -> list[int]:
