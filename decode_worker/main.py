@@ -35,7 +35,13 @@ async def serve(config: WorkerConfig) -> None:
         prefix_cache = PrefixCache(lm.fingerprint, config.prefix_cache_mb << 20, config.prefix_block_tokens)
         telemetry.watch_prefix_cache(prefix_cache)
         engine = aggregated = AggregatedEngine(
-            lm, config.batch, config.kv_cache, budget, notify=loop.call_soon_threadsafe, prefix_cache=prefix_cache
+            lm,
+            config.batch,
+            config.kv_cache,
+            budget,
+            notify=loop.call_soon_threadsafe,
+            prefix_cache=prefix_cache,
+            greedy_screen=config.greedy_screen,
         )
         whole = AggregatedServicer(lm, aggregated, budget)
         server.add_service(
@@ -44,7 +50,8 @@ async def serve(config: WorkerConfig) -> None:
         )
         reports.append(whole.load)
     else:
-        engine = DecodeEngine(lm, config.batch, config.kv_cache, budget, notify=loop.call_soon_threadsafe)
+        notify = loop.call_soon_threadsafe
+        engine = DecodeEngine(lm, config.batch, config.kv_cache, budget, notify, config.greedy_screen)
     if not config.aggregated:  # handed-over sequences join the same batch
         servicer = DecodeServicer(lm, engine, budget, prefix_cache)
         server.add_service(

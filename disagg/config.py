@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from disagg.kv.codec import WIRE_DTYPE_CHOICES
 from disagg.kv.transports import KV_TRANSPORTS
 from disagg.model.dtypes import DTYPES
+from disagg.model.lm_head import GREEDY_SCREENS
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -71,6 +72,7 @@ class WorkerConfig:
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     aggregated: bool = False  # decode only: also prefill (AggregatedService), one engine for both phases
     local_prefill: bool = False  # decode only: DecodeService and AggregatedService (conditional disaggregation)
+    greedy_screen: str = "auto"  # decode only: greedy tokens from a bf16 screen of the vocabulary (model/lm_head.py)
     # KV of computed prompt blocks kept for reuse (0 = off); a decode worker's (--aggregated, --local-prefill) also
     # keeps finished sequences' prompt + generated tokens
     prefix_cache_mb: int = 256
@@ -266,6 +268,16 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
             "conditional disaggregation: serve AggregatedService next to DecodeService, so that the gateway "
             "(--local-prefill-tokens) can send a prompt with few uncached tokens here to be prefilled in the decode "
             "batch's engine instead of on a prefill worker",
+        )
+        _flag(
+            parser,
+            "--greedy-screen",
+            d.greedy_screen,
+            "how a decode step picks greedy tokens: 'bf16' screens the vocabulary with a bfloat16 matmul and scores "
+            "only the tokens within its proven error bound in float32 (the same token as float32 logits, at a "
+            "fraction of the cost); 'auto' = bf16 where the CPU has AVX512-BF16 or AMX (or on a CUDA GPU with "
+            "bfloat16), float32 elsewhere; 'off' = float32 logits for every row. Float32 models only",
+            choices=list(GREEDY_SCREENS),
         )
         _flag(
             parser,

@@ -29,9 +29,11 @@ from disagg.tools.bench_baseline import generate_static_batches
 from disagg.tools.experiment_record import publish, run_header
 
 
-def aggregated_closed_loop(lm: LoadedModel, prompts: list[list[int]], concurrency: int, output_tokens: int) -> float:
+def aggregated_closed_loop(
+    lm: LoadedModel, prompts: list[list[int]], concurrency: int, output_tokens: int, greedy_screen: str = "auto"
+) -> float:
     """Seconds for every prompt through the aggregated engine, `concurrency` in flight (a new one as one ends)."""
-    engine = AggregatedEngine(lm, BatchPolicy(max_batch_size=max(64, concurrency)))
+    engine = AggregatedEngine(lm, BatchPolicy(max_batch_size=max(64, concurrency)), greedy_screen=greedy_screen)
     pending = list(prompts)
     done = threading.Semaphore(0)
     lock = threading.Lock()
@@ -83,6 +85,10 @@ def main() -> None:
     results = {}
     for name, run in (
         ("generate_static_batch", lambda: generate_static_batches(lm, prompts, workload).duration),
+        (
+            "aggregated_engine_float32_head",
+            lambda: aggregated_closed_loop(lm, prompts, args.concurrency, args.output_tokens, greedy_screen="off"),
+        ),
         ("aggregated_engine", lambda: aggregated_closed_loop(lm, prompts, args.concurrency, args.output_tokens)),
     ):
         seconds = run()

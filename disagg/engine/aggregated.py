@@ -81,8 +81,9 @@ class AggregatedEngine(DecodeEngine):
         budget: KvBudget | None = None,
         notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
         prefix_cache: PrefixCache | None = None,
+        greedy_screen: str = "auto",
     ):
-        super().__init__(lm, policy, kv_cache, budget, notify)
+        super().__init__(lm, policy, kv_cache, budget, notify, greedy_screen)
         self.prompts: deque[Prompt] = deque()
         self.last_prefill: PrefillStats | None = None
         # the prefix cache needs the prompts' KV: off with the KV cache

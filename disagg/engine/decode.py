@@ -24,10 +24,11 @@ from disagg.engine.thread import EngineThread
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.types import KvLayers
 from disagg.model.decode_batch import DecodeBatch, RecomputeBatch
+from disagg.model.lm_head import greedy_head
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import TokenLogprobs, batch_logprobs
 from disagg.model.output_stream import OutputStream
-from disagg.model.sampling import sample_batch
+from disagg.model.sampling import SamplingParams, sample_batch
 
 # Columns a roomy slab keeps beyond the longest remaining run: a joiner that needs a few more does not reallocate.
 _SPARE_COLUMNS = 64
@@ -77,11 +78,14 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         kv_cache: bool = True,
         budget: KvBudget | None = None,
         notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
+        greedy_screen: str = "auto",
     ):
         """`notify(fn)` runs fn where the sequences' `deliver` callbacks belong (the servicer passes its event
-        loop's call_soon_threadsafe; by default they are called on the engine thread)."""
+        loop's call_soon_threadsafe; by default they are called on the engine thread). `greedy_screen`: how greedy
+        rows pick their token (disagg.model.lm_head.greedy_head: "auto", "bf16", "off")."""
         super().__init__(policy)
         self.lm, self.kv_cache, self.notify = lm, kv_cache, notify
+        self.head = greedy_head(lm.model, greedy_screen)
         self.budget = budget if budget is not None else KvBudget(0)
         layers, heads, head_dim = lm.kv_shape()
         self.batch = (
@@ -188,6 +192,30 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         self.budget.set_slab(self.batch.kv_bytes)
         return len(joining)
 
+    def _step(self, params: list[SamplingParams], steps: list[int]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """One forward step of the batch; each row's next token and, where asked, its logprobs. With a split head,
+        greedy rows without logprobs get their token from it and only the other rows compute full logits."""
+        if self.head is None:
+            logits = self.batch.step(self.lm.model)
+            full = list(range(len(params)))
+            tokens = [0] * len(params)
+        else:
+            hidden = self.batch.step_hidden(self.lm.model)
+            full = [i for i, p in enumerate(params) if not p.greedy or p.logprobs]  # they need every logit
+            screened = [i for i, p in enumerate(params) if p.greedy and not p.logprobs]
+            tokens = [0] * len(params)
+            for i, token in zip(screened, self.head.greedy(hidden[screened]) if screened else []):
+                tokens[i] = token
+            logits = self.head.logits(hidden[full]) if full else hidden.new_empty(0)
+        logprobs: list[TokenLogprobs | None] = [None] * len(params)
+        if full:
+            rows_params, rows_steps = [params[i] for i in full], [steps[i] for i in full]
+            rows_tokens = sample_batch(logits, rows_params, rows_steps)
+            rows_logprobs = batch_logprobs(logits, rows_tokens, rows_params, self.lm.tokenizer)
+            for i, token, token_logprobs in zip(full, rows_tokens, rows_logprobs):
+                tokens[i], logprobs[i] = token, token_logprobs
+        return tokens, logprobs
+
     def _retire(self, seq: DecodeSequence) -> None:
         """`seq` finished, its row still in the batch: a subclass may keep what it needs of it (nothing here)."""
 
@@ -202,18 +230,16 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         if not self.running:
             return
         started = time.perf_counter()
+        seqs = [self.running[seq_id] for seq_id in self.batch.seq_ids]
         try:
-            logits = self.batch.step(self.lm.model)
+            tokens, logprobs = self._step([s.output.params for s in seqs], [len(s.output.tokens) for s in seqs])
         except Exception as exc:
             failed = list(self.running.values())
             for seq in failed:
                 self._leave(seq.request_id)
             self.notify(functools.partial(_deliver_all, [(seq, exc) for seq in failed]))
             raise
-        seqs = [self.running[seq_id] for seq_id in self.batch.seq_ids]
-        tokens = sample_batch(logits, [s.output.params for s in seqs], [len(s.output.tokens) for s in seqs])
         self.batch.set_last_tokens(tokens)
-        logprobs = batch_logprobs(logits, tokens, [s.output.params for s in seqs], self.lm.tokenizer)
         finished: set[str] = set()
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         now = time.monotonic()

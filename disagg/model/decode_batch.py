@@ -14,9 +14,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from disagg.kv.types import KvLayers
+from disagg.model.lm_head import body_hidden
 from disagg.model.prefill import left_padded
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
     from transformers.cache_utils import CacheLayerMixin, DummyLayer, LinearAttentionCacheLayerMixin
 
 _GROW_COLUMNS = 64
@@ -173,25 +175,34 @@ class DecodeBatch:
         self.length -= columns
         self._pad -= columns
 
-    @torch.inference_mode()
-    def step(self, model: torch.nn.Module) -> torch.Tensor:
-        """One forward step for every row; returns logits [rows, vocab] (float32)."""
+    def _step_inputs(self) -> dict[str, Any]:
+        """The forward pass's inputs for one step of every row (the slab grown first if it has no free column)."""
         rows, (have_rows, have_columns) = len(self.seq_ids), self._capacity()
         if self.length + 1 > have_columns:  # not planned for this many steps: grow (the engine plans, others may not)
             self._reallocate(have_rows, self.length + 1 + _GROW_COLUMNS, 0)
         columns = torch.arange(self.length + 1)
-        mask = (columns[None, :] >= self._pad[:, None]).long().to(self.device)
-        positions = (self.length - self._pad)[:, None].to(self.device)
-        cache = _SlabCache([_SlabLayer(k, v, rows, self.length) for k, v in zip(self._keys, self._values)])
-        out = model(
-            input_ids=self._last[:, None].to(self.device),
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-        )
+        return {
+            "input_ids": self._last[:, None].to(self.device),
+            "attention_mask": (columns[None, :] >= self._pad[:, None]).long().to(self.device),
+            "position_ids": (self.length - self._pad)[:, None].to(self.device),
+            "cache": _SlabCache([_SlabLayer(k, v, rows, self.length) for k, v in zip(self._keys, self._values)]),
+            "use_cache": True,
+        }
+
+    @torch.inference_mode()
+    def step(self, model: torch.nn.Module) -> torch.Tensor:
+        """One forward step for every row; returns logits [rows, vocab] (float32)."""
+        out = model(**self._step_inputs())
         self.length += 1
         return out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def step_hidden(self, model: PreTrainedModel) -> torch.Tensor:
+        """One forward step of the model's body for every row: the head's input [rows, hidden] (disagg.model.lm_head;
+        only for models it can split)."""
+        hidden = body_hidden(model, **self._step_inputs())
+        self.length += 1
+        return hidden
 
     def set_last_tokens(self, tokens: list[int]) -> None:
         self._last = torch.tensor(tokens, dtype=torch.long)
@@ -222,6 +233,11 @@ class RecomputeBatch:
         input_ids, mask, positions = left_padded(self._tokens, self.device)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def step_hidden(self, model: PreTrainedModel) -> torch.Tensor:
+        input_ids, mask, positions = left_padded(self._tokens, self.device)
+        return body_hidden(model, input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
 
     def set_last_tokens(self, tokens: list[int]) -> None:
         for row, token in zip(self._tokens, tokens):
