@@ -275,8 +275,8 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
             d.greedy_screen,
             "how a decode step picks greedy tokens: 'bf16' screens the vocabulary with a bfloat16 matmul and scores "
             "only the tokens within its proven error bound in float32 (the same token as float32 logits, at a "
-            "fraction of the cost); 'auto' = bf16 where the CPU has AVX512-BF16 or AMX (or on a CUDA GPU with "
-            "bfloat16), float32 elsewhere; 'off' = float32 logits for every row. Float32 models only",
+            "fraction of the cost); 'auto' = bf16 where the CPU has AVX512-BF16 or AMX, float32 elsewhere (on a GPU, "
+            "'bf16' turns it on); 'off' = float32 logits for every row. Float32 models only",
             choices=list(GREEDY_SCREENS),
         )
         _flag(

@@ -21,3 +21,7 @@ disagg bench "${COMMON[@]}" --concurrency 64 --num-requests 64 --baseline static
 # prefilled on the prefill worker vs on the decode worker (issue #14's defaults, issue #12's threshold)
 disagg bench "${COMMON[@]}" --concurrency 1 --num-requests 8 --baseline sequential --baseline-requests 8 \
   --repeats 2 --local-prefill both --output results/bench_c1_local_prefill --name "concurrency 1, local prefill off/on"
+# The decode step's A/B at concurrency 32: greedy tokens from float32 logits vs the exact bf16 screen of the
+# vocabulary (--greedy-screen, decode workers' default auto), the same workload on a cluster of each, one run
+disagg bench "${COMMON[@]}" --concurrency 32 --num-requests 64 --baseline static --repeats 2 --greedy-screen both \
+  --output results/bench_c32_greedy_screen --name "concurrency 32, float32 head vs greedy screen"

@@ -1,7 +1,9 @@
-"""Where a decode step's time goes (issue #14): torch.profiler over DecodeBatch.step of the serving model
-(load_for_serving: fused activations), distilgpt2 shapes, dummy weights, 128-token caches.
+"""Where a decode step's time goes (issue #14): torch.profiler over the decode engine's step of the serving model
+(load_for_serving: fused activations; the body, then greedy tokens from the head --greedy-screen picks), distilgpt2
+shapes, dummy weights, 128-token caches.
 
-    python scripts/profile_decode_step.py [--batch 32] [--threads 2] [--dtype float32] [--out PREFIX]
+    python scripts/profile_decode_step.py [--batch 32] [--threads 2] [--dtype float32] [--greedy-screen auto]
+                                          [--out PREFIX]
 
 Prints (and with --out writes OUT.md and OUT.json) the mean step time and the share of each operator.
 """
@@ -18,6 +20,7 @@ from torch.profiler import profile
 
 from disagg.config import ModelOptions
 from disagg.model.decode_batch import DecodeBatch
+from disagg.model.lm_head import GREEDY_SCREENS, greedy_head
 from disagg.model.runtime import load_for_serving
 from disagg.tools.experiment_record import publish, run_header
 
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--greedy-screen", default="auto", choices=GREEDY_SCREENS)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     lm = load_for_serving(ModelOptions(load_format="dummy", dtype=args.dtype, threads=args.threads))
@@ -40,15 +44,23 @@ def main() -> None:
         return [(torch.randn(shape, generator=g).to(lm.dtype), torch.randn(shape, generator=g).to(lm.dtype))] * layers
 
     batch.add_many([(f"s{i}", kv(), 5) for i in range(args.batch)], 128 + 3 * args.steps + 8)
+    head = greedy_head(lm.model, args.greedy_screen)
+
+    def step() -> None:  # as DecodeEngine._step does it for greedy rows
+        if head is None:
+            batch.set_last_tokens(torch.argmax(batch.step(lm.model), dim=-1).tolist())
+        else:
+            batch.set_last_tokens(head.greedy(batch.step_hidden(lm.model)))
+
     for _ in range(3):
-        batch.step(lm.model)
+        step()
     started = time.perf_counter()
     for _ in range(args.steps):
-        batch.step(lm.model)
+        step()
     step_ms = (time.perf_counter() - started) / args.steps * 1000
     with profile() as prof:
         for _ in range(args.steps):
-            batch.step(lm.model)
+            step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     ops = [
@@ -60,6 +72,8 @@ def main() -> None:
         batch=args.batch,
         threads=args.threads,
         dtype=args.dtype,
+        greedy_screen=args.greedy_screen,
+        head=type(head).__name__ if head is not None else "the model's own (float32 logits)",
         step_ms=round(step_ms, 2),
         ops=ops,
     )
@@ -67,8 +81,8 @@ def main() -> None:
         "# Decode step profile\n",
         f"Command: `{record['command']}`  ",
         f"Date: {record['date']}; {record['hardware']}; load average before {record['load_average_before'][0]:.2f}\n",
-        f"Batch {args.batch}, 128-token caches, {args.dtype}, {args.threads} torch threads: **{step_ms:.1f} ms** a "
-        "step (unprofiled mean).\n",
+        f"Batch {args.batch}, 128-token caches, {args.dtype}, {args.threads} torch threads, greedy tokens from "
+        f"{record['head']} (`--greedy-screen {args.greedy_screen}`): **{step_ms:.1f} ms** a step (unprofiled mean).\n",
         "| operator | share of self CPU time | calls per step |",
         "|---|---|---|",
         *(f"| `{o['op']}` | {100 * o['share']:.1f}% | {o['calls_per_step']} |" for o in ops),

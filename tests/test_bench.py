@@ -30,7 +30,7 @@ from disagg.tools.bench import (
     sweep_rows,
     sweep_table,
 )
-from disagg.tools.bench_cmd import Variant, mode_label, resolve_run_args, schedule
+from disagg.tools.bench_cmd import Variant, mode_label, resolve_run_args, schedule, variants
 from disagg.tools.cli import build_parser, main
 from disagg.tools.experiment_record import FIELDS
 
@@ -357,3 +357,12 @@ def test_mixed_sweep_against_a_cluster_writes_goodput_records(gpt2_cluster, tmp_
     assert "Sweep (one row per mode and request rate)" in record and "| goodput (req/s) |" in record
     assert "Poisson arrivals at 20 requests/s" in record
     assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_greedy_screen_both_runs_the_decode_step_ab_on_the_same_workload():
+    args = build_parser().parse_args(["bench", "--greedy-screen", "both", "--concurrency", "4"])
+    resolve_run_args(args)
+    plain, screened = variants(args)
+    assert (plain.name, screened.name) == ("cluster_float32_head", "cluster")
+    with pytest.raises(SystemExit, match="--greedy-screen off/both starts its own clusters"):
+        main(["bench", "--address", "127.0.0.1:1", "--greedy-screen", "off"])

@@ -11,7 +11,8 @@ below another's. (Ties within float32 rounding can break either way, as they alr
 The bound, for a row h and vocabulary row w (u = 2^-8, bfloat16's unit roundoff; n = hidden size):
   |h.w - bf16(h).bf16(w)| <= (2u + u^2) sum|h_i||w_i| <= (2u + u^2) ||h|| ||w||   (inputs rounded)
   plus n 2^-24 (1 + u)^2 ||h|| ||w|| for each float32 accumulation (the screen's and the float32 logit's own),
-  plus u |score| for the screen's output rounded to bfloat16.
+  plus u |score| for the screen's output rounded to bfloat16, plus a tiny absolute term for flushed subnormals.
+A first cut uses one bound per row (its largest vocabulary norm and score), the survivors their own.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 
 _U = 2.0**-8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
 _F32 = 2.0**-24  # float32 unit roundoff
+_ABSOLUTE = 1e-6  # for subnormals a bfloat16 dot-product instruction may flush to zero (far below any logit gap)
 # Models whose logits are exactly lm_head(last hidden state): no bias, scaling or soft-capping after it.
 _PLAIN_HEADS = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM"})
 
@@ -89,15 +91,18 @@ class ExactGreedyHead(LmHead):
             return super().greedy(hidden)
         scores = torch.nn.functional.linear(hidden.to(torch.bfloat16), self.screen)  # [rows, vocab] bf16
         low, high = scores.amin(dim=1).double(), scores.amax(dim=1).double()  # (2 reductions beat one aminmax)
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):  # overflowed in bfloat16
+            return super().greedy(hidden)
         biggest = torch.maximum(low.abs(), high.abs())
         # One bound for the whole row (its largest row norm and score): a cheap first cut
-        row_bound = self.product_error * norms * self.max_row_norm + _U * 1.01 * biggest
+        row_bound = self.product_error * norms * self.max_row_norm + _U * 1.01 * biggest + _ABSOLUTE
         floor = high - 2 * row_bound
         floor = floor - floor.abs() * 2.0**-7 - 1e-30  # rounded down to bf16 below, never up
         rows, tokens = torch.nonzero(scores >= floor.to(torch.bfloat16)[:, None], as_tuple=True)
         # Per-token bounds on the survivors; a token stays if it can reach the best lower bound of its row
         approx = scores[rows, tokens].double()
         bound = self.product_error * norms[rows] * self.row_norms[tokens].double() + _U * 1.01 * approx.abs()
+        bound = bound + _ABSOLUTE
         best_low = torch.full_like(norms, -torch.inf).scatter_reduce(0, rows, approx - bound, "amax")
         keep = approx + bound >= best_low[rows]
         rows, tokens = rows[keep], tokens[keep]
@@ -105,7 +110,7 @@ class ExactGreedyHead(LmHead):
         best = torch.full_like(norms, -torch.inf, dtype=torch.float32).scatter_reduce(0, rows, exact, "amax")
         at_best = exact == best[rows]
         vocab = self.weight.shape[0]
-        first = torch.full((hidden.shape[0],), vocab, dtype=torch.long).scatter_reduce(
+        first = torch.full((hidden.shape[0],), vocab, dtype=torch.long, device=hidden.device).scatter_reduce(
             0, rows[at_best], tokens[at_best], "amin"
         )
         self.screened_tokens += int(rows.numel())
@@ -117,9 +122,8 @@ GREEDY_SCREENS = ("auto", "bf16", "off")
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether a bfloat16 matmul is the fast one on `device`."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    """Whether "auto" screens on `device`: a CPU whose bfloat16 matmul is the fast one. (On a GPU the screen is
+    "bf16" by choice: it has not been measured on one yet.)"""
     return device.type == "cpu" and cpu_has_fast_bf16()
 
 
@@ -127,7 +131,7 @@ def greedy_head(model: PreTrainedModel, screen: str = "auto") -> LmHead | None:
     """The head a decode engine picks tokens with, or None for the model's own forward pass (full logits).
 
     `screen`: "bf16" screens greedy rows' vocabulary in bfloat16 (exact, see the module docstring); "auto" does so
-    where bfloat16 is the fast matmul; "off" keeps float32 logits for every row. A model that is not float32
+    on a CPU where bfloat16 is the fast matmul; "off" keeps float32 logits for every row. A model that is not float32
     (nothing cheaper to screen with) or whose head cannot be split from its body keeps its own forward pass.
     """
     if screen not in GREEDY_SCREENS:

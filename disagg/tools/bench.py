@@ -536,6 +536,16 @@ def comparison(results: dict[str, dict]) -> dict[str, float]:
         sent_whole = whole.get("routing", {}).get("kv-bytes-sent")
         if sent and sent_whole:
             ratios["whole_handoff_kv_bytes_vs_on"] = sent_whole / sent
+    if (plain := results.get("cluster_float32_head")) is not None:  # the decode step's A/B: float32 logits vs screen
+        ratios["greedy_screen_throughput_vs_float32_head"] = (
+            cluster["output_token_throughput"] / plain["output_token_throughput"]
+        )
+        ratios["greedy_screen_tpot_mean_vs_float32_head"] = cluster["tpot_s"]["mean"] / plain["tpot_s"]["mean"]
+        for name in ("generate_sequential", "generate_static_batch"):
+            if base := results.get(name):
+                ratios[f"float32_head_throughput_vs_{name}"] = (
+                    plain["output_token_throughput"] / base["output_token_throughput"]
+                )
     if (neither := results.get("cluster_prefix_off_local_prefill_off")) is not None:  # no cache, no local prefill
         ratios["neither_ttft_p50_vs_both"] = neither["ttft_s"]["p50"] / cluster["ttft_s"]["p50"]
         ratios["neither_ttft_p99_vs_both"] = neither["ttft_s"]["p99"] / cluster["ttft_s"]["p99"]

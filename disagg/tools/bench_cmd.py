@@ -166,6 +166,14 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "holds (the gateway's --handoff-held-prefix, on as in `disagg up`); 'both' runs the same workload on a "
         "cluster without it and one with it",
     )
+    _on_off_both(
+        c,
+        "--greedy-screen",
+        "on",
+        "decode and aggregated workers pick greedy tokens with the exact bfloat16 screen of the vocabulary "
+        "(--greedy-screen auto, their default) or, off, from float32 logits (--greedy-screen off); 'both' runs "
+        "the same workload on a cluster of each (the decode step's A/B)",
+    )
     c.add_argument(
         "--kv-transport",
         default="shared-memory",  # as `disagg up`
@@ -268,6 +276,8 @@ def resolve_run_args(args: argparse.Namespace) -> None:
         args.prefix_cache = "off" if not args.address and (args.mode == "both" or args.request_rates) else "on"
     if args.address and args.prefix_cache != "on":
         raise SystemExit("--prefix-cache off/both starts its own clusters: not with --address")
+    if args.address and args.greedy_screen != "on":
+        raise SystemExit("--greedy-screen off/both starts its own clusters: not with --address")
     if args.address and args.mode == "both":
         raise SystemExit("--mode both starts its own clusters: not with --address")
     if args.address and args.api != "grpc" and not args.http_address:
@@ -322,6 +332,7 @@ class Variant(NamedTuple):
     kv_aware: bool = True  # the gateway's KV-aware routing of prefill workers (--routing)
     local_prefill: bool = True  # conditional disaggregation (--local-prefill)
     held_prefix: bool = True  # ... handing a declined prompt back without the blocks the decode worker holds
+    greedy_screen: bool = True  # decode/aggregated workers' --greedy-screen auto (off: float32 logits)
 
     @property
     def name(self) -> str:
@@ -332,6 +343,7 @@ class Variant(NamedTuple):
             + ("" if self.kv_aware or self.aggregated else "_least_loaded")
             + ("_local_prefill_off" if not self.local_prefill and not self.aggregated else "")
             + ("_whole_handoff" if not self.held_prefix and self.local_prefill and not self.aggregated else "")
+            + ("" if self.greedy_screen else "_float32_head")
         )
 
 
@@ -343,14 +355,16 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     routing = {"kv-aware": [True], "least-loaded": [False], "both": [True, False]}[args.routing]
     local = {"on": [True], "off": [False], "both": [False, True]}[args.local_prefill]
     held = {"on": [True], "off": [False], "both": [False, True]}[args.handoff_held_prefix]
+    screen = {"on": [True], "off": [False], "both": [False, True]}[args.greedy_screen]
     return [
-        Variant(kv_on, prefix_on, agg, kv_aware, local_prefill, held_prefix)
+        Variant(kv_on, prefix_on, agg, kv_aware, local_prefill, held_prefix, greedy_screen)
         for agg in aggregated
         for kv_on in modes[args.kv_cache]
         for prefix_on in modes[args.prefix_cache]
         for kv_aware in (routing if not agg else [True])
         for local_prefill in (local if not agg else [True])
         for held_prefix in (held if local_prefill and not agg else [True])
+        for greedy_screen in screen
     ]
 
 
@@ -364,6 +378,7 @@ def mode_label(name: str, args: argparse.Namespace) -> str:
         (args.routing, "_least_loaded"),
         (args.local_prefill, "_local_prefill_off"),
         (args.handoff_held_prefix, "_whole_handoff"),
+        (args.greedy_screen, "_float32_head"),
     ):
         if flag != "both":
             label = label.replace(suffix, "")
@@ -405,7 +420,9 @@ async def _start_cluster(args: argparse.Namespace, variant: Variant) -> tuple[Cl
         gateway_args,
         prefill_workers=args.prefill_workers,
         prefill_args=prefill_args,
-        decode_args=shlex.split(args.decode_args) + ([] if variant.prefix_on else ["--prefix-cache-mb", "0"]),
+        decode_args=shlex.split(args.decode_args)
+        + ([] if variant.prefix_on else ["--prefix-cache-mb", "0"])
+        + ([] if variant.greedy_screen else ["--greedy-screen", "off"]),
         aggregated_workers=args.workers if variant.aggregated else 0,
         local_prefill_tokens=args.local_prefill_tokens if variant.local_prefill else 0,
     )
