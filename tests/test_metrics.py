@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from disagg.model.lm_head import cpu_has_fast_bf16
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.client import channel, complete, scrape_metrics
 from disagg.tools.cluster import Cluster
@@ -120,3 +121,5 @@ def test_decode_metrics(scraped):
     assert value(d, "disagg_generation_tokens_total") == REQUESTS * (MAX_NEW_TOKENS - 1)
     assert value(d, "disagg_running_batch_size") == 0
     assert value(d, "disagg_queue_length") == 0
+    kept = value(d, "disagg_greedy_screen_kept_tokens_per_row")  # greedy requests: the screen's, where it is on
+    assert 1 <= kept <= 64 if cpu_has_fast_bf16() else kept == 0

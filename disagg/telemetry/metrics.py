@@ -205,6 +205,12 @@ class DecodeMetrics(WorkerMetrics):
             reg,
         )
         self.generation_tokens = Counter("disagg_generation_tokens", "Tokens decoded", registry=reg)
+        self.greedy_screen_kept = Gauge(
+            "disagg_greedy_screen_kept_tokens_per_row",
+            "Tokens the bf16 greedy screen kept for float32 scoring, per greedy row, since start (of a vocabulary of "
+            "tens of thousands; 0: the screen is off or unused)",
+            registry=reg,
+        )
         self.held_prefix_tokens = Counter(
             "disagg_kv_held_prefix_tokens",
             "Tokens whose KV a handoff left out because this worker's prefix cache held it (sent: the rest)",
@@ -247,6 +253,13 @@ def watch_engine(engine: Any) -> None:
         m.queue_length.set_function(lambda: engine.queued if hasattr(engine, "queued") else len(engine.waiting))
     if (d := current(DecodeMetrics)) is not None:
         d.running.set_function(lambda: len(engine.running))
+        d.greedy_screen_kept.set_function(lambda: _screen_kept_per_row(getattr(engine, "head", None)))
+
+
+def _screen_kept_per_row(head: Any) -> float:
+    """disagg.model.lm_head.ExactGreedyHead's tokens scored in float32 per row; 0 without one."""
+    rows = getattr(head, "rows", 0)
+    return head.screened_tokens / rows if rows else 0.0
 
 
 def watch_prefix_cache(cache: Any) -> None:
