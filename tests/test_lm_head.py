@@ -99,9 +99,11 @@ def test_which_head_an_engine_gets(gpt2_model):
         greedy_head(gpt2_model.model, "fp8")
 
 
-def run_engine(lm: LoadedModel, screen: str, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
+def run_engine(
+    lm: LoadedModel, screen: str, requests: dict[str, tuple[list[int], SamplingParams]], kv_cache: bool = True
+) -> dict:
     """Each request's tokens and logprobs through an aggregated engine, all in one batch."""
-    engine = AggregatedEngine(lm, BatchPolicy(max_batch_size=8), greedy_screen=screen)
+    engine = AggregatedEngine(lm, BatchPolicy(max_batch_size=8), kv_cache=kv_cache, greedy_screen=screen)
     out: dict[str, list[TokenEvent]] = {name: [] for name in requests}
     done = {name: threading.Event() for name in requests}
     for name, (ids, params) in requests.items():
@@ -136,5 +138,8 @@ def test_engine_streams_the_same_with_and_without_the_screen(gpt2_model):
     }
     screened, plain = run_engine(gpt2_model, "bf16", requests), run_engine(gpt2_model, "off", requests)
     assert screened == plain
+    # KV cache off (every step recomputes the sequence: RecomputeBatch's body): the same tokens again
+    greedy = {name: requests[name] for name in ("greedy", "greedy2")}
+    assert run_engine(gpt2_model, "bf16", greedy, kv_cache=False) == {name: plain[name] for name in greedy}
     assert all(len(tokens) == 12 for tokens in screened.values())
     assert screened["logprobs"][1][1] is not None
