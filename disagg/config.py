@@ -72,7 +72,7 @@ class WorkerConfig:
     kv_budget_mb: int = 0  # decode only: KV memory admitted at once (0 = unlimited)
     aggregated: bool = False  # decode only: also prefill (AggregatedService), one engine for both phases
     local_prefill: bool = False  # decode only: DecodeService and AggregatedService (conditional disaggregation)
-    greedy_screen: str = "auto"  # decode only: greedy tokens from a bf16 screen of the vocabulary (model/lm_head.py)
+    greedy_screen: str = "auto"  # greedy tokens from an exact bf16 screen of the vocabulary (model/lm_head.py)
     # KV of computed prompt blocks kept for reuse (0 = off); a decode worker's (--aggregated, --local-prefill) also
     # keeps finished sequences' prompt + generated tokens
     prefix_cache_mb: int = 256
@@ -271,16 +271,6 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
         )
         _flag(
             parser,
-            "--greedy-screen",
-            d.greedy_screen,
-            "how a decode step picks greedy tokens: 'bf16' screens the vocabulary with a bfloat16 matmul and scores "
-            "only the tokens within its proven error bound in float32 (the same token as float32 logits, at a "
-            "fraction of the cost); 'auto' = bf16 where the CPU has AVX512-BF16 or AMX, float32 elsewhere (on a GPU, "
-            "'bf16' turns it on); 'off' = float32 logits for every row. Float32 models only",
-            choices=list(GREEDY_SCREENS),
-        )
-        _flag(
-            parser,
             "--kv-budget-mb",
             d.kv_budget_mb,
             "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited",
@@ -292,6 +282,17 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
             "also serve AggregatedService: prefill requests here and decode them in the same continuous batch "
             "(the non-disaggregated baseline; the gateway's --aggregated sends requests to such workers)",
         )
+    _flag(
+        parser,
+        "--greedy-screen",
+        d.greedy_screen,
+        "how greedy tokens are picked (each decode step's, and a prefill's first token): 'bf16' screens the "
+        "vocabulary with a bfloat16 matmul and scores only the tokens within its proven error bound in float32 "
+        "(the same token as float32 logits, at a fraction of the cost); 'auto' = bf16 where the CPU has "
+        "AVX512-BF16 or AMX, float32 elsewhere (on a GPU, 'bf16' turns it on); 'off' = float32 logits for every "
+        "row. Float32 models only",
+        choices=list(GREEDY_SCREENS),
+    )
     _flag(parser, "--grace-seconds", d.grace_seconds, "time to finish in-flight work on SIGTERM")
     add_tls_flags(parser)
 

@@ -17,7 +17,7 @@ from disagg.model.decode_batch import DecodeBatch
 from disagg.model.lm_head import ExactGreedyHead, LmHead, greedy_head, splittable
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
-from disagg.model.prefill import prefill
+from disagg.model.prefill import prefill, prefill_after_prefix
 from disagg.model.sampling import SamplingParams
 
 
@@ -42,6 +42,29 @@ def test_screen_picks_float32_argmax_on_real_decode_states(request, model):
         batch.set_last_tokens(expected)
     # The screen keeps few tokens: the bound is tight enough to be worth it
     assert head.rows == 12 * 2 * len(texts) and head.screened_tokens / head.rows < 64
+
+
+@pytest.mark.parametrize("model", ["gpt2_model", "llama_model"])
+def test_prefill_picks_first_tokens_with_the_screen(request, model):
+    """Prompts of different lengths (left-padded) and one after a cached prefix: with the split head, the same KV,
+    the greedy first token float32's, and the logits (computed on demand) the model's own."""
+    lm: LoadedModel = request.getfixturevalue(model)
+    head = greedy_head(lm.model, "bf16")
+    texts = ["Hi", "The capital of France is Paris, and the capital of Italy is", "def fib(n):"]
+    prompts = [lm.tokenizer.encode(t) for t in texts]
+    plain = prefill(lm.model, prompts, want_kv=True)
+    split = prefill(lm.model, prompts, want_kv=True, head=head)
+    sampled = SamplingParams(4, temperature=0.7, seed=3)
+    for a, b in zip(plain, split):
+        assert b.greedy_token == int(torch.argmax(a.logits)) and b.first_token(SamplingParams(4), 0) == b.greedy_token
+        assert b.first_token(sampled, 0) == a.first_token(sampled, 0)  # sampled: from the logits, made now
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(x, y) for kv_a, kv_b in zip(a.kv, b.kv) for x, y in zip(kv_a, kv_b))
+    ids, known = prompts[1], 8
+    prefix = [(k[:, :, :known], v[:, :, :known]) for k, v in plain[1].kv]
+    after = prefill_after_prefix(lm.model, ids, prefix, head=head)
+    assert after.greedy_token == int(torch.argmax(prefill_after_prefix(lm.model, ids, prefix).logits))
+    assert after.greedy_token == split[1].greedy_token  # the prompt's first token, with or without the prefix
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -37,7 +37,6 @@ from disagg.model.decode_batch import DecodeBatch
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import token_logprobs
 from disagg.model.prefill import prefill, prefill_after_prefix
-from disagg.model.sampling import sample_token
 
 
 @dataclass
@@ -182,9 +181,9 @@ class AggregatedEngine(DecodeEngine):
         prompts = [p for p, _ in group]
         hit = group[0][1]
         if hit.blocks:
-            outputs = [prefill_after_prefix(self.lm.model, prompts[0].input_ids, hit.kv())]
+            outputs = [prefill_after_prefix(self.lm.model, prompts[0].input_ids, hit.kv(), head=self.head)]
         else:
-            outputs = prefill(self.lm.model, [p.input_ids for p in prompts], want_kv=self.kv_cache)
+            outputs = prefill(self.lm.model, [p.input_ids for p in prompts], want_kv=self.kv_cache, head=self.head)
         seconds = time.perf_counter() - started
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         joining: list[DecodeSequence] = []
@@ -194,7 +193,7 @@ class AggregatedEngine(DecodeEngine):
             prompt.prefill_batch_size, prompt.cached_tokens = len(group), prompt_hit.tokens
             for seq in prompt.sequences:
                 params = seq.output.params
-                token = sample_token(out.logits, params, step=len(seq.output.tokens))
+                token = out.first_token(params, step=len(seq.output.tokens))
                 text = seq.output.append(token)
                 logprobs = (
                     token_logprobs(out.logits, token, params.top_logprobs, self.lm.tokenizer)

@@ -13,11 +13,11 @@ from disagg.engine.batching import similar_length_batch, take_indices
 from disagg.engine.thread import EngineThread
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.kv.types import KvLayers
+from disagg.model.lm_head import greedy_head
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import TokenLogprobs, token_logprobs
 from disagg.model.output_stream import OutputStream
 from disagg.model.prefill import PrefillOutput, prefill, prefill_after_prefix
-from disagg.model.sampling import sample_token
 
 
 @dataclass
@@ -64,11 +64,13 @@ class PrefillJob:
     on_kv_layer: Callable[[int, torch.Tensor, torch.Tensor], object] | None = None
     forks: list[OutputStream] = field(default_factory=list)  # sequences 1..n-1 of an n > 1 request
 
-    def first_sample(self, output: OutputStream, logits: torch.Tensor, tokenizer: object) -> FirstSample:
-        token = sample_token(logits, output.params, step=len(output.tokens))
+    def first_sample(self, output: OutputStream, prompt: PrefillOutput, tokenizer: object) -> FirstSample:
+        token = prompt.first_token(output.params, step=len(output.tokens))
         text = output.append(token)
         logprobs = (
-            token_logprobs(logits, token, output.params.top_logprobs, tokenizer) if output.params.logprobs else None
+            token_logprobs(prompt.logits, token, output.params.top_logprobs, tokenizer)
+            if output.params.logprobs
+            else None
         )
         return FirstSample(token, text, output.finish_reason, logprobs)
 
@@ -81,10 +83,17 @@ class PrefillEngine(EngineThread[PrefillJob]):
     name = "prefill"
 
     def __init__(
-        self, lm: LoadedModel, policy: BatchPolicy, kv_cache: bool = True, prefix_cache: PrefixCache | None = None
+        self,
+        lm: LoadedModel,
+        policy: BatchPolicy,
+        kv_cache: bool = True,
+        prefix_cache: PrefixCache | None = None,
+        greedy_screen: str = "auto",
     ):
+        """`greedy_screen`: how greedy first tokens are picked (disagg.model.lm_head.greedy_head)."""
         super().__init__(policy)
         self.lm, self.kv_cache = lm, kv_cache
+        self.head = greedy_head(lm.model, greedy_screen)
         # the prefix cache needs the prompts' KV: off with the KV cache
         self.prefix_cache = prefix_cache if kv_cache and prefix_cache is not None and prefix_cache.enabled else None
         self._undelivered: list[PrefillJob] = []  # of the batch in run_once
@@ -135,7 +144,9 @@ class PrefillEngine(EngineThread[PrefillJob]):
                 if sink is not None:
                     sink(layer, keys, values)
 
-        outputs = prefill(self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache, on_layer=on_layer)
+        outputs = prefill(
+            self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache, on_layer=on_layer, head=self.head
+        )
         seconds = time.perf_counter() - started
         for job, out, hit in zip(batch, outputs, hits):
             self._finish(job, out, hit, seconds, len(batch), started_at)
@@ -150,13 +161,13 @@ class PrefillEngine(EngineThread[PrefillJob]):
             def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
                 sink(layer, keys, values)
 
-        out = prefill_after_prefix(self.lm.model, job.input_ids, hit.kv(), on_layer=on_layer)
+        out = prefill_after_prefix(self.lm.model, job.input_ids, hit.kv(), on_layer=on_layer, head=self.head)
         self._finish(job, out, hit, time.perf_counter() - started, 1, started_at)
 
     def _finish(
         self, job: PrefillJob, out: PrefillOutput, hit: PrefixHit, seconds: float, batch_size: int, started_at: float
     ) -> None:
-        samples = [job.first_sample(o, out.logits, self.lm.tokenizer) for o in [job.output, *job.forks]]
+        samples = [job.first_sample(o, out, self.lm.tokenizer) for o in [job.output, *job.forks]]
         first = samples[0]
         self._undelivered.remove(job)
         job.deliver(

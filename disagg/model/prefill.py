@@ -1,7 +1,9 @@
 """The prefill forward pass over a batch of prompts of different lengths (left-padded).
 
 Only the last position's logits are computed (`logits_to_keep=1`: half the prefill time on a CPU); each prompt's
-KV cache comes back unpadded, ready for the codec.
+KV cache comes back unpadded, ready for the codec. With a split head (disagg.model.lm_head) the pass runs the body
+only: the exact greedy screen picks every prompt's greedy first token at once, and the float32 logits are computed
+only for a prompt whose first token is sampled or needs logprobs.
 """
 
 from __future__ import annotations
@@ -15,14 +17,51 @@ from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from disagg.kv.types import KvLayers
+from disagg.model.lm_head import ExactGreedyHead, LmHead
+from disagg.model.sampling import SamplingParams, sample_token
 
 
 @dataclass
 class PrefillOutput:
-    """One prompt's result: the logits that choose its first token, and its KV cache (None when off)."""
+    """One prompt's result: what chooses its first token, and its KV cache (None when off).
 
-    logits: torch.Tensor  # [vocab], float32
+    From the model's own forward pass, `logits`; from a split head's, the last hidden state, the greedy token the
+    head picked (its screen: None for a plain head), and the logits computed on first use.
+    """
+
     kv: KvLayers | None
+    _logits: torch.Tensor | None = None  # [vocab], float32
+    hidden: torch.Tensor | None = None  # [hidden], with `head`
+    head: LmHead | None = None
+    greedy_token: int | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            assert self.head is not None and self.hidden is not None, "a PrefillOutput holds logits or hidden"
+            self._logits = self.head.logits(self.hidden[None])[0]
+        return self._logits
+
+    def first_token(self, params: SamplingParams, step: int) -> int:
+        """The token for output position `step` (as `sample_token` picks it from the logits)."""
+        if params.greedy and self.greedy_token is not None:
+            return self.greedy_token
+        return sample_token(self.logits, params, step)
+
+
+def _last_position(
+    model: PreTrainedModel, head: LmHead | None, **inputs: Any
+) -> tuple[Any, list[tuple[torch.Tensor | None, torch.Tensor | None, int | None]]]:
+    """The forward pass (the model's own, or its body when a head is given): (its output, for the cache), and per
+    row (logits, hidden, greedy token) of the last position."""
+    if head is None:
+        out = model(**inputs, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()
+        return out, [(row, None, None) for row in logits]
+    out = model.base_model(**inputs)
+    hidden = out.last_hidden_state[:, -1, :]
+    greedy = head.greedy(hidden) if isinstance(head, ExactGreedyHead) else [None] * hidden.shape[0]
+    return out, [(None, row, token) for row, token in zip(hidden, greedy)]
 
 
 def left_padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,8 +104,10 @@ def prefill(
     *,
     want_kv: bool = True,
     on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    head: LmHead | None = None,
 ) -> list[PrefillOutput]:
-    """Run the prompts through the model together; returns one PrefillOutput per prompt, in order.
+    """Run the prompts through the model together; returns one PrefillOutput per prompt, in order (`head`: the
+    split head to finish with, see the module docstring; None: the model's own forward pass).
 
     `on_layer(row, layer, keys, values)`, if given, receives each prompt's unpadded K and V of each layer while the
     forward pass continues with the later layers (called on this thread).
@@ -87,15 +128,15 @@ def prefill(
                 )
 
         cache = _LayerReportingCache(model.config, report)
-    out = model(
+    out, lasts = _last_position(
+        model,
+        head,
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
         use_cache=want_kv,
-        logits_to_keep=1,
         **({"cache": cache} if cache is not None else {}),
     )
-    logits = out.logits[:, -1, :].float()
     results = []
     for row, tokens in enumerate(prompts):
         kv = None
@@ -105,7 +146,8 @@ def prefill(
                 (layer.keys[row : row + 1, :, start:].contiguous(), layer.values[row : row + 1, :, start:].contiguous())
                 for layer in out.cache.layers
             ]
-        results.append(PrefillOutput(logits=logits[row], kv=kv))
+        logits, hidden, greedy = lasts[row]
+        results.append(PrefillOutput(kv, logits, hidden, head, greedy))
     return results
 
 
@@ -116,6 +158,7 @@ def prefill_after_prefix(
     prefix: KvLayers,
     *,
     on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    head: LmHead | None = None,
 ) -> PrefillOutput:
     """One prompt whose first P tokens' KV is known (`prefix`, each [1, kv_heads, P, head_dim]): only the other
     tokens go through the model, attending to the prefix. Returns the whole prompt's KV, as `prefill` does.
@@ -131,13 +174,15 @@ def prefill_after_prefix(
     for layer, (keys, values) in enumerate(prefix):
         DynamicCache.update(cache, keys.to(device), values.to(device), layer)  # (not reported: the prefix is known)
     suffix = torch.tensor([tokens[known:]], dtype=torch.long, device=device)
-    out = model(
+    out, lasts = _last_position(
+        model,
+        head,
         input_ids=suffix,
         attention_mask=torch.ones((1, len(tokens)), dtype=torch.long, device=device),
         position_ids=torch.arange(known, len(tokens), dtype=torch.long, device=device).unsqueeze(0),
         cache=cache,
         use_cache=True,
-        logits_to_keep=1,
     )
     kv = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in out.cache.layers]
-    return PrefillOutput(logits=out.logits[0, -1, :].float(), kv=kv)
+    logits, hidden, greedy = lasts[0]
+    return PrefillOutput(kv, logits, hidden, head, greedy)

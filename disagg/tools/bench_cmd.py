@@ -170,9 +170,9 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         c,
         "--greedy-screen",
         "on",
-        "decode and aggregated workers pick greedy tokens with the exact bfloat16 screen of the vocabulary "
-        "(--greedy-screen auto, their default) or, off, from float32 logits (--greedy-screen off); 'both' runs "
-        "the same workload on a cluster of each (the decode step's A/B)",
+        "workers pick greedy tokens with the exact bfloat16 screen of the vocabulary (--greedy-screen auto, their "
+        "default) or, off, from float32 logits (--greedy-screen off); 'both' runs the same workload on a cluster "
+        "of each (the decode step's A/B)",
     )
     c.add_argument(
         "--kv-transport",
@@ -332,7 +332,7 @@ class Variant(NamedTuple):
     kv_aware: bool = True  # the gateway's KV-aware routing of prefill workers (--routing)
     local_prefill: bool = True  # conditional disaggregation (--local-prefill)
     held_prefix: bool = True  # ... handing a declined prompt back without the blocks the decode worker holds
-    greedy_screen: bool = True  # decode/aggregated workers' --greedy-screen auto (off: float32 logits)
+    greedy_screen: bool = True  # the workers' --greedy-screen auto (off: float32 logits)
 
     @property
     def name(self) -> str:
@@ -415,6 +415,7 @@ async def _start_cluster(args: argparse.Namespace, variant: Variant) -> tuple[Cl
         gateway_args += ["--http-port", str(port), "--served-model-name", args.model]
         http = f"127.0.0.1:{port}"
     prefill_args = shlex.split(args.prefill_args) + ([] if variant.prefix_on else ["--prefix-cache-mb", "0"])
+    prefill_args += [] if variant.greedy_screen else ["--greedy-screen", "off"]
     cluster = Cluster(
         _worker_args(args, variant.kv_on),
         gateway_args,
