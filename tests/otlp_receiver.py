@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -31,6 +31,7 @@ class ReceivedSpan:
     attributes: dict
     events: list[tuple[str, int, dict]]
     status_code: int
+    resource: dict = field(default_factory=dict)  # service.name, process.pid, ...
 
     @property
     def seconds(self) -> float:
@@ -78,6 +79,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                                 for e in s.events
                             ],
                             status_code=s.status.code,
+                            resource=resource,
                         )
                     )
         with self._lock:

@@ -14,9 +14,26 @@ from disagg.tools.cluster import Cluster
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 GPT2_ARGS = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
-SERVICES = {"disagg-gateway", "disagg-prefill", "disagg-decode"}
+GATEWAY, PREFILL, DECODE = "disagg-gateway", "disagg-prefill", "disagg-decode"
+SERVICES = {GATEWAY, PREFILL, DECODE}
 # The request's time line: each phase starts when the previous one ended, on one clock.
 PHASES = ["prefill.queue_wait", "prefill.forward", "kv.transfer", "decode.queue_wait", "kv.load", "decode"]
+PREFILL_RPC, DECODE_RPC = "disagg.v1.PrefillService/Prefill", "disagg.v1.DecodeService/Decode"
+PUSH_RPC, AGGREGATED_RPC = "disagg.v1.DecodeService/PushKv", "disagg.v1.AggregatedService/Generate"
+DECODE_PHASES = ["decode.queue_wait", "kv.load", "decode"]
+# The spans of each path (besides the root): a prefill worker and a decode worker with a KV handoff between them;
+# one worker that prefills and decodes (local prefill, aggregated mode).
+DISAGGREGATED_SPANS = [PREFILL_RPC, DECODE_RPC, *PHASES, "kv.serialize"]
+ONE_WORKER_SPANS = [AGGREGATED_RPC, "prefill.queue_wait", "prefill.forward", *DECODE_PHASES]
+GEN_AI_ATTRIBUTES = {
+    "gen_ai.operation.name",
+    "gen_ai.request.model",
+    "gen_ai.request.max_tokens",
+    "gen_ai.response.id",
+    "gen_ai.response.finish_reasons",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+}
 SERVER = 2  # SpanKind.SERVER in OTLP
 PROMPT = "Disaggregated serving splits the prompt's forward pass from token generation, so each phase can run on"
 MAX_NEW_TOKENS = 8
@@ -55,6 +72,51 @@ async def _generate(address: str, request_id: str, **fields):
 def _root(spans: list[ReceivedSpan], request_id: str) -> ReceivedSpan | None:
     roots = [s for s in spans if s.service == "disagg-gateway" and s.attributes.get("gen_ai.response.id") == request_id]
     return roots[0] if len(roots) == 1 else None
+
+
+def trace_problems(
+    spans: list[ReceivedSpan], request_id: str, services: set[str], names: list[str], caller_span: str = ""
+) -> list[str]:
+    """What keeps `request_id` from being one connected trace (none: it is one). Its root is the gateway's one
+    `text_completion <model>` span with the GenAI attributes (a child of `caller_span` when the caller sent a trace
+    context); every other span's parent is in the trace; the request's spans (`disagg.request_id`) are in no other
+    trace; the trace's spans come from exactly `services` and include every one of `names`. Across all `spans`, a
+    root is always a gateway's: a worker span without a parent is one that lost its request's context."""
+    roots = [s for s in spans if s.service == GATEWAY and s.attributes.get("gen_ai.response.id") == request_id]
+    if len(roots) != 1:
+        return [f"{len(roots)} gateway root spans for {request_id}"]
+    [root] = roots
+    in_trace = [s for s in spans if s.trace_id == root.trace_id]
+    ids = {s.span_id for s in in_trace}
+    problems = []
+    if root.name != "text_completion distilgpt2" or root.parent_span_id != caller_span:
+        problems.append(f"root {root.name!r} under {root.parent_span_id!r}")
+    if missing := GEN_AI_ATTRIBUTES - root.attributes.keys():
+        problems.append(f"root without {sorted(missing)}")
+    if orphans := sorted(f"{s.service} {s.name}" for s in in_trace if s is not root and s.parent_span_id not in ids):
+        problems.append(f"spans whose parent is not in the trace: {orphans}")
+    tagged = [s for s in spans if s.attributes.get("disagg.request_id") == request_id]
+    if elsewhere := [s.name for s in tagged if s.trace_id != root.trace_id]:
+        problems.append(f"the request's spans in another trace: {elsewhere}")
+    if (seen := {s.service for s in in_trace}) != services:
+        problems.append(f"services {sorted(seen)}, expected {sorted(services)}")
+    if missing := sorted(set(names) - {s.name for s in in_trace}):
+        problems.append(f"no span {missing}")
+    if stray := sorted({f"{s.service} {s.name}" for s in spans if not s.parent_span_id and s.service != GATEWAY}):
+        problems.append(f"worker spans that are roots of their own: {stray}")
+    return problems
+
+
+def connected_trace(
+    receiver: OtlpReceiver, request_id: str, services: set[str], names: list[str], caller_span: str = ""
+) -> list[ReceivedSpan]:
+    """The spans of `request_id`'s trace, once they all arrived; fails naming what `trace_problems` found."""
+    spans = receiver.wait_for(lambda spans: not trace_problems(spans, request_id, services, names, caller_span))
+    problems = trace_problems(spans, request_id, services, names, caller_span)
+    assert not problems, (request_id, problems, sorted({(s.service, s.name) for s in spans}))
+    root = _root(spans, request_id)
+    assert root is not None  # (trace_problems found one)
+    return [s for s in spans if s.trace_id == root.trace_id]
 
 
 def _complete_trace(spans: list[ReceivedSpan], request_id: str) -> bool:
@@ -235,6 +297,31 @@ def test_tracing_switches(monkeypatch):
         telemetry.state.tracing, telemetry.state.exporting = saved
 
 
+def test_every_call_made_for_a_request_is_traced():
+    """The workers' server interceptor joins every call of the project's services to the caller's trace, whichever
+    service it is (AggregatedService's Generate was left out once: local prefill's traces lost every worker span),
+    except the calls made for no request. Checked over every method the protos define."""
+    from disagg.pb.disagg.v1 import worker_pb2
+    from disagg.telemetry.interceptor import traced_call
+
+    methods = {
+        f"/{service.full_name}/{method.name}"
+        for module in (worker_pb2, gateway_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    for_no_request = {"/disagg.v1.PrefillService/WatchKvEvents", "/disagg.v1.WorkerLoadService/GetLoad"}
+    root = "/disagg.v1.Gateway/Generate"  # the gateway's own span, the trace's root
+    assert {m for m in methods if traced_call(m)} == methods - for_no_request - {root}
+    assert {
+        "/disagg.v1.PrefillService/Prefill",
+        "/disagg.v1.DecodeService/Decode",
+        "/disagg.v1.DecodeService/PushKv",
+        "/disagg.v1.AggregatedService/Generate",
+    } <= methods
+    assert not traced_call("/grpc.health.v1.Health/Check")
+
+
 @pytest.mark.cluster
 def test_a_refused_handoff_keeps_its_status_and_marks_the_trace():
     """Decode holds other weights, so it refuses the KV cache mid-stream: through the instrumented channels the
@@ -300,3 +387,12 @@ def test_direct_push_is_in_the_request_trace(direct_trace):
     assert transfer.attributes["disagg.kv.transport"] == serialize.attributes["disagg.kv.transport"] == "direct"
     assert transfer.attributes["disagg.kv.bytes"] == serialize.attributes["disagg.kv.bytes"] > 0
     assert len([s for s in direct_trace if s.name == "kv.transfer"]) == 1  # the Decode call itself carried none
+
+
+def test_relayed_and_direct_requests_are_connected_traces(traced, traces, direct_trace):
+    """The check every path's test makes (tests/test_trace_paths.py), on this module's relayed and direct traces."""
+    _, receiver = traced
+    ids, _ = traces
+    for request_id in ids:
+        connected_trace(receiver, request_id, SERVICES, DISAGGREGATED_SPANS)
+    connected_trace(receiver, "trace-direct", SERVICES, [*DISAGGREGATED_SPANS, PUSH_RPC])

@@ -1,7 +1,9 @@
 """The server interceptor of every process: a SERVER span per worker RPC, the gateway's root span and metrics.
 
 One trace per request: the gateway's `text_completion <model>` span is the root; its worker calls carry
-`traceparent`, and each worker's RPC span is its child, current while the handler runs.
+`traceparent`, and each worker's RPC span is its child, current while the handler runs. Every call of the
+project's services is traced this way, whichever service it is (DecodeService, AggregatedService, ...), except the
+few in UNTRACED that belong to no request: a service added later joins the request's trace without a change here.
 """
 
 from __future__ import annotations
@@ -15,20 +17,26 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind
 
-from disagg.rpc.interceptors import Continuation, StreamBehavior, UnaryBehavior, wrap_handler
+from disagg.rpc.interceptors import OWN_SERVICES_PREFIX, Continuation, StreamBehavior, UnaryBehavior, wrap_handler
 from disagg.telemetry.gateway import GENERATE_METHOD, observe_generate
 from disagg.telemetry.propagation import REQUEST_ID_KEY, carrier
 from disagg.telemetry.setup import state
 from disagg.telemetry.spans import grpc_code, mark_error, tracer
 
-WORKER_METHODS = ("/disagg.v1.PrefillService/", "/disagg.v1.DecodeService/")
-# A subscription that lasts as long as its caller, not a request: no span (it would be hours long and in no trace).
-UNTRACED = frozenset({"/disagg.v1.PrefillService/WatchKvEvents"})
+# Calls made for no request: no span (it would be in no request's trace, a root of its own). WatchKvEvents is a
+# subscription as long as its caller (hours), GetLoad the gateway's poll of each worker (every few seconds).
+UNTRACED = frozenset({"/disagg.v1.PrefillService/WatchKvEvents", "/disagg.v1.WorkerLoadService/GetLoad"})
+
+
+def traced_call(method: str) -> bool:
+    """Whether a worker serves `method` (a full `/package.Service/Method` name) under a span in the caller's trace:
+    every call of the project's services that is part of a request (the gateway's Generate is the root instead)."""
+    return method.startswith(OWN_SERVICES_PREFIX) and method != GENERATE_METHOD and method not in UNTRACED
 
 
 class ServerTelemetry(grpc.aio.ServerInterceptor):
-    """Gateway/Generate: the root span and the client-side latency metrics. Worker RPCs: a span joined to the
-    caller's trace (only while tracing is on)."""
+    """Gateway/Generate: the root span and the client-side latency metrics. The calls `traced_call` names: a span
+    joined to the caller's trace (only while tracing is on)."""
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -39,7 +47,7 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
             return handler
         if method == GENERATE_METHOD:
             return wrap_handler(handler, wrap_stream=observe_generate)
-        if not state.tracing or not method.startswith(WORKER_METHODS) or method in UNTRACED:
+        if not state.tracing or not traced_call(method):
             return handler
         metadata = carrier(handler_call_details.invocation_metadata)
         service, _, rpc = method[1:].rpartition("/")
@@ -79,7 +87,7 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
 
             return traced
 
-        def wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:  # stream-unary: PushKv
+        def wrap_unary(behavior: UnaryBehavior) -> UnaryBehavior:  # unary responses (PushKv)
             async def traced_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 span, token = start_span()
                 try:

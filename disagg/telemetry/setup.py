@@ -52,7 +52,7 @@ def setup_tracing(service_name: str) -> bool:
     if exporter_name == "none" or (exporter_name == "otlp" and not endpoint):
         return False
 
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.resources import PROCESS_PID, SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
@@ -68,8 +68,11 @@ def setup_tracing(service_name: str) -> bool:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()  # endpoint, headers, insecure, timeout... from OTEL_EXPORTER_OTLP_*
-    # OTEL_SERVICE_NAME wins over the component's default name; OTEL_RESOURCE_ATTRIBUTES are merged in.
-    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name})
+    # OTEL_SERVICE_NAME wins over the component's default name; OTEL_RESOURCE_ATTRIBUTES are merged in. The pid
+    # tells apart the workers of one kind in a trace (a request resumed on a second decode worker).
+    resource = Resource.create(
+        {SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name, PROCESS_PID: os.getpid()}
+    )
     provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER(_ARG)
     provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_* tune it
     trace.set_tracer_provider(provider)
