@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from disagg.model.build_once import build_folder_once
 from disagg.model.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,16 @@ def _smollm2_gguf_dir() -> str:
 
 
 def bundled_model_folder() -> pathlib.Path:
-    """The bundled SmolLM2 converted once from its GGUF to a safetensors folder (reloads in ~0.1 s after that)."""
-    folder = _bundled_cache_folder()
-    if (folder / "model.safetensors").exists():
-        return folder
+    """The bundled SmolLM2 converted once from its GGUF to a safetensors folder (reloads in ~0.1 s after that).
+
+    Under DISAGG_CACHE_DIR (default ~/.cache/disagg); workers starting together convert it once: the first one
+    under a file lock, the others wait for it (`build_folder_once`)."""
+    return build_folder_once(_bundled_cache_folder(), _convert_bundled_model, "model.safetensors")
+
+
+def _convert_bundled_model(folder: pathlib.Path) -> None:
     gguf_dir = _smollm2_gguf_dir()
-    log.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, folder)
+    log.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, _bundled_cache_folder())
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
     source = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     config = source.config
@@ -113,12 +118,8 @@ def bundled_model_folder() -> pathlib.Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(source.state_dict())
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if not folder.exists():  # another process may have finished the same conversion first
-        tmp.rename(folder)
-    return folder
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _resolve_source(name: str, load_format: str) -> tuple[str, str | None]:
