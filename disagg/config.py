@@ -94,9 +94,14 @@ class StreamInterval:
         return self.tokens > 1 or self.milliseconds > 0
 
 
-# Conditional disaggregation's threshold where it is on by default (`disagg up`, `disagg bench --local-prefill`):
-# uncached prompt tokens a decode worker prefills itself. From the TTFT sweep in results/local_prefill_threshold.md.
+# Conditional disaggregation is off by default on every front door (`disagg up`, docker-compose, Kubernetes): each
+# prompt goes to a prefill worker and its KV to a decode worker. This is the threshold to turn it on with
+# (`--local-prefill-tokens 256`; `disagg bench --local-prefill` uses it): uncached prompt tokens a decode worker
+# prefills itself. From the TTFT sweep in results/local_prefill_threshold_*.md; on a 2-core host it bought ~5%
+# throughput at concurrency 32 (259 vs 247 tokens/s, vLLM's bench client).
 LOCAL_PREFILL_TOKENS = 256
+# The OpenAI-compatible HTTP API's port where `disagg up` and docker-compose serve it (vLLM's default too).
+OPENAI_HTTP_PORT = 8000
 
 
 @dataclass(frozen=True)

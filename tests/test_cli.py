@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 
@@ -58,7 +59,10 @@ def test_with_threads_fills_in_only_what_the_user_left_open():
 def test_up_generate_and_clean_shutdown():
     port = free_port()
     up = subprocess.Popen(
-        [sys.executable, "-m", "disagg", "up", "--model", "distilgpt2", "--load-format", "dummy", "--port", str(port)],
+        [
+            *(sys.executable, "-m", "disagg", "up", "--model", "distilgpt2", "--load-format", "dummy"),
+            *("--port", str(port), "--http-port", "0"),  # (8000, the default, may be taken by a test beside this one)
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -126,3 +130,23 @@ def test_up_generate_and_clean_shutdown():
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def test_up_refuses_a_taken_port_before_starting_anything():
+    """A taken --port or --http-port (8000 by default: another server, or a second `disagg up`) is said at once,
+    not after the workers spent minutes loading the model for a gateway that cannot bind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags in (["--port", str(port), "--http-port", "0"], ["--port", "0", "--http-port", str(port)]):
+            out = subprocess.run(
+                [sys.executable, "-m", "disagg", "up", "--model", "distilgpt2", "--load-format", "dummy", *flags],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert out.returncode == 1, out
+            flag = flags[0] if flags[1] == str(port) else flags[2]
+            assert f"port in use: {flag} {port}" in out.stdout, out.stdout
+            assert "metrics on" not in out.stdout + out.stderr  # no worker was started

@@ -15,33 +15,10 @@ import pytest
 
 from disagg.tools.cluster import free_port
 from disagg.tools.lifeline import PARENT_PID_ENV
+from tests.processes import alive as _alive
+from tests.processes import children_of as _children_of
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux)")
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped by whoever inherited it, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _children_of(parent_pid: int) -> list[int]:
-    """Pids of processes started with this parent pid in their environment (what disagg.cluster passes)."""
-    marker = f"{PARENT_PID_ENV}={parent_pid}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def _wait_gone(pids: list[int], seconds: float) -> tuple[list[int], float]:
@@ -80,6 +57,8 @@ def test_kill_9_of_disagg_up_leaves_no_child():
             "1",
             "--port",
             str(port),
+            "--http-port",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

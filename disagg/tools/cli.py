@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shlex
 import sys
@@ -16,52 +15,45 @@ from disagg import config as cfg
 def _up(args: argparse.Namespace) -> None:
     from disagg.tools.cluster import Cluster
     from disagg.tools.cluster import worker_args as cluster_worker_args
+    from disagg.tools.supervisor import supervise
 
     worker_args = cluster_worker_args(args, args.kv_cache)
-    gateway_args = ["--kv-transport", args.kv_transport, *shlex.split(args.gateway_args)]
+    # --http-port always given (0 too): a DISAGG_HTTP_PORT in the environment must not reopen what --http-port 0 shut
+    gateway_args = ["--kv-transport", args.kv_transport, "--http-port", str(args.http_port)]
     if args.http_port:  # the OpenAI-compatible HTTP API, named after the served model
-        gateway_args += ["--http-port", str(args.http_port), "--served-model-name", args.model]
-    cluster = Cluster(
-        worker_args,
-        gateway_args,
-        args.prefill_workers,
-        args.decode_workers,
-        gateway_port=args.port,
-        prefill_args=shlex.split(args.prefill_args),
-        decode_args=shlex.split(args.decode_args),
-        aggregated_workers=args.workers if args.aggregated else 0,
-        local_prefill_tokens=args.local_prefill_tokens,
-    )
+        gateway_args += ["--served-model-name", args.model]
+    gateway_args += shlex.split(args.gateway_args)
 
-    async def run() -> None:
-        address = await cluster.start(args.start_timeout)
-        assert cluster.gateway is not None  # started by cluster.start
-        workers = (
-            f"{args.workers} aggregated"
-            if args.aggregated
-            else f"{args.prefill_workers} prefill, {args.decode_workers} decode"
+    def make_cluster() -> Cluster:
+        return Cluster(
+            worker_args,
+            gateway_args,
+            args.prefill_workers,
+            args.decode_workers,
+            gateway_port=args.port,
+            prefill_args=shlex.split(args.prefill_args),
+            decode_args=shlex.split(args.decode_args),
+            aggregated_workers=args.workers if args.aggregated else 0,
+            local_prefill_tokens=args.local_prefill_tokens,
         )
+
+    def announce(cluster: Cluster, address: str) -> None:
+        assert cluster.gateway is not None  # started by cluster.start
+        if args.aggregated:
+            workers = f"{args.workers} aggregated"
+        else:
+            local = args.local_prefill_tokens
+            path = f"conditional disaggregation at {local} tokens" if local > 0 else "every prompt prefilled remotely"
+            workers = f"{args.prefill_workers} prefill, {args.decode_workers} decode, {path}"
         print(f"disagg cluster ready: gateway on {address} ({workers}, model {args.model})", flush=True)
-        for child in [cluster.gateway, *cluster.workers]:
-            print(f"  {child.name} metrics: http://{child.metrics_address}/metrics", flush=True)
         if args.http_port:
             print(f"  OpenAI-compatible API: http://127.0.0.1:{args.http_port}/v1 (model {args.model})", flush=True)
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (2, 15):  # SIGINT, SIGTERM
-            loop.add_signal_handler(sig, stopping.set)
-        while not stopping.is_set():
-            for child in [*cluster.workers, cluster.gateway]:
-                if child.process.poll() is not None:
-                    print(f"{child.name} exited with code {child.process.returncode}", file=sys.stderr)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 1.0)
+        for child in cluster.children:
+            print(f"  {child.name} metrics: http://{child.metrics_address}/metrics", flush=True)
+        print("  Ctrl-C (or SIGTERM) stops the gateway, then the workers", flush=True)
 
-    try:
-        asyncio.run(run())
-    finally:
-        cluster.stop()
-        print("disagg cluster stopped", flush=True)
+    ports = {"--port": args.port, "--http-port": args.http_port}
+    sys.exit(supervise(make_cluster, announce, args.start_timeout, ports))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -175,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_model_flags(up)
     up.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
     up.add_argument(
-        "--http-port", type=int, default=0, help="also serve the OpenAI-compatible HTTP API on this port (0 = off)"
+        "--http-port",
+        type=int,
+        default=cfg.OPENAI_HTTP_PORT,
+        help="the gateway's OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) on this port; 0 = off",
     )
     up.add_argument("--prefill-workers", type=int, default=1)
     up.add_argument("--decode-workers", type=int, default=1)
@@ -189,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--local-prefill-tokens",
         type=int,
-        default=cfg.LOCAL_PREFILL_TOKENS,
-        help="conditional disaggregation: a prompt with at most this many tokens missing from a decode worker's "
-        "prefix cache is prefilled there, not on a prefill worker (decode workers get --local-prefill, the "
-        "gateway this threshold; 0 = off; the default is measured: results/local_prefill_threshold.md)",
+        default=0,
+        help="conditional disaggregation, off (0) by default: every prompt is prefilled on a prefill worker and its KV "
+        "handed to a decode worker. N > 0: a prompt with at most N tokens missing from a decode worker's prefix cache "
+        f"is prefilled there instead (decode workers get --local-prefill, the gateway this threshold; "
+        f"{cfg.LOCAL_PREFILL_TOKENS} is the measured choice: results/local_prefill_threshold.md)",
     )
     up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)
     up.add_argument(

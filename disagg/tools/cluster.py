@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from disagg.config import TlsOptions
+from disagg.config import GatewayConfig, TlsOptions, WorkerConfig
 from disagg.rpc.channel import open_channel
 from disagg.tools import lifeline
 from disagg.tools.client import wait_serving
 
 log = logging.getLogger(__name__)
+
+# Seconds a stopped child may take beyond its grace period (its drain) before it is killed: leaving the event loop,
+# flushing its last spans and metrics, freeing the model. Exits take well under a second on an idle host.
+STOP_MARGIN_SECONDS = 5.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,6 +41,20 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     metrics_address: str = ""  # host:port of its Prometheus /metrics endpoint ("" when off)
+
+    @property
+    def grace_seconds(self) -> float:
+        """The drain its SIGTERM starts: its command's last `--grace-seconds`, else DISAGG_GRACE_SECONDS in its
+        environment, else the component's default."""
+        for i in range(len(self.argv) - 1, -1, -1):
+            arg = self.argv[i]
+            if arg.startswith("--grace-seconds="):
+                return float(arg.partition("=")[2])
+            if arg == "--grace-seconds" and i + 1 < len(self.argv):
+                return float(self.argv[i + 1])
+        if "DISAGG_GRACE_SECONDS" in self.env:
+            return float(self.env["DISAGG_GRACE_SECONDS"])
+        return GatewayConfig.grace_seconds if "gateway" in self.argv else WorkerConfig.grace_seconds
 
     def restart(self) -> None:
         """Start the same command again on the same port (after it died or was killed)."""
@@ -85,17 +105,55 @@ async def wait_healthy(children: list[Child], timeout: float, tls: TlsOptions | 
             waiter.result()
 
 
-def stop(children: list[Child], grace: float = 15.0) -> None:
-    """SIGTERM each child in the given order (gateway first), waiting for each; SIGKILL stragglers."""
-    for child in children:
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-            try:
-                child.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", child.name, grace)
-                child.process.kill()
-                child.process.wait()
+def stop(children: Sequence[Child], margin: float = STOP_MARGIN_SECONDS) -> list[Child]:
+    """SIGTERM each child in the given order, waiting for each (see `stop_in_stages`); returns those killed."""
+    return stop_in_stages([[child] for child in children], margin)
+
+
+def stop_in_stages(
+    stages: Sequence[Sequence[Child]],
+    margin: float = STOP_MARGIN_SECONDS,
+    force: Callable[[], bool] = lambda: False,
+    say: Callable[[str], None] = log.info,
+) -> list[Child]:
+    """Stop stage after stage (a cluster: the gateway, which drains its streams while the workers still serve
+    them, then the workers together): SIGTERM a stage's children, wait for each up to its grace period plus
+    `margin`, SIGKILL what is left, then the next stage. Once `force()` is true (a second Ctrl-C), everything still
+    running is SIGKILLed at once. Every child has exited (and is reaped) on return; returns those killed."""
+    killed: list[Child] = []
+
+    def kill(child: Child, reason: str) -> None:
+        say(f"{child.name} (pid {child.process.pid}) {reason}: killing it")
+        child.process.kill()
+        child.process.wait()
+        killed.append(child)
+
+    for stage in stages:
+        running = [child for child in stage if child.process.poll() is None]
+        if not running:
+            continue
+        if force():
+            for child in running:
+                kill(child, "not stopped yet after a second stop signal")
+            continue
+        say(f"stopping {', '.join(child.name for child in running)}")
+        started = time.monotonic()
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):  # (exited since the poll)
+                child.process.send_signal(signal.SIGTERM)
+        for child in running:
+            deadline = started + child.grace_seconds + margin
+            while child.process.poll() is None and time.monotonic() < deadline and not force():
+                time.sleep(0.05)
+            if child.process.poll() is None:
+                waited = f"its grace period plus {margin:g}s"
+                kill(child, "still running after " + ("a second stop signal" if force() else waited))
+            else:
+                say(
+                    f"{child.name} (pid {child.process.pid}) exited with code {child.process.returncode} "
+                    f"{time.monotonic() - started:.1f}s after SIGTERM"
+                )
+    return killed
 
 
 def role_threads(cores: int, workers_of_role: int) -> int:
@@ -143,10 +201,13 @@ class Cluster:
         local_prefill_tokens: int = 0,
     ):
         """`local_prefill_tokens` > 0: conditional disaggregation (decode workers `--local-prefill`, the gateway's
-        `--local-prefill-tokens`)."""
-        if local_prefill_tokens > 0 and not aggregated_workers:
-            decode_args = [*decode_args, "--local-prefill"]
-            gateway_args = [*gateway_args, "--local-prefill-tokens", str(local_prefill_tokens)]
+        `--local-prefill-tokens`); 0, the default, sends every prompt to a prefill worker. Both flags are given
+        either way, ahead of `decode_args` and `gateway_args` (which may override them), so that a DISAGG_*
+        variable in the environment cannot turn on one half of the pair without the other."""
+        if not aggregated_workers:
+            local = local_prefill_tokens > 0
+            decode_args = ["--local-prefill" if local else "--no-local-prefill", *decode_args]
+            gateway_args = ["--local-prefill-tokens", str(max(0, local_prefill_tokens)), *gateway_args]
         self._metrics_port = free_port if metrics else (lambda: 0)  # each child serves /metrics on its own port
         if aggregated_workers:
             prefill_workers = decode_workers = 0
@@ -173,7 +234,9 @@ class Cluster:
         self._env = env
         self.tls = tls  # how to reach the children for health checks, when they serve TLS
 
-    async def start(self, timeout: float = 600.0) -> str:
+    async def start(self, timeout: float = 600.0, stop_on_failure: bool = True) -> str:
+        """Wait for the workers, then start the gateway and wait for it; its address. On failure (or cancellation)
+        every child is stopped first, unless the caller stops them itself (`stop_on_failure=False`)."""
         try:
             await wait_healthy(self.workers, timeout, self.tls)
             self.gateway = spawn(
@@ -181,7 +244,8 @@ class Cluster:
             )
             await wait_healthy([self.gateway], timeout, self.tls)
         except BaseException:
-            self.stop()
+            if stop_on_failure:
+                self.stop()
             raise
         return self.gateway.address
 
@@ -189,8 +253,15 @@ class Cluster:
     def workers(self) -> list[Child]:
         return self.prefill + self.decode + self.aggregated
 
-    def stop(self) -> None:
-        stop(([self.gateway] if self.gateway else []) + self.workers)
+    @property
+    def children(self) -> list[Child]:
+        return ([self.gateway] if self.gateway else []) + self.workers
+
+    def stop(self, force: Callable[[], bool] = lambda: False, say: Callable[[str], None] = log.info) -> list[Child]:
+        """The gateway first (it drains its streams, which need the workers), then the workers together; returns the
+        children that had to be killed (see `stop_in_stages`)."""
+        stages = [[self.gateway] if self.gateway else [], self.workers]
+        return stop_in_stages(stages, force=force, say=say)
 
 
 def worker_args(args: argparse.Namespace, kv_cache: bool) -> list[str]:
