@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import subprocess
@@ -9,6 +10,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+
+import pytest
 
 from disagg.tools.lifeline import PARENT_PID_ENV
 
@@ -100,3 +103,16 @@ def start_up(*flags: str, env: dict[str, str] | None = None, start_timeout: floa
         process.kill()
         raise
     return running
+
+
+def flags_as_started(command: list[str], environment: dict, monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+    """The flags a `disagg COMMAND...` process (a container's) runs with: DISAGG_* defaults from `environment` only
+    (values that are not strings, e.g. Kubernetes' valueFrom, are left out)."""
+    from disagg.tools.cli import build_parser  # (imports torch: only the tests that need it)
+
+    for name in [name for name in os.environ if name.startswith("DISAGG_")]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        if isinstance(value, str | int | float):
+            monkeypatch.setenv(name, str(value))
+    return build_parser().parse_args(command)

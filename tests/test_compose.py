@@ -10,13 +10,16 @@ import subprocess
 import pytest
 import yaml
 
+from disagg import config as cfg
+from tests.processes import flags_as_started
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPONENTS = ("gateway", "prefill", "decode")
 OTLP = "http://jaeger:4317"
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
+def _config(**variables: str) -> dict:
+    """`docker-compose config` with only these variables set (besides PATH)."""
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is missing: scripts/install.sh installs it (apt-get install docker-compose)"
     result = subprocess.run(
@@ -25,10 +28,15 @@ def compose() -> dict:
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin:/usr/local/bin"},
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", **variables},
     )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _config()
 
 
 def _flag(command: list[str], name: str) -> str:
@@ -111,3 +119,21 @@ def test_dockerfile_builds_the_cli_image():
     for source in re.findall(r"^COPY (?!--from=)(.+) \S+$", text, flags=re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"Dockerfile copies {path}, which the repository lacks"
+
+
+def _local_prefill(services: dict, monkeypatch: pytest.MonkeyPatch) -> tuple[int, bool]:
+    """(the gateway's --local-prefill-tokens, the decode workers' --local-prefill) as their processes start."""
+    gateway, decode = (services[name] for name in ("gateway", "decode"))
+    gateway_flags = flags_as_started(gateway["command"], gateway["environment"], monkeypatch)
+    decode_flags = flags_as_started(decode["command"], decode["environment"], monkeypatch)
+    return cfg.gateway_config(gateway_flags).local_prefill_tokens, cfg.worker_config(decode_flags).local_prefill
+
+
+def test_every_prompt_is_prefilled_on_a_prefill_worker_by_default(compose, monkeypatch):
+    """The design card's path, as `disagg up` takes it: conditional disaggregation is off in both halves."""
+    assert _local_prefill(compose["services"], monkeypatch) == (0, False)
+
+
+def test_conditional_disaggregation_is_one_setting_away(monkeypatch):
+    services = _config(DISAGG_LOCAL_PREFILL_TOKENS="256", DISAGG_LOCAL_PREFILL="true")["services"]
+    assert _local_prefill(services, monkeypatch) == (256, True)

