@@ -28,6 +28,8 @@ from disagg.kv.receive import Handoff, receive_handoff
 from disagg.kv.transports import DIRECT
 from disagg.model.loading import LoadedModel
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.rpc.convert import decode_phases_to_pb
+from disagg.telemetry.decode import KvTransfer, decode_times, received_transfer
 
 ADMITTED = ("disagg-admitted", "1")  # initial metadata: the sequence's KV is reserved, send the cache
 
@@ -88,14 +90,16 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             await context.send_initial_metadata((ADMITTED,))
 
         try:
+            observed = telemetry.observe_kv_transfer(request_iterator)
             handoff = await receive_handoff(
-                telemetry.observe_kv_transfer(request_iterator),
+                observed,
                 self.lm,
                 self.engine.kv_cache,
                 self.inbox,
                 context.time_remaining() or 60.0,
                 admit=admit,
             )
+            transfer = received_transfer(observed, handoff.start.kv_layout.handle)
             if held is not None:  # joined to the received rest (a copy of each tensor: off the event loop)
                 pinned, held = held, None
                 try:
@@ -103,7 +107,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     handoff.kv = await asyncio.to_thread(pinned.joined, handoff.kv)
                 finally:
                     self._release(pinned)
-            async for response in self._decode(handoff, reservation):
+            async for response in self._decode(handoff, reservation, transfer):
                 yield response
         finally:
             if held is not None:
@@ -117,15 +121,17 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.prefix_cache.release(held)
 
     async def _decode(
-        self, handoff: Handoff, reservation: Reservation | None
+        self, handoff: Handoff, reservation: Reservation | None, transfer: KvTransfer
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        """The handoff's sequences through the batch; the call's last message reports the phases (and `transfer`)."""
         events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
 
         def deliver_to(index: int) -> Deliver:  # called on this loop: the engine notifies it once per step
             return lambda event: events.put_nowait((index, event))
 
         running = forked_sequences(self.lm, handoff, deliver_to)  # n > 1: n sequences sharing the received KV
-        for seq in running.values():
+        sequences = list(running.values())
+        for seq in sequences:
             seq.reservation = reservation  # one reservation for all n (the budget counts it once)
         try:
             for seq in running.values():
@@ -136,7 +142,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     raise event
                 if event.finish_reason is not None:  # record now: a closed stream is finalized later, maybe much later
                     telemetry.record_decode(running.pop(index))
-                yield response_of(index, event)
+                response = response_of(index, event)
+                if not running:  # the call's last message
+                    response.phases.CopyFrom(decode_phases_to_pb(decode_times(sequences), transfer))
+                yield response
         finally:
             for seq in running.values():  # client gone, deadline passed or a failure: free the sequences' KV now
                 self.engine.cancel(seq.request_id)

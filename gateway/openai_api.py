@@ -60,8 +60,8 @@ class HttpCallContext:
         return None
 
 
-def _json(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status, media_type="application/json")
+def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status, headers, media_type="application/json")
 
 
 def _error(error: oa.HttpError) -> Response:
@@ -200,8 +200,10 @@ class OpenAiApi:
     ) -> Response:
         choices = [oa.Choice() for _ in range(max(1, parsed.request.n))]
         usage = gateway_pb2.Usage()
+        metrics: gateway_pb2.RequestMetrics | None = None
 
         def add(response: gateway_pb2.GenerateResponse) -> None:
+            nonlocal metrics
             choice = choices[response.index]
             choice.text += response.text
             choice.logprobs.extend(response.logprobs)
@@ -209,6 +211,8 @@ class OpenAiApi:
                 choice.finish_reason = response.finish_reason
             if response.HasField("usage"):
                 usage.CopyFrom(response.usage)
+            if response.HasField("metrics"):
+                metrics = response.metrics
 
         add(first)
         request_id = first.request_id
@@ -226,7 +230,8 @@ class OpenAiApi:
             return _error(self._count(request, exc))
         finally:
             gone.cancel()
-        return _json(oa.whole(parsed, request_id, choices, usage))
+        body = oa.with_metrics(oa.whole(parsed, request_id, choices, usage), metrics)
+        return _json(body, headers=oa.metrics_headers(body.get(oa.METRICS_KEY, {})))
 
     async def _events(
         self,
@@ -235,26 +240,31 @@ class OpenAiApi:
         first: gateway_pb2.GenerateResponse,
         responses: ReadAhead,
     ) -> AsyncIterator[bytes]:
-        """SSE: one chunk per message, the usage chunk if asked, [DONE]; a failure mid-stream is an error event."""
+        """SSE: one chunk per message, the usage chunk if asked, [DONE]; a failure mid-stream is an error event.
+        The request's metrics go in the last chunk: the usage chunk, else the one of the last message."""
         request_id = first.request_id
         choices = [oa.Choice() for _ in range(max(1, parsed.request.n))]
         started: set[int] = set()
-        usage = None
+        usage = metrics = None
 
         def encode(response: gateway_pb2.GenerateResponse) -> bytes:
-            nonlocal usage
+            nonlocal usage, metrics
             is_first = response.index not in started
             started.add(response.index)
             if response.HasField("usage"):
                 usage = response.usage
-            return _sse(oa.chunk(parsed, request_id, response, choices[response.index], is_first))
+            own = response.metrics if response.HasField("metrics") else None  # (the last message's)
+            if own is not None:
+                metrics = own
+            body = oa.chunk(parsed, request_id, response, choices[response.index], is_first)
+            return _sse(body if parsed.include_usage else oa.with_metrics(body, own))
 
         try:
             yield encode(first)
             async for response in responses:
                 yield encode(response)
             if parsed.include_usage and usage is not None:
-                yield _sse(oa.usage_chunk(parsed, request_id, usage))
+                yield _sse(oa.with_metrics(oa.usage_chunk(parsed, request_id, usage), metrics))
         except Exception as exc:  # the status line is gone: say it in-band, then end the stream properly
             yield _sse(self._count(request, exc).body())
         finally:

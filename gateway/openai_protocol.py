@@ -17,8 +17,13 @@ import grpc
 
 from disagg.model.logprobs import MAX_TOP_LOGPROBS
 from disagg.pb.disagg.v1 import gateway_pb2
+from disagg.rpc.convert import metrics_to_dict
 
 COMPLETIONS, CHAT = "text_completion", "chat.completion"
+# The request's phases (gateway.proto RequestMetrics): this key in the answer and the final chunk (an extra key the
+# OpenAI SDK keeps in `model_extra`), and one `x-disagg-<field>` header per field on non-streaming answers.
+METRICS_KEY = "disagg_metrics"
+METRICS_HEADER_PREFIX = "x-disagg-"
 # The project's finish reasons to OpenAI's (the end-of-sequence token is a natural stop there).
 FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
 MAX_COMPLETION_LOGPROBS = 5  # the completions API's integer `logprobs`
@@ -292,6 +297,18 @@ def usage_of(usage: gateway_pb2.Usage) -> dict[str, Any]:
         # there is no prefix cache yet: nothing is ever served from one
         "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
     }
+
+
+def metrics_headers(metrics: dict[str, Any]) -> dict[str, str]:
+    """The metrics as response headers: `x-disagg-prefill-ms: 41.207`, ... (names are the fields', dashed)."""
+    return {METRICS_HEADER_PREFIX + name.replace("_", "-"): str(value) for name, value in metrics.items()}
+
+
+def with_metrics(body: dict[str, Any], metrics: gateway_pb2.RequestMetrics | None) -> dict[str, Any]:
+    """`body` with the request's metrics beside `usage` (when the pipeline gave them: its last message)."""
+    if metrics is not None:
+        body[METRICS_KEY] = metrics_to_dict(metrics)
+    return body
 
 
 def _token_bytes(text: str) -> list[int]:

@@ -45,6 +45,7 @@ from disagg.kv.framing import is_chunk_message
 from disagg.kv.transports import DIRECT, TRANSPORT_VALUES
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from disagg.rpc.channel import CallEnded, send
+from disagg.rpc.convert import add_decode_phases, add_prefill_phases
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 from disagg.rpc.streams import ReadAhead
 from gateway.prefix_routing import PrefixRouter, RoutingOptions
@@ -216,6 +217,9 @@ class Progress:
     cached_tokens: int | None = None  # prompt tokens the first prefill took from its prefix cache
     remote_prefill: bool = False  # a decode worker declined to prefill it (conditional disaggregation)
     held: HeldPrefix | None = None  # ... and holds its first blocks (for the next attempt only)
+    started: float = field(default_factory=time.perf_counter)
+    attempts: int = 0
+    phases: gateway_pb2.RequestMetrics = field(default_factory=gateway_pb2.RequestMetrics)  # the current attempt's
 
     @property
     def n(self) -> int:
@@ -224,6 +228,19 @@ class Progress:
     @property
     def done(self) -> bool:
         return len(self.finished) >= self.n
+
+    def begin_attempt(self) -> None:
+        """A new try: the phases reported are the ones of the attempt that finishes the request."""
+        self.attempts += 1
+        self.phases = gateway_pb2.RequestMetrics()
+
+    def note_prefill(
+        self, location: gateway_pb2.PrefillLocation, worker: Worker[Any], phases: worker_pb2.PrefillPhases
+    ) -> None:
+        add_prefill_phases(self.phases, location, worker.address, phases)
+
+    def note_decode(self, worker: Worker[Any], phases: worker_pb2.DecodePhases) -> None:
+        add_decode_phases(self.phases, worker.address, phases)
 
     def prefill_request(self) -> worker_pb2.PrefillRequest:
         """The original request, or (after a failure) prompt + generated tokens with the resolved sampling."""
@@ -259,6 +276,9 @@ class Progress:
                 response.usage.prompt_tokens = len(self.prompt_token_ids or ())
                 response.usage.completion_tokens = self.completion_tokens
                 response.usage.cached_prompt_tokens = self.cached_tokens or 0
+                response.metrics.CopyFrom(self.phases)
+                response.metrics.total_ms = (time.perf_counter() - self.started) * 1e3
+                response.metrics.attempts = self.attempts
         return response
 
 
@@ -329,6 +349,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             failures = 0
             while True:
+                progress.begin_attempt()
                 try:
                     async for response in attempt(progress, context, deadline):
                         yield response
@@ -452,6 +473,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request = progress.prefill_request()
         metadata = telemetry.call_metadata(request.request_id)
         timeout = self._timeout(context, deadline)
+        location = (
+            gateway_pb2.PREFILL_LOCATION_LOCAL if worker.kind == "decode" else gateway_pb2.PREFILL_LOCATION_AGGREGATED
+        )
         worker.begin()
         call = stub.Generate(
             worker_pb2.AggregatedServiceGenerateRequest(
@@ -482,6 +506,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 out = message.tokens
                 if progress.cached_tokens is None and not progress.sent_any:
                     progress.cached_tokens = min(message.cached_tokens, len(progress.prompt_token_ids or ()))
+                if message.HasField("prefill_phases"):
+                    progress.note_prefill(location, worker, message.prefill_phases)
+                if out.HasField("phases"):
+                    progress.note_decode(worker, out.phases)
                 response = progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
                 if progress.done:  # remembered before the client hears of it (and may send the next turn)
                     self._finished_on(worker, progress)
@@ -577,6 +605,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")
                 if kind == "first_token":
                     first = message.first_token
+                    if first.HasField("phases"):
+                        assert prefill_worker is not None  # (its stream is being read)
+                        progress.note_prefill(gateway_pb2.PREFILL_LOCATION_REMOTE, prefill_worker, first.phases)
                     if progress.cached_tokens is None:  # (a resumed prefill's count includes generated tokens)
                         progress.cached_tokens = min(first.cached_tokens, len(progress.prompt_token_ids or ()))
                     logprobs = [first.logprob] if first.HasField("logprob") else []
@@ -592,6 +623,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             assert decode_worker is not None  # chosen before its call was made
             await _send(decode_worker, decode_call)
             async for out in _receive(decode_worker, decode_call):
+                if out.HasField("phases"):
+                    progress.note_decode(decode_worker, out.phases)
                 response = progress.response(out.text, out.token_ids, out.finish_reason, out.index, out.logprobs)
                 if progress.done:  # remembered before the client hears of it (and may send the next turn)
                     self._finished_on(decode_worker, progress)

@@ -25,6 +25,8 @@ def merge(into: gateway_pb2.GenerateResponse, later: gateway_pb2.GenerateRespons
         into.finish_reason = later.finish_reason
     if later.HasField("usage"):
         into.usage.CopyFrom(later.usage)
+    if later.HasField("metrics"):
+        into.metrics.CopyFrom(later.metrics)
     if later.request_id and not into.request_id:
         into.request_id = later.request_id
 

@@ -1,11 +1,18 @@
-"""Conversions between the worker protocol's messages (disagg.v1 worker.proto) and the domain types."""
+"""Conversions between the worker protocol's messages (disagg.v1 worker.proto) and the domain types, and of the
+workers' phase reports into the public RequestMetrics."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from disagg.kv.codec import KvLayout
 from disagg.model.logprobs import TokenLogprobs
 from disagg.model.sampling import SamplingParams
 from disagg.pb.disagg.v1 import gateway_pb2, worker_pb2
+
+if TYPE_CHECKING:
+    from disagg.telemetry.decode import DecodeTimes, KvTransfer
+    from disagg.telemetry.prefill import PrefillTimes
 
 
 def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
@@ -70,3 +77,79 @@ def layout_from_pb(pb: worker_pb2.KvLayout) -> KvLayout:
         model_fingerprint=pb.model_fingerprint,
         wire_dtype=pb.wire_dtype,
     )
+
+
+def prefill_phases_to_pb(times: PrefillTimes) -> worker_pb2.PrefillPhases:
+    return worker_pb2.PrefillPhases(
+        queue_seconds=times.queue_seconds,
+        forward_seconds=times.forward_seconds,
+        batch_size=times.batch_size,
+        tokens=times.tokens,
+        cached_tokens=times.cached_tokens,
+    )
+
+
+def decode_phases_to_pb(times: DecodeTimes, transfer: KvTransfer | None) -> worker_pb2.DecodePhases:
+    """`transfer`: what the handoff brought (None when the sequence was prefilled on this worker)."""
+    phases = worker_pb2.DecodePhases(
+        queue_seconds=times.queue_seconds,
+        kv_load_seconds=times.kv_load_seconds,
+        decode_seconds=times.decode_seconds,
+        steps=times.steps,
+        tokens=times.tokens,
+    )
+    if transfer is not None:
+        phases.kv_transport = transfer.transport
+        phases.kv_bytes = transfer.bytes
+        phases.kv_chunks = transfer.chunks
+        phases.kv_transfer_seconds = transfer.seconds
+        phases.kv_held_prefix_tokens = transfer.held_prefix_tokens
+    return phases
+
+
+def add_prefill_phases(
+    metrics: gateway_pb2.RequestMetrics,
+    location: gateway_pb2.PrefillLocation,
+    worker: str,
+    phases: worker_pb2.PrefillPhases,
+) -> None:
+    """A worker's report of the request's prefill, into the public metrics (milliseconds)."""
+    metrics.prefill_location, metrics.prefill_worker = location, worker
+    metrics.prefill_tokens, metrics.prefill_cached_tokens = phases.tokens, phases.cached_tokens
+    metrics.prefill_queue_ms = phases.queue_seconds * 1e3
+    metrics.prefill_ms = phases.forward_seconds * 1e3
+    metrics.prefill_batch_size = phases.batch_size
+
+
+def add_decode_phases(metrics: gateway_pb2.RequestMetrics, worker: str, phases: worker_pb2.DecodePhases) -> None:
+    """A decode worker's report of the request's handoff and decode loop, into the public metrics (milliseconds)."""
+    metrics.decode_worker = worker
+    metrics.kv_transport, metrics.kv_bytes = phases.kv_transport, phases.kv_bytes
+    metrics.kv_held_prefix_tokens = phases.kv_held_prefix_tokens
+    metrics.kv_transfer_ms = phases.kv_transfer_seconds * 1e3
+    metrics.decode_queue_ms = phases.queue_seconds * 1e3
+    metrics.kv_load_ms = phases.kv_load_seconds * 1e3
+    metrics.decode_ms = phases.decode_seconds * 1e3
+    metrics.decode_steps, metrics.decode_tokens = phases.steps, phases.tokens
+    metrics.decode_tokens_per_second = phases.tokens / phases.decode_seconds if phases.decode_seconds > 0 else 0.0
+
+
+def metrics_to_dict(metrics: gateway_pb2.RequestMetrics) -> dict[str, Any]:
+    """The metrics as JSON for the HTTP front and `disagg generate --json`: every field by its proto name, the
+    location as `remote` / `local` / `aggregated`, times rounded to the microsecond."""
+    out: dict[str, Any] = {}
+    for descriptor in metrics.DESCRIPTOR.fields:
+        value = getattr(metrics, descriptor.name)
+        if descriptor.name == "prefill_location":
+            value = PREFILL_LOCATIONS.get(value, "")
+        elif isinstance(value, float):
+            value = round(value, 3)
+        out[descriptor.name] = value
+    return out
+
+
+PREFILL_LOCATIONS = {
+    gateway_pb2.PREFILL_LOCATION_REMOTE: "remote",
+    gateway_pb2.PREFILL_LOCATION_LOCAL: "local",
+    gateway_pb2.PREFILL_LOCATION_AGGREGATED: "aggregated",
+}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from opentelemetry import context as otel_context
 from disagg.kv.framing import event_of
 from disagg.kv.transports import transport_name
 from disagg.telemetry.metrics import DecodeMetrics, current
+from disagg.telemetry.prefill import PrefillTimes
 from disagg.telemetry.spans import Clock, mb_per_s, recording, span_between
 
 
@@ -30,12 +32,27 @@ class KvTransfer:
     transport: str = "relayed"
     held_prefix_tokens: int = 0  # leading tokens whose KV the handoff left out: this worker held them
 
+    @property
+    def seconds(self) -> float:
+        """The kv.transfer span's length: first to last KV message received here (0 before any)."""
+        if self.first is None:
+            return 0.0
+        return (self.last or self.first) - self.first  # (last is set with first: every message sets it)
+
 
 # Handoffs in progress on this decode worker, by request id, until record_decode takes them. The servicer's
 # generator may be finalized in another task (the gateway closes the stream after the last token), where context
 # variables of the call are gone: hence a dict, and the call's trace context kept in the KvTransfer.
 _transfers: dict[str, KvTransfer] = {}
+# Direct transport: what each push (by its handle) received, until the Decode call claiming it reports it.
+_pushes: dict[str, KvTransfer] = {}
 MAX_PENDING_TRANSFERS = 4096
+
+
+def _keep(pending: dict[str, KvTransfer], key: str, transfer: KvTransfer) -> None:
+    if len(pending) >= MAX_PENDING_TRANSFERS:  # handoffs refused before decoding are never taken
+        pending.pop(next(iter(pending)))
+    pending[key] = transfer
 
 
 class ObservedHandoff:
@@ -56,9 +73,9 @@ class ObservedHandoff:
             if kind == "start":
                 transfer.transport = transport_name(message.start.kv_layout.transport)
                 transfer.held_prefix_tokens = message.start.kv_layout.prefix_tokens
-                if len(_transfers) >= MAX_PENDING_TRANSFERS:  # handoffs refused before decoding are never taken
-                    _transfers.pop(next(iter(_transfers)))
-                _transfers[message.start.request_id] = transfer
+                _keep(_transfers, message.start.request_id, transfer)
+            else:
+                _keep(_pushes, message.header.handle, transfer)
         else:
             if transfer.first is None:
                 transfer.first = now
@@ -72,7 +89,7 @@ class ObservedHandoff:
         return message
 
 
-def observe_kv_transfer(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+def observe_kv_transfer(messages: AsyncIterator[Any]) -> ObservedHandoff:
     """Wraps a Decode call's request stream; `record_decode` later turns what it saw into the `kv.transfer` span."""
     return ObservedHandoff(messages, KvTransfer(parent=otel_context.get_current()))
 
@@ -86,13 +103,20 @@ def record_kv_push(observed: ObservedHandoff) -> None:
     _record_transfer(observed.transfer, Clock())
 
 
+def received_transfer(observed: ObservedHandoff, handle: str) -> KvTransfer:
+    """What a Decode call's handoff brought, once it is all in: its own stream's, or with the direct transport the
+    push of `handle` it claimed (with the call's held prefix)."""
+    call = observed.transfer
+    pushed = _pushes.pop(handle, None) if call.transport == "direct" else None
+    return call if pushed is None else dataclasses.replace(pushed, held_prefix_tokens=call.held_prefix_tokens)
+
+
 def _record_transfer(transfer: KvTransfer, clock: Clock) -> None:
     """The `kv.transfer` span and metrics: first to last KV message received on this worker."""
     if transfer.first is None:
         return
-    first = transfer.first
-    last = transfer.last or first  # (set with first: every message sets it)
-    seconds = last - first
+    first, seconds = transfer.first, transfer.seconds
+    last = first + seconds
     if (m := current(DecodeMetrics)) is not None:
         m.observe_kv(transfer.bytes, seconds)
     if recording(transfer.parent):
@@ -137,59 +161,122 @@ def call_context() -> otel_context.Context:
     return otel_context.get_current()
 
 
+def aggregated_prefill_times(prompt: Any) -> PrefillTimes:
+    """The prefill of an AggregatedService request on this worker (the engine's Prompt: enqueued_at,
+    prefill_started, prefill_seconds, prefill_batch_size, cached_tokens, input_ids)."""
+    return PrefillTimes(
+        prompt.enqueued_at,
+        prompt.prefill_started,
+        prompt.prefill_seconds,
+        prompt.prefill_batch_size,
+        len(prompt.input_ids),
+        prompt.cached_tokens,
+    )
+
+
 def record_aggregated(prompt: Any, seq: Any, parent: otel_context.Context | None) -> None:
     """When one sequence of an AggregatedService request ends: spans prefill.queue_wait and prefill.forward (the
-    prompt's, on this worker), then decode.queue_wait, kv.load and decode as for a handed-over sequence.
+    prompt's, on this worker), then decode.queue_wait (from the prefill's end), kv.load and decode as for a
+    handed-over sequence.
 
     `prompt` is the engine's Prompt (enqueued_at, prefill_started, prefill_seconds, prefill_batch_size,
     cached_tokens), `seq` the DecodeSequence, `parent` the call's trace context.
     """
     now, clock = time.monotonic(), Clock()
-    started = prompt.prefill_started
+    prefill = aggregated_prefill_times(prompt)
+    started = prefill.started
     m = current(DecodeMetrics)
     if m is not None and started and seq is prompt.sequences[0]:
-        m.prefix_cached_tokens.inc(prompt.cached_tokens)
+        m.prefix_cached_tokens.inc(prefill.cached_tokens)
     if started and seq is prompt.sequences[0] and recording(parent):
-        span_between(clock, "prefill.queue_wait", prompt.enqueued_at, started, parent=parent)
+        span_between(clock, "prefill.queue_wait", prefill.enqueued, started, parent=parent)
         attributes = {
-            "disagg.prefill.batch_size": prompt.prefill_batch_size,
-            "disagg.prefill.tokens": len(prompt.input_ids),
-            "disagg.prefix_cache.cached_tokens": prompt.cached_tokens,
+            "disagg.prefill.batch_size": prefill.batch_size,
+            "disagg.prefill.tokens": prefill.tokens,
+            "disagg.prefix_cache.cached_tokens": prefill.cached_tokens,
         }
-        span_between(clock, "prefill.forward", started, started + prompt.prefill_seconds, attributes, parent=parent)
+        span_between(clock, "prefill.forward", started, prefill.ended, attributes, parent=parent)
     if started:  # (a prompt cancelled before its prefill has no decode phases)
-        _record_decode_phases(seq, parent, clock, now)
+        _record_decode_phases(seq, parent, clock, now, queued_from=prefill.ended)
+
+
+@dataclass(frozen=True)
+class DecodeTimes:
+    """A request's decode phases on this worker, as its decode.queue_wait, kv.load and decode spans cover them: the
+    one source of the spans, the metrics and the numbers the worker reports on its last message. Sequences of one
+    request (n > 1) count together: queued from the first one's arrival, until the last one was admitted and
+    loaded, decoding from then to the last token; the longest one's steps, the tokens of all."""
+
+    enqueued: float  # time.monotonic() stamps; admitted and loaded are 0.0 when a sequence never was
+    admitted: float
+    loaded: float
+    end: float  # the last token sampled (or the request's end, if none)
+    steps: int
+    tokens: int
+
+    @property
+    def queue_seconds(self) -> float:
+        return max(0.0, self.admitted - self.enqueued) if self.admitted else 0.0
+
+    @property
+    def kv_load_seconds(self) -> float:
+        return max(0.0, self.loaded - self.admitted) if self.admitted else 0.0
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.end - self.loaded if self.loaded else 0.0
+
+
+def decode_times(seqs: Sequence[Any], now: float | None = None, queued_from: float = 0.0) -> DecodeTimes:
+    """The DecodeTimes of `seqs` (DecodeSequences: enqueued_at, admitted_at, kv_loaded_at, last_token_at,
+    batch_sizes); `queued_from`: when they could first join the batch, if not when they were made (a prefill here
+    ran in between)."""
+    now = time.monotonic() if now is None else now
+    admitted = [getattr(seq, "admitted_at", 0.0) for seq in seqs]
+    loaded = [getattr(seq, "kv_loaded_at", 0.0) for seq in seqs]
+    steps = [len(getattr(seq, "batch_sizes", ())) for seq in seqs]
+    return DecodeTimes(
+        queued_from or min(seq.enqueued_at for seq in seqs),
+        max(admitted) if all(admitted) else 0.0,
+        max(loaded) if all(loaded) else 0.0,
+        max(getattr(seq, "last_token_at", 0.0) or now for seq in seqs),
+        max(steps, default=0),
+        sum(steps),
+    )
 
 
 def _record_decode_phases(
-    seq: Any, parent: otel_context.Context | None, clock: Clock, now: float, finish_reason: str | None = None
+    seq: Any,
+    parent: otel_context.Context | None,
+    clock: Clock,
+    now: float,
+    finish_reason: str | None = None,
+    queued_from: float = 0.0,
 ) -> None:
-    admitted, loaded = getattr(seq, "admitted_at", 0.0), getattr(seq, "kv_loaded_at", 0.0)
-    steps = list(getattr(seq, "batch_sizes", ()))
+    times = decode_times([seq], now, queued_from)
+    admitted, loaded, steps = times.admitted, times.loaded, list(getattr(seq, "batch_sizes", ()))
     finish_reason = finish_reason or getattr(seq.output, "finish_reason", None) or ""
-    end = getattr(seq, "last_token_at", 0.0) or now  # the last token sampled (or the request's end, if none)
-    decode_seconds = end - loaded if loaded else 0.0
-    tpot = decode_seconds / len(steps) if steps else 0.0
+    tpot = times.decode_seconds / times.steps if times.steps else 0.0
     m = current(DecodeMetrics)
     if m is not None:
         if admitted:
-            m.queue_wait.observe(max(0.0, admitted - seq.enqueued_at))
-            m.kv_load.observe(max(0.0, loaded - admitted))
+            m.queue_wait.observe(times.queue_seconds)
+            m.kv_load.observe(times.kv_load_seconds)
         for size in steps:
             m.batch_size.observe(size)
         if steps:
             m.tpot.observe(tpot)
-            m.generation_tokens.inc(len(steps))
+            m.generation_tokens.inc(times.tokens)
     if not recording(parent):
         return
     if not admitted:  # cancelled or failed before it joined the batch
-        span_between(clock, "decode.queue_wait", seq.enqueued_at, now, {"disagg.admitted": False}, parent=parent)
+        span_between(clock, "decode.queue_wait", times.enqueued, now, {"disagg.admitted": False}, parent=parent)
         return
-    span_between(clock, "decode.queue_wait", seq.enqueued_at, admitted, parent=parent)
+    span_between(clock, "decode.queue_wait", times.enqueued, admitted, parent=parent)
     span_between(clock, "kv.load", admitted, loaded, {"disagg.kv.tokens": len(seq.context)}, parent=parent)
     attributes = {
-        "disagg.decode.steps": len(steps),
-        "disagg.decode.tokens": len(steps),
+        "disagg.decode.steps": times.steps,
+        "disagg.decode.tokens": times.tokens,
         "disagg.decode.time_per_output_token_seconds": tpot,
         "disagg.finish_reason": finish_reason,
     }
@@ -202,4 +289,4 @@ def _record_decode_phases(
                 "disagg.decode.batch_sizes_seen": sorted(set(steps)),
             }
         )
-    span_between(clock, "decode", loaded, end, attributes, parent=parent)
+    span_between(clock, "decode", loaded, times.end, attributes, parent=parent)

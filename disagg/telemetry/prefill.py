@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -13,36 +14,71 @@ from disagg.telemetry.metrics import PrefillMetrics, WorkerMetrics, current
 from disagg.telemetry.spans import Clock, mb_per_s, recording, span_between
 
 
-def record_prefill(job: Any, result: Any) -> None:
-    """After a prefill forward pass: the queue-wait and forward spans, and their metrics.
+@dataclass(frozen=True)
+class PrefillTimes:
+    """One request's prefill, as its prefill.queue_wait and prefill.forward spans cover it: the one source of the
+    spans, the metrics and the numbers the worker reports with the first token (the request's metrics)."""
+
+    enqueued: float  # time.monotonic() stamps
+    started: float
+    forward_seconds: float
+    batch_size: int
+    tokens: int
+    cached_tokens: int
+
+    @property
+    def queue_seconds(self) -> float:
+        return max(0.0, self.started - self.enqueued)
+
+    @property
+    def ended(self) -> float:
+        return self.started + self.forward_seconds
+
+
+def prefill_times(job: Any, result: Any) -> PrefillTimes:
+    """`job` is a PrefillJob (enqueued_at, input_ids), `result` its PrefillResult (forward_started,
+    forward_seconds, batch_size, cached_tokens)."""
+    return PrefillTimes(
+        job.enqueued_at,
+        result.forward_started,
+        result.forward_seconds,
+        result.batch_size,
+        len(job.input_ids),
+        result.cached_tokens,
+    )
+
+
+def record_prefill(job: Any, result: Any) -> PrefillTimes:
+    """After a prefill forward pass: the queue-wait and forward spans, and their metrics; returns their numbers.
 
     `job` is a PrefillJob (enqueued_at), `result` its PrefillResult (forward_started, forward_seconds, batch_size,
     and what the prefix cache gave: cached_tokens, cache_hit_blocks, cache_miss_blocks).
     """
-    started = result.forward_started
+    times = prefill_times(job, result)
+    started = times.started
     if (m := current(PrefillMetrics)) is not None:
-        m.queue_wait.observe(max(0.0, started - job.enqueued_at))
-        m.forward.observe(result.forward_seconds)
-        m.batch_size.observe(result.batch_size)
-        m.prompt_tokens.inc(len(job.input_ids))
+        m.queue_wait.observe(times.queue_seconds)
+        m.forward.observe(times.forward_seconds)
+        m.batch_size.observe(times.batch_size)
+        m.prompt_tokens.inc(times.tokens)
         m.prefix_hits.inc(result.cache_hit_blocks)
         m.prefix_misses.inc(result.cache_miss_blocks)
         m.prefix_cached_tokens.inc(result.cached_tokens)
     if not recording():
-        return
+        return times
     clock = Clock()
-    ended = started + result.forward_seconds
-    span_between(clock, "prefill.queue_wait", job.enqueued_at, started)
+    ended = times.ended
+    span_between(clock, "prefill.queue_wait", times.enqueued, started)
     span_between(
         clock,
         "prefill.forward",
         started,
         ended,
         {
-            "disagg.prefill.tokens": len(job.input_ids),
-            "disagg.prefill.cached_tokens": result.cached_tokens,
-            "disagg.batch.size": result.batch_size,
-            "disagg.prefill.forward_seconds": result.forward_seconds,
+            "disagg.prefill.tokens": times.tokens,
+            "disagg.prefill.cached_tokens": times.cached_tokens,
+            "disagg.batch.size": times.batch_size,
+            "disagg.prefill.forward_seconds": times.forward_seconds,
         },
         events=[
             (
@@ -52,6 +88,7 @@ def record_prefill(job: Any, result: Any) -> None:
             )
         ],
     )
+    return times
 
 
 class KvSerialize:

@@ -57,11 +57,13 @@ def _up(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    import json
+
     import grpc
 
     from disagg.config import TlsOptions
     from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
-    from disagg.tools.client import channel, stream, wait_serving
+    from disagg.tools.client import Completion, channel, phases_record, stream, wait_serving
 
     request = gateway_pb2.GenerateRequest(
         prompt=args.prompt,
@@ -79,8 +81,7 @@ def _generate(args: argparse.Namespace) -> None:
         request.seed = args.seed
 
     async def run() -> int:
-        tokens, last, finish = 0, 0.0, ""
-        first: float | None = None
+        result = Completion()
         tls = TlsOptions(
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, tls_server_name=args.tls_server_name
         )
@@ -91,18 +92,24 @@ def _generate(args: argparse.Namespace) -> None:
                 async for response, at in stream(
                     gateway_pb2_grpc.GatewayStub(ch), request, args.timeout, args.auth_token
                 ):
-                    sys.stdout.write(response.text)
-                    sys.stdout.flush()
-                    tokens += len(response.token_ids)
-                    first = at if first is None and response.token_ids else first
-                    last, finish = at, response.finish_reason or finish
+                    result.add(response, at)
+                    if not args.json:
+                        sys.stdout.write(response.text)
+                        sys.stdout.flush()
             except grpc.aio.AioRpcError as error:  # show code and message, not a traceback
                 print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
                 return 1
-        rate = (tokens - 1) / (last - first) if first is not None and tokens > 1 and last > first else float("nan")
-        ttft = "n/a" if first is None else f"{first * 1000:.0f} ms"  # (None: the stream carried no token)
+        if args.json:  # one object on stdout, nothing else: for scripts
+            print(json.dumps(result.record()))
+            return 0
+        tokens, times, last = len(result.token_ids), result.token_times, result.latency
+        rate = (tokens - 1) / (last - times[0]) if tokens > 1 and last > times[0] else float("nan")
+        ttft = "n/a" if not times else f"{times[0] * 1000:.0f} ms"  # (none: the stream carried no token)
+        print(file=sys.stderr)
+        if result.metrics is not None:
+            print(phases_record(result.metrics), file=sys.stderr)
         print(
-            f"\n[{tokens} tokens, finish={finish}, time to first token {ttft}, "
+            f"[{tokens} tokens, finish={result.finish_reason}, time to first token {ttft}, "
             f"{rate:.1f} tokens/s after it, total {last:.2f} s]",
             file=sys.stderr,
         )
@@ -216,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template (instruct models)")
     gen.add_argument("--request-id", default="")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of streaming: text, usage, the request's phases (metrics: where it was "
+        "prefilled, queue waits, forward pass, KV bytes and transfer, decode loop; docs/request_metrics.md) and the "
+        "client's own timings",
+    )
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.add_argument(
         "--wait-ready",

@@ -7,6 +7,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from disagg.config import TlsOptions
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.rpc.channel import open_channel
+from disagg.rpc.convert import metrics_to_dict
 
 
 @dataclass
@@ -29,6 +31,41 @@ class Completion:
     cached_prompt_tokens: int = 0
     token_times: list[float] = field(default_factory=list)  # arrival of each token
     latency: float = 0.0
+    metrics: gateway_pb2.RequestMetrics | None = None  # the request's phases, from the last message
+
+    def add(self, response: gateway_pb2.GenerateResponse, at: float) -> None:
+        """One more message of the stream, arrived `at` seconds after the call started."""
+        self.request_id = self.request_id or response.request_id
+        self.text += response.text
+        self.token_ids.extend(response.token_ids)
+        self.token_times.extend([at] * len(response.token_ids))
+        if response.finish_reason:
+            self.finish_reason = response.finish_reason
+            self.prompt_tokens = response.usage.prompt_tokens
+            self.completion_tokens = response.usage.completion_tokens
+            self.cached_prompt_tokens = response.usage.cached_prompt_tokens
+        if response.HasField("metrics"):
+            self.metrics = response.metrics
+        self.latency = at
+
+    def record(self) -> dict[str, Any]:
+        """The request as JSON (`disagg generate --json`): text, usage, the gateway's phases, the client's timings."""
+        return {
+            "request_id": self.request_id,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "usage": {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "cached_prompt_tokens": self.cached_prompt_tokens,
+            },
+            "metrics": metrics_to_dict(self.metrics) if self.metrics is not None else None,
+            "client": {
+                "time_to_first_token_ms": round(self.ttft * 1e3, 3) if self.token_times else None,
+                "total_ms": round(self.latency * 1e3, 3),
+            },
+        }
 
     @property
     def ttft(self) -> float:
@@ -66,17 +103,32 @@ async def complete(
 ) -> Completion:
     result = Completion()
     async for response, at in stream(stub, request, timeout, auth_token):
-        result.request_id = result.request_id or response.request_id
-        result.text += response.text
-        result.token_ids.extend(response.token_ids)
-        result.token_times.extend([at] * len(response.token_ids))
-        if response.finish_reason:
-            result.finish_reason = response.finish_reason
-            result.prompt_tokens = response.usage.prompt_tokens
-            result.completion_tokens = response.usage.completion_tokens
-            result.cached_prompt_tokens = response.usage.cached_prompt_tokens
-        result.latency = at
+        result.add(response, at)
     return result
+
+
+def phases_record(metrics: gateway_pb2.RequestMetrics) -> str:
+    """The request's phases in one line for people (`disagg generate`, on stderr)."""
+    m = metrics_to_dict(metrics)
+    prefill = (
+        f"prefill {m['prefill_location']} on {m['prefill_worker']}: {m['prefill_tokens']} tokens "
+        f"({m['prefill_cached_tokens']} cached), queue {m['prefill_queue_ms']:.1f} ms, "
+        f"forward {m['prefill_ms']:.1f} ms (batch of {m['prefill_batch_size']})"
+    )
+    if m["kv_transport"]:
+        held = f", {m['kv_held_prefix_tokens']} tokens held there" if m["kv_held_prefix_tokens"] else ""
+        kv = f"KV {m['kv_bytes']} bytes {m['kv_transport']} in {m['kv_transfer_ms']:.1f} ms{held}"
+    else:
+        kv = "KV not handed over"
+    decode = "no decode"
+    if m["decode_worker"]:
+        decode = (
+            f"decode on {m['decode_worker']}: queue {m['decode_queue_ms']:.1f} ms, KV load {m['kv_load_ms']:.1f} ms, "
+            f"{m['decode_steps']} steps, {m['decode_tokens']} tokens in {m['decode_ms']:.1f} ms "
+            f"({m['decode_tokens_per_second']:.1f} tokens/s)"
+        )
+    attempts = f", {m['attempts']} attempts" if m["attempts"] > 1 else ""
+    return f"[{prefill}; {kv}; {decode}; total {m['total_ms']:.1f} ms{attempts}]"
 
 
 async def wait_serving(ch: grpc.aio.Channel, timeout: float) -> None:

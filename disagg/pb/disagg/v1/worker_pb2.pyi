@@ -64,16 +64,18 @@ class AggregatedServiceGenerateRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., max_uncached_tokens: _Optional[int] = ..., min_cached_share: _Optional[float] = ...) -> None: ...
 
 class AggregatedServiceGenerateResponse(_message.Message):
-    __slots__ = ("start", "tokens", "declined", "cached_tokens")
+    __slots__ = ("start", "tokens", "declined", "cached_tokens", "prefill_phases")
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PHASES_FIELD_NUMBER: _ClassVar[int]
     start: SequenceStart
     tokens: DecodeResponse
     declined: LocalPrefillDeclined
     cached_tokens: int
-    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeResponse, _Mapping]] = ..., declined: _Optional[_Union[LocalPrefillDeclined, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    prefill_phases: PrefillPhases
+    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeResponse, _Mapping]] = ..., declined: _Optional[_Union[LocalPrefillDeclined, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prefill_phases: _Optional[_Union[PrefillPhases, _Mapping]] = ...) -> None: ...
 
 class LocalPrefillDeclined(_message.Message):
     __slots__ = ("prompt_tokens", "uncached_tokens", "held_prefix_tokens", "block_tokens")
@@ -234,7 +236,7 @@ class KvSharedMemory(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., tensor_crc32: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FirstToken(_message.Message):
-    __slots__ = ("token_id", "text", "finish_reason", "prefill_seconds", "index", "logprob", "cached_tokens")
+    __slots__ = ("token_id", "text", "finish_reason", "prefill_seconds", "index", "logprob", "cached_tokens", "phases")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +244,7 @@ class FirstToken(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     text: str
     finish_reason: str
@@ -249,7 +252,46 @@ class FirstToken(_message.Message):
     index: int
     logprob: _gateway_pb2.TokenLogprob
     cached_tokens: int
-    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., index: _Optional[int] = ..., logprob: _Optional[_Union[_gateway_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    phases: PrefillPhases
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., index: _Optional[int] = ..., logprob: _Optional[_Union[_gateway_pb2.TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., phases: _Optional[_Union[PrefillPhases, _Mapping]] = ...) -> None: ...
+
+class PrefillPhases(_message.Message):
+    __slots__ = ("queue_seconds", "forward_seconds", "batch_size", "tokens", "cached_tokens")
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    queue_seconds: float
+    forward_seconds: float
+    batch_size: int
+    tokens: int
+    cached_tokens: int
+    def __init__(self, queue_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class DecodePhases(_message.Message):
+    __slots__ = ("kv_transport", "kv_bytes", "kv_chunks", "kv_transfer_seconds", "kv_held_prefix_tokens", "queue_seconds", "kv_load_seconds", "decode_seconds", "steps", "tokens")
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_HELD_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    kv_transport: str
+    kv_bytes: int
+    kv_chunks: int
+    kv_transfer_seconds: float
+    kv_held_prefix_tokens: int
+    queue_seconds: float
+    kv_load_seconds: float
+    decode_seconds: float
+    steps: int
+    tokens: int
+    def __init__(self, kv_transport: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., kv_chunks: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_held_prefix_tokens: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., kv_load_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("start", "kv_chunk", "first_token", "shared_memory")
@@ -300,15 +342,17 @@ class PushKvResponse(_message.Message):
     def __init__(self, received_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "index", "logprobs")
+    __slots__ = ("token_ids", "text", "finish_reason", "index", "logprobs", "phases")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: str
     index: int
     logprobs: _containers.RepeatedCompositeFieldContainer[_gateway_pb2.TokenLogprob]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_gateway_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    phases: DecodePhases
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_gateway_pb2.TokenLogprob, _Mapping]]] = ..., phases: _Optional[_Union[DecodePhases, _Mapping]] = ...) -> None: ...
