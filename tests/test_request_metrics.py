@@ -25,7 +25,7 @@ from disagg.engine.decode import DecodeSequence
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
 from disagg.rpc.convert import add_decode_phases, metrics_to_dict
 from disagg.telemetry.decode import decode_times
-from disagg.tools.client import channel
+from disagg.tools.client import channel, complete
 from disagg.tools.cluster import Child, free_port, stop
 from gateway import openai_protocol as oa
 from tests.conftest import GPT2_ARGS, RunningCluster, start_cluster
@@ -197,6 +197,25 @@ async def test_a_request_that_ends_at_its_first_token_has_no_decode_phase(metric
     m = last.metrics
     assert m.prefill_location == gateway_pb2.PREFILL_LOCATION_REMOTE and m.prefill_ms > 0
     assert (m.decode_worker, m.kv_bytes, m.decode_steps, m.decode_tokens, m.decode_ms) == ("", 0, 0, 0, 0)
+
+
+async def test_a_handoff_that_leaves_out_the_blocks_the_decode_worker_holds_reports_them(metrics_cluster):
+    turn1 = prompt_ids(40, 29)  # short: prefilled on a decode worker, which keeps prompt + reply in its cache
+    async with channel(metrics_cluster.conditional) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=turn1, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        first = await complete(stub, request, 120)
+        turn2 = [*turn1, *first.token_ids, *prompt_ids(LONG, 31)]  # too much new: declined, prefilled remotely
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=turn2, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        second = await complete(stub, request, 120)
+    assert first.metrics is not None and second.metrics is not None
+    assert first.metrics.prefill_location == gateway_pb2.PREFILL_LOCATION_LOCAL
+    m = second.metrics
+    held = (len(turn1) + NEW_TOKENS - 1) // 16 * 16  # every full block of prompt + reply (not the newest token)
+    assert m.prefill_location == gateway_pb2.PREFILL_LOCATION_REMOTE and m.prefill_tokens == len(turn2)
+    assert m.decode_worker == first.metrics.decode_worker  # back to the worker that holds the history
+    assert m.kv_held_prefix_tokens == held and m.kv_bytes == kv_bytes(len(turn2) - held)  # only the rest travelled
+    assert_decoded(m, NEW_TOKENS - 1)
 
 
 # --- the HTTP front: headers, body, final SSE chunk -------------------------------------------------------------
