@@ -8,31 +8,27 @@ import json
 import numpy as np
 import pytest
 
-from disagg.tools.bench import (
-    RequestRecord,
-    RunResult,
-    SweepPoint,
+from benchmarks.drivers import run_conversations
+from benchmarks.flags import resolve_run_args
+from benchmarks.plots import plot_sweep
+from benchmarks.ratios import comparison
+from benchmarks.report import FIELDS, SweepPoint, sweep_rows, sweep_table
+from benchmarks.stats import RequestRecord, RunResult, meets_slos, parse_goodput, summarize
+from benchmarks.variants import Baseline, RunKey, Variant, mode_label, schedule, variants, varied_fields
+from benchmarks.workloads import (
     Workload,
     arrival_delays,
-    comparison,
     fit_long_prompt,
     long_positions,
     make_conversations,
     make_mixed_prompts,
     make_prompts,
     make_shared_system_prompts,
-    meets_slos,
     next_turn_prompt,
-    parse_goodput,
-    plot_sweep,
-    run_conversations,
-    summarize,
-    sweep_rows,
-    sweep_table,
 )
-from disagg.tools.bench_cmd import Variant, mode_label, resolve_run_args, schedule, variants
 from disagg.tools.cli import build_parser, main
-from disagg.tools.experiment_record import FIELDS
+
+CLUSTER = RunKey(Variant(), "grpc")  # the cluster every ratio is taken against
 
 
 def test_summarize_known_values():
@@ -71,7 +67,11 @@ def test_comparison_ratios():
         return {"output_token_throughput": tokens_per_s, "e2e_s": {"mean": e2e}, "ttft_s": {"mean": e2e / 10}}
 
     ratios = comparison(
-        {"cluster": stats(80, 2.0), "generate_static_batch": stats(100, 4.0), "generate_sequential": stats(20, 1.0)}
+        {
+            CLUSTER: stats(80, 2.0),
+            RunKey(Baseline(static_batches=True)): stats(100, 4.0),
+            RunKey(Baseline(static_batches=False)): stats(20, 1.0),
+        }
     )
     assert ratios["throughput_vs_generate_static_batch"] == pytest.approx(0.8)
     assert ratios["throughput_vs_generate_sequential"] == pytest.approx(4.0)
@@ -129,10 +129,11 @@ def test_prefix_ratios_and_hit_rate():
     def timing(ttft: float) -> dict:
         return {"ttft_s": {"p50": ttft, "p99": 2 * ttft}, "e2e_s": {"p50": 3 * ttft}}
 
-    ratios = comparison({"cluster": timing(0.1), "cluster_prefix_off": timing(0.4)})
+    ratios = comparison({CLUSTER: timing(0.1), RunKey(Variant(prefix_cache=False), "grpc"): timing(0.4)})
     assert ratios["prefix_off_ttft_p50_vs_on"] == pytest.approx(4.0)
     assert ratios["prefix_off_ttft_p99_vs_on"] == pytest.approx(4.0)
-    routed = comparison({"cluster": {"prefix_hit_rate": 0.6}, "cluster_least_loaded": {"prefix_hit_rate": 0.3}})
+    least_loaded = RunKey(Variant(routing="least-loaded"), "grpc")
+    routed = comparison({CLUSTER: {"prefix_hit_rate": 0.6}, least_loaded: {"prefix_hit_rate": 0.3}})
     assert routed["kv_aware_hit_rate_vs_least_loaded"] == pytest.approx(2.0)
 
 
@@ -292,10 +293,12 @@ def test_mode_both_alternates_the_clusters_at_each_rate():
     args = build_parser().parse_args(["bench", "--mode", "both", "--request-rates", "1,2", "--num-requests", "40"])
     resolve_run_args(args)
     assert (args.prefix_cache, args.concurrency) == ("off", 40)  # the fair defaults: no cache, open loop
-    disaggregated, aggregated = Variant(True, False, False), Variant(True, False, True)  # both without a cache
+    disaggregated = Variant(prefix_cache=False)  # both without a cache
+    aggregated = Variant(aggregated=True, prefix_cache=False)
     assert schedule(args) == [(disaggregated, 1.0), (aggregated, 1.0), (disaggregated, 2.0), (aggregated, 2.0)]
     assert (disaggregated.name, aggregated.name) == ("cluster_prefix_off", "cluster_aggregated_prefix_off")
-    assert [mode_label(v.name, args) for v in (disaggregated, aggregated)] == ["disaggregated", "aggregated"]
+    labels = [mode_label(RunKey(v, "grpc", 1.0), varied_fields(args)) for v in (disaggregated, aggregated)]
+    assert labels == ["disaggregated", "aggregated"]
 
 
 def _sweep_points() -> list[SweepPoint]:
@@ -366,3 +369,86 @@ def test_greedy_screen_both_runs_the_decode_step_ab_on_the_same_workload():
     assert (plain.name, screened.name) == ("cluster_float32_head", "cluster")
     with pytest.raises(SystemExit, match="--greedy-screen off/both starts its own clusters"):
         main(["bench", "--address", "127.0.0.1:1", "--greedy-screen", "off"])
+
+
+def test_variant_names_are_derived_from_fields_and_meaningless_variants_are_refused():
+    assert Variant().name == "cluster" and Variant(aggregated=True).name == "cluster_aggregated"
+    every_departure = Variant(False, False, False, "least-loaded", True, False, False)
+    assert every_departure.name == "cluster_kv_off_prefix_off_least_loaded_whole_handoff_float32_head"
+    assert Variant(local_prefill=False).departures() == ["local_prefill"]
+    assert RunKey(Variant(), "openai", 2.0).label == "cluster_openai@2/s"
+    assert RunKey(Baseline(static_batches=True)).label == "generate_static_batch"
+    for bad in (
+        dict(aggregated=True, routing="least-loaded"),
+        dict(aggregated=True, local_prefill=False),
+        dict(local_prefill=False, held_prefix=False),
+        dict(routing="round-robin"),
+    ):
+        with pytest.raises(ValueError):
+            Variant(**bad)
+    with pytest.raises(ValueError, match="a baseline none"):
+        RunKey(Baseline(static_batches=False), "grpc")
+    with pytest.raises(ValueError, match="one of grpc, openai"):
+        RunKey(Variant())
+
+
+def test_ratios_pair_runs_by_their_fields():
+    def stats(tokens_per_s: float, ms: float, kv_bytes: float = 0.0) -> dict:
+        timing = {"mean": ms, "p50": ms, "p99": 2 * ms}
+        found = {"output_token_throughput": tokens_per_s, "ttft_s": timing, "e2e_s": timing, "tpot_s": timing}
+        return found | ({"routing": {"kv-bytes-sent": kv_bytes}} if kv_bytes else {})
+
+    def at(**changes: bool) -> RunKey:
+        return RunKey(Variant(**changes), "grpc")
+
+    ratios = comparison(
+        {
+            CLUSTER: stats(100, 10, kv_bytes=1000),
+            RunKey(Variant(), "openai"): stats(90, 11),
+            at(local_prefill=False): stats(80, 20),
+            at(held_prefix=False): stats(70, 30, kv_bytes=2000),
+            at(greedy_screen=False): stats(50, 40),
+            at(prefix_cache=False, local_prefill=False): stats(40, 50),
+            at(kv_cache=False): stats(25, 80),
+            RunKey(Baseline(static_batches=True)): stats(200, 5),
+        }
+    )
+    assert ratios["openai_throughput_vs_grpc"] == pytest.approx(0.9)
+    assert ratios["local_prefill_off_ttft_p50_vs_on"] == pytest.approx(2.0)
+    assert ratios["whole_handoff_e2e_p50_vs_on"] == pytest.approx(3.0)
+    assert ratios["whole_handoff_kv_bytes_vs_on"] == pytest.approx(2.0)
+    assert ratios["greedy_screen_throughput_vs_float32_head"] == pytest.approx(2.0)
+    assert ratios["float32_head_throughput_vs_generate_static_batch"] == pytest.approx(0.25)
+    assert ratios["neither_ttft_p99_vs_both"] == pytest.approx(5.0)
+    assert ratios["kv_off_throughput_vs_on"] == pytest.approx(0.25)
+    assert ratios["kv_off_tpot_vs_on"] == pytest.approx(8.0)
+    assert "prefix_off_ttft_p50_vs_on" not in ratios  # that run departs in two fields, not in the prefix cache alone
+    swept = {RunKey(Variant(), "grpc", 1.0): stats(100, 10), RunKey(Variant(kv_cache=False), "grpc", 1.0): stats(1, 1)}
+    assert comparison(swept) == {}  # a sweep's runs have no reference without a rate
+
+
+def test_sweep_labels_keep_the_suffixes_of_what_the_invocation_varies():
+    args = build_parser().parse_args(["bench", "--kv-cache", "both", "--prefix-cache", "off", "--api", "both"])
+    resolve_run_args(args)
+    assert varied_fields(args) == {"kv_cache"}
+    assert [v.name for v in variants(args)] == ["cluster_prefix_off", "cluster_kv_off_prefix_off"]
+    off = Variant(kv_cache=False, prefix_cache=False)
+    assert mode_label(RunKey(off, "grpc", 1.0), varied_fields(args)) == "disaggregated_kv_off"
+    assert mode_label(RunKey(off, "openai", 1.0), varied_fields(args)) == "disaggregated_kv_off_openai"
+
+
+def test_disagg_finds_bench_by_entry_point_and_skips_only_an_absent_package(monkeypatch, capsys):
+    import importlib.metadata
+
+    assert build_parser().parse_args(["bench"]).func.__module__ == "benchmarks.cli"
+    group = "disagg.commands"
+    absent = importlib.metadata.EntryPoint("peer", "no_such_package_anywhere.cli:add_parser", group)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [absent])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench"])  # no such command here: the other commands still parse
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
+    assert build_parser().parse_args(["inspect", "x"]).command == "inspect"
+    broken = importlib.metadata.EntryPoint("bench", "benchmarks.no_such_module:add_parser", group)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [broken])
+    with pytest.raises(ModuleNotFoundError, match="benchmarks.no_such_module"):
+        build_parser()

@@ -55,8 +55,8 @@ def test_bench_handoff_writes_a_record(tmp_path):
 def test_dtype_agreement_uses_the_serving_path_and_counts_divergence(gpt2_model):
     import torch
 
-    from disagg.tools.dtype_agreement import greedy_tokens
-    from disagg.tools.handoff_bench import empty_tally, tally
+    from benchmarks.agreement import empty_tally, tally
+    from benchmarks.dtype_agreement import greedy_tokens
 
     ids = gpt2_model.tokenizer.encode("The decode worker keeps every running sequence in one slab")
     with torch.inference_mode():

@@ -1,5 +1,6 @@
 """The dependency direction, checked on the source: process packages may import the library, the library never
-imports a process package, and only the tools (the `disagg` command, benchmarks) may import anything."""
+imports a process package, only the tools (the `disagg` command) may import anything, and no serving package, the
+tools included, imports the benchmarks (`disagg bench` reaches them through an entry point)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROCESS_PACKAGES = ("gateway", "prefill_worker", "decode_worker")
+SERVING_PACKAGES = ("disagg", *PROCESS_PACKAGES)
 # Within the library, what each room may not import (besides the process packages, which no room may).
 FORBIDDEN = {
     "disagg.model": ("disagg.engine", "disagg.rpc", "disagg.telemetry", "disagg.tools"),
@@ -58,6 +60,11 @@ def layering_violations(root: pathlib.Path) -> list[str]:
             for line, imported in _imports(path):
                 if any(_within(imported, other) for other in others):
                     violations.append(f"{path.relative_to(root)}:{line} imports {imported}")
+    for package in SERVING_PACKAGES:  # the measurement harness stays outside what is served, even lazily
+        for path in sorted((root / package).rglob("*.py")):
+            for line, imported in _imports(path):
+                if _within(imported, "benchmarks"):
+                    violations.append(f"{path.relative_to(root)}:{line} imports {imported}")
     return violations
 
 
@@ -79,6 +86,12 @@ def test_the_library_never_imports_a_process_package():
             "disagg/model/planted.py:2 imports disagg.engine.decode",
         ),
         ("gateway/planted.py", "import prefill_worker.main\n", "gateway/planted.py:1 imports prefill_worker.main"),
+        (
+            "disagg/tools/planted.py",
+            "def f():\n    from benchmarks.serving import bench_main\n",
+            "disagg/tools/planted.py:2 imports benchmarks.serving",
+        ),
+        ("decode_worker/planted.py", "import benchmarks\n", "decode_worker/planted.py:1 imports benchmarks"),
     ],
 )
 def test_the_check_catches_a_planted_violation(tmp_path, module, source, expected):

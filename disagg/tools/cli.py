@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import shlex
 import sys
@@ -118,22 +119,19 @@ def _generate(args: argparse.Namespace) -> None:
     sys.exit(asyncio.run(run()))
 
 
-def _bench(args: argparse.Namespace) -> None:
-    from disagg.tools.bench_cmd import bench_main
-
-    bench_main(args)
-
-
-def _bench_handoff(args: argparse.Namespace) -> None:
-    from disagg.tools.handoff_bench import handoff_main
-
-    handoff_main(args)
-
-
-def _bench_dtype(args: argparse.Namespace) -> None:
-    from disagg.tools.dtype_agreement import dtype_main
-
-    dtype_main(args)
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """The subcommands other installed packages add, e.g. `bench` from the benchmarks package: the entry points of
+    group `disagg.commands` (pyproject.toml) name a function that adds its parsers. Found by name at run time, so
+    the serving packages never import those packages; one not installed (the container image ships no benchmarks)
+    adds nothing."""
+    for entry in sorted(importlib.metadata.entry_points(group="disagg.commands"), key=lambda e: e.name):
+        try:
+            add_parsers = entry.load()
+        except ModuleNotFoundError as missing:
+            if missing.name != entry.module.partition(".")[0]:  # a broken package, not an absent one
+                raise
+            continue
+        add_parsers(sub)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -245,36 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls-server-name", default="", help="name in the gateway's certificate, if not the address")
     gen.set_defaults(func=_generate)
 
-    bench = sub.add_parser(
-        "bench",
-        allow_abbrev=False,  # '--out' of 'bench handoff' must not abbreviate '--output'
-        help="load-test a gateway (or a local cluster it starts) against in-process generate() baselines",
-    )
-    from disagg.tools.bench_cmd import add_bench_flags
-
-    add_bench_flags(bench)
-    bench.set_defaults(func=_bench)
-    reports = bench.add_subparsers(
-        dest="report",
-        metavar="{handoff,dtype}",
-        help="instead of the load test: 'disagg bench handoff --help', 'disagg bench dtype --help'",
-    )
-    handoff = reports.add_parser(
-        "handoff",
-        help="KV handoff cost per prompt length, transport and wire format, "
-        "and greedy agreement of lossy wire formats on the bundled model",
-    )
-    from disagg.tools.handoff_bench import add_handoff_flags
-
-    add_handoff_flags(handoff)
-    handoff.set_defaults(func=_bench_handoff)
-    dtype = reports.add_parser(
-        "dtype", help="greedy agreement of bfloat16 (or other dtypes) with float32 on the bundled real model"
-    )
-    from disagg.tools.dtype_agreement import add_dtype_flags
-
-    add_dtype_flags(dtype)
-    dtype.set_defaults(func=_bench_dtype)
+    _add_plugin_commands(sub)
 
     inspect = sub.add_parser("inspect", help="walk through prefill and decode of one prompt, step by step")
     from disagg.tools.inspect_cmd import add_inspect_flags

@@ -2,7 +2,8 @@
 with the prefix cache holding the system prompt, against the same user turn prefilled alone (the uncached suffix's
 own cost, the floor) and the whole prompt uncached. In one process, interleaved, medians of REPEATS rounds.
 
-    python scripts/bench_prefix_compute.py [--system-tokens 512] [--user-tokens 64] [--out results/prefix_compute]
+    python -m benchmarks.prefix_compute [--system-tokens 512] [--user-tokens 64]
+                                        [--out benchmarks/results/prefix_compute]
 
 The time is one `run_once` of a PrefillEngine (thread not started) for one request: the cache lookup, joining the
 cached blocks into the prefix KV, the forward pass over what is left and storing the new full blocks; the first
@@ -19,13 +20,13 @@ import time
 
 import torch
 
+from benchmarks.report import module_command, publish, run_header
 from disagg.config import BatchPolicy
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
 from disagg.kv.prefix_cache import PrefixCache
 from disagg.model.loading import load_model
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import SamplingParams
-from disagg.tools.experiment_record import publish, run_header
 
 
 def one_request(engine: PrefillEngine, ids: list[int]) -> tuple[float, PrefillResult]:
@@ -44,14 +45,19 @@ def one_request(engine: PrefillEngine, ids: list[int]) -> tuple[float, PrefillRe
     return time.perf_counter() - started, results[0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.prefix_compute", description=__doc__.splitlines()[0])
     parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--user-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     lm = load_model("distilgpt2", load_format="dummy", dtype="float32", seed=0)
     vocab = lm.config.vocab_size
@@ -74,7 +80,7 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratio = medians["cached system prompt"] / medians["user turn alone"]
     record = dict(
-        **run_header("python " + " ".join(sys.argv)),
+        **run_header(module_command("benchmarks.prefix_compute", argv)),
         threads=args.threads,
         system_tokens=args.system_tokens,
         user_tokens=args.user_tokens,

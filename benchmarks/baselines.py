@@ -16,8 +16,9 @@ import torch
 from transformers import GenerationMixin
 from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.stats import RequestRecord, RunResult
+from benchmarks.workloads import Workload
 from disagg.model.loading import LoadedModel
-from disagg.tools.bench import RequestRecord, RunResult, Workload
 
 
 class _TokenClock(BaseStreamer):

@@ -2,8 +2,8 @@
 (load_for_serving: fused activations; the body, then greedy tokens from the head --greedy-screen picks), distilgpt2
 shapes, dummy weights, 128-token caches.
 
-    python scripts/profile_decode_step.py [--batch 32] [--threads 2] [--dtype float32] [--greedy-screen auto]
-                                          [--out PREFIX]
+    python -m benchmarks.decode_step_profile [--batch 32] [--threads 2] [--dtype float32] [--greedy-screen auto]
+                                             [--out PREFIX]
 
 Prints (and with --out writes OUT.md and OUT.json) the mean step time and the share of each operator.
 """
@@ -18,22 +18,29 @@ import time
 import torch
 from torch.profiler import profile
 
+from benchmarks.report import module_command, publish, run_header
 from disagg.config import ModelOptions
 from disagg.model.decode_batch import DecodeBatch
 from disagg.model.lm_head import GREEDY_SCREENS, greedy_head
 from disagg.model.runtime import load_for_serving
-from disagg.tools.experiment_record import publish, run_header
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.decode_step_profile", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--greedy-screen", default="auto", choices=GREEDY_SCREENS)
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     lm = load_for_serving(ModelOptions(load_format="dummy", dtype=args.dtype, threads=args.threads))
     layers, heads, head_dim = lm.kv_shape()
     batch = DecodeBatch(layers, heads, head_dim, lm.dtype, lm.device)
@@ -68,7 +75,7 @@ def main() -> None:
         for e in events[:12]
     ]
     record = dict(
-        **run_header("python " + " ".join(sys.argv)),
+        **run_header(module_command("benchmarks.decode_step_profile", argv)),
         batch=args.batch,
         threads=args.threads,
         dtype=args.dtype,

@@ -15,13 +15,15 @@ are not what is compared.
 A second, deterministic figure: the CPU time the instrumentation itself adds to one request (`micro`), measured
 in this process around no-op work.
 
-    python scripts/bench_tracing_overhead.py --rounds 120
+    python -m benchmarks.tracing_overhead --rounds 120     (from the repository root: the OTLP receiver of the
+                                                           exporting arm is the tests' own, tests/otlp_receiver.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import pathlib
@@ -30,14 +32,14 @@ import random
 import statistics
 import sys
 import time
+from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.report import module_command
+from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
+from disagg.tools.client import channel, complete
+from disagg.tools.cluster import Cluster
 
-from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from disagg.tools.client import channel, complete  # noqa: E402
-from disagg.tools.cluster import Cluster  # noqa: E402
-from tests.otlp_receiver import OtlpReceiver  # noqa: E402
+DEFAULT_OUT = "benchmarks/results/tracing_overhead"
 
 PROMPT = (
     "Disaggregated serving splits the prompt's forward pass from token generation, so each phase can run on "
@@ -45,15 +47,17 @@ PROMPT = (
 )
 
 
-def arm_env(arm: str, receiver: OtlpReceiver) -> dict[str, str]:
+def arm_env(arm: str, receiver_endpoint: str) -> dict[str, str]:
     if arm == "disabled":
         return {"OTEL_SDK_DISABLED": "true"}
     if arm == "exporting":
-        return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver_endpoint}
     return {}
 
 
-async def one_round(stubs: dict, order: list[str], n: int, max_new_tokens: int, results: dict) -> dict[str, float]:
+async def one_round(
+    stubs: dict[str, gateway_pb2_grpc.GatewayStub], order: list[str], n: int, max_new_tokens: int, results: dict
+) -> dict[str, float]:
     medians = {}
     for arm in order:
         latencies = []
@@ -71,13 +75,13 @@ async def one_round(stubs: dict, order: list[str], n: int, max_new_tokens: int, 
     return medians
 
 
-async def run(args, clusters: dict[str, Cluster]) -> dict:
+async def run(args: argparse.Namespace, clusters: dict[str, Cluster]) -> dict:
     addresses = {arm: await c.start(timeout=600) for arm, c in clusters.items()}
     channels = {arm: channel(address) for arm, address in addresses.items()}
     stubs = {arm: gateway_pb2_grpc.GatewayStub(ch) for arm, ch in channels.items()}
     arms = list(clusters)
-    results = {arm: {"latency": [], "ttft": []} for arm in arms}
-    warm = {arm: {"latency": [], "ttft": []} for arm in arms}
+    results: dict[str, dict[str, list[float]]] = {arm: {"latency": [], "ttft": []} for arm in arms}
+    warm: dict[str, dict[str, list[float]]] = {arm: {"latency": [], "ttft": []} for arm in arms}
     await one_round(stubs, arms, args.warmup, args.max_new_tokens, warm)
     rounds = []
     for r in range(args.rounds):
@@ -147,7 +151,7 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
         for m in handoff:
             yield m
 
-    async def one_request(traced_generate, server) -> None:
+    async def one_request(traced_generate: Any, server: Any) -> None:
         context = _FakeContext()
         async for _ in traced_generate(gateway_pb2.GenerateRequest(prompt="x"), context):
             pass
@@ -173,6 +177,7 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
 
     class Details:
         invocation_metadata = (("x-request-id", "bench"),)
+        method = ""
 
     async def measure() -> float:
         traced_generate = telemetry.observe_generate(generate)
@@ -233,11 +238,19 @@ def summarize(raw: dict, baseline: str = "disabled") -> dict:
 
 
 def write(
-    summary: dict, micro_us: dict, raw: dict, args, command: str, seconds: float, load: tuple, date: str | None = None
+    out: pathlib.Path,
+    summary: dict,
+    micro_us: dict,
+    raw: dict,
+    args: argparse.Namespace,
+    command: str,
+    seconds: float,
+    load: tuple[float, float],
+    date: str | None = None,
 ) -> None:
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    record = {
+    """OUT.json and OUT.md."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
         "command": command,
         "date": date or time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "wall_seconds": round(seconds, 1),
@@ -261,7 +274,7 @@ def write(
         "instrumentation_cpu_us_per_request": micro_us,
         "per_round_medians_s": raw["rounds"],
     }
-    (out / "tracing_overhead.json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         "# Tracing overhead, single stream",
         "",
@@ -316,11 +329,12 @@ def write(
         "- Prometheus metrics are on in every arm.",
         "",
     ]
-    (out / "tracing_overhead.md").write_text("\n".join(lines))
+    out.with_suffix(".md").write_text("\n".join(lines))
 
 
 def rewrite(path: pathlib.Path) -> None:
-    """Re-summarize a recorded run (it keeps every round's medians; with --requests 1 those are the requests)."""
+    """Re-summarize a recorded run (it keeps every round's medians; with --requests 1 those are the requests) and
+    rewrite its JSON and Markdown in place."""
     record = json.loads(path.read_text())
     w = record["workload"]
     if w["requests_per_round_per_arm"] != 1:
@@ -341,6 +355,7 @@ def rewrite(path: pathlib.Path) -> None:
     )
     m = record["machine"]
     write(
+        path.with_suffix(""),
         summary,
         record["instrumentation_cpu_us_per_request"],
         raw,
@@ -352,33 +367,46 @@ def rewrite(path: pathlib.Path) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.tracing_overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--rounds", type=int, default=120)
     parser.add_argument("--requests", type=int, default=1, help="sequential requests per arm per round")
     parser.add_argument("--micro-iterations", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=3, help="requests per arm before measuring")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--arms", default="disabled,no_endpoint,exporting")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results/ alone")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="write OUT.json and OUT.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no record")
     parser.add_argument(
         "--rewrite",
         type=pathlib.Path,
         metavar="JSON",
-        help="recompute the summary of a recorded run (results/tracing_overhead.json) and rewrite "
-        "its JSON and Markdown; runs nothing",
+        help=f"recompute the summary of a recorded run ({DEFAULT_OUT}.json) and rewrite its JSON and Markdown; "
+        "runs nothing",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    # The tests' own OTLP receiver, found from the repository root (imported by name: it is no part of this package).
+    otlp_receiver = importlib.import_module("tests.otlp_receiver")
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     if args.rewrite:
         rewrite(args.rewrite)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name in [n for n in os.environ if n.startswith("OTEL_")]:
         del os.environ[name]  # each arm sets exactly what it tests
-    receiver = OtlpReceiver().start()
+    receiver = otlp_receiver.OtlpReceiver().start()
     worker_args = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
     arms = args.arms.split(",")
-    clusters = {arm: Cluster(worker_args, [], env=arm_env(arm, receiver)) for arm in arms}
+    clusters = {arm: Cluster(worker_args, [], env=arm_env(arm, receiver.endpoint)) for arm in arms}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     try:
@@ -395,8 +423,8 @@ def main() -> None:
     if "exporting" in arms:
         print(f"spans received from the exporting arm: {len(receiver.snapshot())}")
     if not args.no_write:
-        command = "python scripts/bench_tracing_overhead.py " + " ".join(sys.argv[1:])
-        write(summary, micro_us, raw, args, command.strip(), seconds, (load_before, os.getloadavg()[0]))
+        command = module_command("benchmarks.tracing_overhead", argv)
+        write(pathlib.Path(args.out), summary, micro_us, raw, args, command, seconds, (load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The ceiling of issue #14's throughput target on this host: our engines in one process, no gRPC, no other process.
 
-    python scripts/bench_engine_ceiling.py [--concurrency 32] [--requests 64] [--out results/engine_ceiling]
+    python -m benchmarks.engine_ceiling [--concurrency 32] [--requests 64] [--out benchmarks/results/engine_ceiling]
 
 distilgpt2 shapes (seeded dummy weights, fp32, the serving model of load_for_serving), 128-token random prompts,
 64 output tokens, ignore_eos, all cores. In the same run: generate()'s static batches of --concurrency (the
@@ -18,6 +18,9 @@ import sys
 import threading
 import time
 
+from benchmarks.baselines import generate_static_batches
+from benchmarks.report import module_command, publish, run_header
+from benchmarks.workloads import Workload, make_prompts
 from disagg.config import BatchPolicy, ModelOptions
 from disagg.engine.aggregated import AggregatedEngine, Prompt
 from disagg.engine.decode import DecodeSequence, TokenEvent
@@ -25,9 +28,6 @@ from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.runtime import load_for_serving
 from disagg.model.sampling import SamplingParams
-from disagg.tools.bench import Workload, make_prompts
-from disagg.tools.bench_baseline import generate_static_batches
-from disagg.tools.experiment_record import publish, run_header
 
 
 def aggregated_closed_loop(
@@ -68,14 +68,19 @@ def aggregated_closed_loop(
         engine.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_ceiling", description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     lm = load_for_serving(ModelOptions(load_format="dummy", threads=os.cpu_count() or 1))
     prompts = make_prompts(lm.tokenizer, args.requests, args.prompt_tokens, seed=0)
     workload = Workload(args.requests, args.prompt_tokens, args.output_tokens, concurrency=args.concurrency)
@@ -100,7 +105,7 @@ def main() -> None:
     plain_ratio = tokens_per_s["aggregated_engine_float32_head"] / tokens_per_s["generate_static_batch"]
     screen_ratio = tokens_per_s["aggregated_engine"] / tokens_per_s["aggregated_engine_float32_head"]
     print(f"aggregated engine in process vs generate() static batch: {ratio:.2f}x")
-    header = run_header("python " + " ".join(sys.argv))
+    header = run_header(module_command("benchmarks.engine_ceiling", argv))
     lines = [
         f"# Engine ceiling at concurrency {args.concurrency} (issue #14)",
         "",

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from benchmarks.agreement import AGREEMENT_PROMPTS, chat_ids, empty_tally, tally
+from benchmarks.report import publish
 from disagg.model.decode_batch import DecodeBatch
 from disagg.model.loading import BUNDLED_MODEL, LoadedModel, load_model
 from disagg.model.prefill import prefill
-from disagg.tools.experiment_record import publish
-from disagg.tools.handoff_bench import AGREEMENT_PROMPTS, chat_ids, empty_tally, tally
 
 
 @torch.inference_mode()
@@ -81,7 +81,7 @@ def add_dtype_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default="bfloat16", help="dtypes to compare with float32, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--agreement-model", default=BUNDLED_MODEL, help="a real model (dummy weights mean nothing)")
-    parser.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. results/bf16_agreement)")
+    parser.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. benchmarks/results/bf16_agreement)")
 
 
 def dtype_main(args: argparse.Namespace) -> None:
