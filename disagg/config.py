@@ -97,7 +97,7 @@ class StreamInterval:
 # Conditional disaggregation is off by default on every front door (`disagg up`, docker-compose, Kubernetes): each
 # prompt goes to a prefill worker and its KV to a decode worker. This is the threshold to turn it on with
 # (`--local-prefill-tokens 256`; `disagg bench --local-prefill` uses it): uncached prompt tokens a decode worker
-# prefills itself. From the TTFT sweep in results/local_prefill_threshold_*.md; on a 2-core host it bought ~5%
+# prefills itself. From the TTFT sweep in benchmarks/results/local_prefill_threshold_*; on a 2-core host it bought ~5%
 # throughput at concurrency 32 (259 vs 247 tokens/s, vLLM's bench client).
 LOCAL_PREFILL_TOKENS = 256
 # The OpenAI-compatible HTTP API's port where `disagg up` and docker-compose serve it (vLLM's default too).
@@ -132,7 +132,7 @@ class GatewayConfig:
     # most this many of its tokens are not in that worker's prefix cache (0 = always a prefill worker)
     local_prefill_tokens: int = 0
     # ... and at least this share of them is in that worker's cache (0: by uncached tokens alone, which on a host
-    # whose workers share the cores is the faster choice: results/local_prefill_threshold_*.md, bench_c32/c64)
+    # whose workers share the cores is the faster choice: benchmarks/results/local_prefill_threshold_*, bench_c32/c64)
     local_prefill_min_cached: float = 0.0
     # ... and a prompt it declines goes back to it, handed over without the blocks it holds (disagg/kv/held_prefix.py)
     handoff_held_prefix: bool = True
@@ -393,8 +393,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         d.local_prefill_min_cached,
         "with --local-prefill-tokens: a decode worker prefills a prompt only if it holds at least this share of "
         "its tokens (e.g. 0.5: a conversation's next turn, not a cold prompt, whose first token comes sooner from "
-        "an idle prefill worker than from inside a busy decode loop; results/local_prefill_threshold_*.md); 0 = by "
-        "uncached tokens alone",
+        "an idle prefill worker than from inside a busy decode loop; benchmarks/results/local_prefill_threshold_*); "
+        "0 = by uncached tokens alone",
     )
     _flag(
         parser,

@@ -20,7 +20,7 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     # Start each stream with a 16 MiB flow-control window instead of growing one from 64 KiB: a KV handoff is
-    # tens of MiB in ~1 MiB messages (see results/handoff.md).
+    # tens of MiB in ~1 MiB messages (see benchmarks/results/handoff.md).
     ("grpc.http2.lookahead_bytes", 16 << 20),
 ]
 

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="conditional disaggregation, off (0) by default: every prompt is prefilled on a prefill worker and its KV "
         "handed to a decode worker. N > 0: a prompt with at most N tokens missing from a decode worker's prefix cache "
         f"is prefilled there instead (decode workers get --local-prefill, the gateway this threshold; "
-        f"{cfg.LOCAL_PREFILL_TOKENS} is the measured choice: results/local_prefill_threshold.md)",
+        f"{cfg.LOCAL_PREFILL_TOKENS} is the measured choice: benchmarks/results/local_prefill_threshold_*.md)",
     )
     up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)
     up.add_argument(

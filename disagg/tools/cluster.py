@@ -163,7 +163,7 @@ def role_threads(cores: int, workers_of_role: int) -> int:
     Workers of one role are busy at the same time under load, so they must not oversubscribe the cores; prefill and
     decode mostly take turns (a request is in one phase at a time, and waves of arrivals alternate), and with a
     short OpenMP spin (disagg/tools/launch.py) a worker that waits gives its cores to the other. Measured in
-    results/threads_*.md (A/B against 1 thread each).
+    benchmarks/results/threads_*.md (A/B against 1 thread each).
     """
     return max(1, cores // max(1, workers_of_role))
 

@@ -7,8 +7,8 @@ take the CPU the other one's threads wait for. Sleeping at once (OMP_WAIT_POLICY
 wake-up per parallel region, hundreds per decode step: batch 1 took 19.2 ms a step instead of 14.7. Workers
 therefore default to GOMP_SPINCOUNT=10000: a spin short enough to be free when the other process needs the core,
 long enough to catch the next operation of the same step (14.7 ms at batch 1, as spinning). Measured A/B in
-results/threads_*.md and results/README.md. A value the user set is kept; one set to the empty string is removed
-(OpenMP's own default).
+benchmarks/results/threads_* (indexed in benchmarks/results/README.md). A value the user set is kept; one set
+to the empty string is removed (OpenMP's own default).
 """
 
 from __future__ import annotations
