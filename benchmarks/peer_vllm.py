@@ -1,0 +1,603 @@
+"""The peer comparison (issue 23): vLLM's CPU engine against `disagg up`, both driven by `vllm bench serve`.
+
+HF `generate()` is not what a user would run instead of this project; vLLM is. This harness serves the same
+weights (a seeded dummy distilgpt2 saved as a folder, or the bundled SmolLM2 converted by disagg's loader) with
+one server at a time in one invocation: `vllm serve FOLDER` (tuned per vLLM's CPU docs, and optionally with its
+defaults), then `disagg up` with its default flags. Each server gets one discarded warm-up round (the first round
+after a start is slower) and then the same `vllm bench serve` command per concurrency: same tokenizer, same seed,
+hence the same prompts. The record (JSON, Markdown, PNG) holds every server's metrics and the ratios disagg/vLLM,
+only ever from pairs measured in this invocation.
+
+vLLM lives in a venv of its own (`bash benchmarks/peer_vllm_install.sh`): it pins an older transformers.
+
+    python -m benchmarks.peer_vllm --model distilgpt2 --dtype float32 --quick   # smoke run, ~5 minutes
+    python -m benchmarks.peer_vllm --model smollm2-135m-instruct --dtype bfloat16 --concurrency 1,32,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg.tools.cluster import free_port
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_VLLM_VENV = REPO / ".venv-vllm"
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+DUMMY_SEED = 0  # disagg's `--load-format dummy` seeds torch with 0 (load_model's default)
+
+# What the record keeps of a `vllm bench serve` result (its per-request arrays stay in the raw file).
+SUMMARY_KEYS = (
+    "completed",
+    "failed",
+    "duration",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "max_output_tokens_per_s",
+    "max_concurrent_requests",
+    *(f"{stat}_{metric}_ms" for metric in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "median", "p50", "p99")),
+)
+# The table's columns: (summary key, header, higher is better).
+COLUMNS = (
+    ("output_throughput", "output tok/s", True),
+    ("p50_tpot_ms", "TPOT p50 (ms)", False),
+    ("p99_tpot_ms", "TPOT p99 (ms)", False),
+    ("p50_ttft_ms", "TTFT p50 (ms)", False),
+    ("p99_ttft_ms", "TTFT p99 (ms)", False),
+    ("p50_itl_ms", "ITL p50 (ms)", False),
+    ("p99_itl_ms", "ITL p99 (ms)", False),
+)
+DISAGG = "disagg"
+
+
+@dataclass(frozen=True)
+class PeerModel:
+    """One model as both servers see it: a folder vLLM loads, and the flags that make `disagg up` load the same."""
+
+    name: str  # the served model name on both servers, and in the result file names
+    folder: pathlib.Path  # weights, config and tokenizer files: vLLM's model and both benchmarks' tokenizer
+    disagg_flags: tuple[str, ...]
+
+
+@dataclass
+class Workload:
+    """What `vllm bench serve` sends: random prompts of a fixed length, a fixed number of tokens back."""
+
+    concurrencies: list[int]
+    num_prompts: int  # 0: max(16, 2 x concurrency) per concurrency
+    input_len: int = 128
+    output_len: int = 64
+    seed: int = 0
+
+    def prompts_for(self, concurrency: int) -> int:
+        return self.num_prompts or max(16, 2 * concurrency)
+
+
+@dataclass
+class Server:
+    """How to start one server: its command, environment changes, and where its OpenAI API answers."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    started_seconds: float = 0.0
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def prepare_model(name: str, cache: pathlib.Path) -> PeerModel:
+    """The model folder vLLM serves, holding exactly the weights `disagg up` builds from its own flags.
+
+    distilgpt2 has no real weights here: `disagg --load-format dummy` builds them seeded, and the same model is
+    saved once under `cache` (with GPT-2's tokenizer). The bundled SmolLM2 is the folder disagg's loader converts
+    it to. Any other folder is served as it is by both."""
+    from disagg.model.loading import BUNDLED_MODEL, bundled_model_folder
+
+    if name == BUNDLED_MODEL:
+        return PeerModel(name, bundled_model_folder(), ("--model", name))
+    if name == "distilgpt2":
+        folder = cache / f"distilgpt2-dummy-seed{DUMMY_SEED}"
+        if not (folder / "model.safetensors").exists():
+            save_dummy_model(name, folder)
+        return PeerModel(name, folder, ("--model", name, "--load-format", "dummy"))
+    folder = pathlib.Path(name).resolve()
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"--model must be distilgpt2, {BUNDLED_MODEL} or a model folder; {name!r} is none")
+    return PeerModel(folder.name, folder, ("--model", str(folder)))
+
+
+def save_dummy_model(name: str, folder: pathlib.Path) -> None:
+    """Save disagg's seeded dummy model (float32; each server casts to --dtype) and its tokenizer to `folder`,
+    and check that the saved weights reload bit for bit."""
+    import torch
+
+    from disagg.model.loading import load_model
+
+    lm = load_model(name, load_format="dummy", dtype="float32", seed=DUMMY_SEED)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    lm.model.save_pretrained(tmp)
+    lm.tokenizer.save_pretrained(tmp)
+    # Spelled out for vLLM's older transformers: the class both versions know, and the model's context.
+    config_path = tmp / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config["model_max_length"] = lm.context_length
+    config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    reloaded = load_model(str(tmp), dtype="float32")
+    expected, saved = lm.model.state_dict(), reloaded.model.state_dict()
+    mismatched = [k for k in expected if not torch.equal(expected[k], saved[k])]
+    if mismatched or expected.keys() != saved.keys():
+        raise RuntimeError(f"the saved dummy model differs from disagg's: {mismatched or 'keys'}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():
+        tmp.rename(folder)
+
+
+def vllm_servers(venv: pathlib.Path, model: PeerModel, dtype: str, settings: Sequence[str]) -> list[Server]:
+    """`vllm serve` per setting: `tuned` as vLLM's CPU docs advise (no core kept back for the API server, one
+    OpenMP thread per core, tcmalloc and Intel OpenMP preloaded), `default` as it comes."""
+    servers = []
+    for setting in settings:
+        port = free_port()
+        argv = [str(venv / "bin" / "vllm"), "serve", str(model.folder), "--served-model-name", model.name]
+        argv += ["--dtype", dtype, "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)]
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+        if setting == "tuned":
+            env |= {
+                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+                "LD_PRELOAD": f"{TCMALLOC}:{venv / 'lib' / 'libiomp5.so'}",
+            }
+        elif setting != "default":
+            raise SystemExit(f"--vllm-settings takes tuned and default, got {setting!r}")
+        servers.append(Server(f"vllm_{setting}", argv, env, port))
+    return servers
+
+
+def disagg_server(model: PeerModel, dtype: str) -> Server:
+    """`disagg up` with its default flags: only the model, its dtype and the ports."""
+    port = free_port()
+    argv = [str(pathlib.Path(sys.executable).parent / "disagg"), "up", *model.disagg_flags, "--dtype", dtype]
+    argv += ["--port", str(free_port()), "--http-port", str(port)]
+    return Server(DISAGG, argv, {"HF_HUB_OFFLINE": "1"}, port)
+
+
+def bench_command(
+    venv: pathlib.Path, server: Server, model: PeerModel, workload: Workload, concurrency: int, result: pathlib.Path
+) -> list[str]:
+    """One `vllm bench serve` round against `server` at `concurrency`, saving its JSON result as `result`."""
+    return [
+        str(venv / "bin" / "vllm"),
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--model",
+        model.name,
+        "--tokenizer",
+        str(model.folder),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(workload.input_len),
+        "--random-output-len",
+        str(workload.output_len),
+        "--ignore-eos",
+        "--seed",
+        str(workload.seed),
+        "--max-concurrency",
+        str(concurrency),
+        "--num-prompts",
+        str(workload.prompts_for(concurrency)),
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--save-result",
+        "--result-dir",
+        str(result.parent),
+        "--result-filename",
+        result.name,
+    ]
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """The summary metrics of one `vllm bench serve` result (the keys it has of SUMMARY_KEYS)."""
+    return {key: raw[key] for key in SUMMARY_KEYS if key in raw}
+
+
+def ratios(runs: Sequence[dict[str, Any]], server: str = DISAGG) -> list[dict[str, Any]]:
+    """`server`'s metrics divided by every other server's, per concurrency both measured.
+
+    Throughput ratios above 1 and latency ratios below 1 favour `server`."""
+    by_key = {(r["server"], r["concurrency"]): r["metrics"] for r in runs}
+    out = []
+    for (name, concurrency), baseline in by_key.items():
+        ours = by_key.get((server, concurrency))
+        if name == server or ours is None:
+            continue
+        entry: dict[str, Any] = {"concurrency": concurrency, "server": server, "baseline": name}
+        for key, _, _ in COLUMNS:
+            if baseline.get(key) and ours.get(key) is not None:
+                entry[key] = ours[key] / baseline[key]
+        out.append(entry)
+    return sorted(out, key=lambda e: (e["concurrency"], e["baseline"]))
+
+
+def _cell(value: float | None, key: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}" if key.endswith("_ms") or key.endswith("throughput") else f"{value:.2f}"
+
+
+def _loads(averages: Sequence[float]) -> str:
+    return "/".join(f"{a:.1f}" for a in averages)
+
+
+def render_markdown(record: dict[str, Any]) -> str:
+    """The record as Markdown: how it was made, then one table per concurrency with the ratio rows."""
+    w = record["workload"]
+    lines = [
+        f"# Peer comparison: `disagg up` vs vLLM's CPU engine, {record['model']} {record['dtype']}"
+        + (" (quick smoke run)" if record.get("quick") else ""),
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Date: {record['date']}; total {record['wall_seconds']:.0f} s  ",
+        f"CPU: {record['cpu']}; load average before the run {_loads(record['load_average_before'])}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "  ",
+        f"Workload: `vllm bench serve --dataset-name random`, {w['input_len']} prompt tokens, {w['output_len']} "
+        f"output tokens (--ignore-eos), seed {w['seed']}; one warm-up round per server start, discarded.",
+        "",
+    ]
+    if record.get("note"):
+        lines += [f"Note: {record['note']}", ""]
+    lines += ["Servers, one at a time, in this order:", ""]
+    for server in record["servers"]:
+        env = " ".join(f"{k}={v}" for k, v in server["env"].items())
+        lines.append(
+            f"- **{server['name']}** (ready after {server['started_seconds']:.0f} s): `{env} {server['command']}`"
+        )
+    lines.append("")
+    ratio_rows = record["ratios"]
+    for concurrency in sorted({r["concurrency"] for r in record["runs"]}):
+        runs = [r for r in record["runs"] if r["concurrency"] == concurrency]
+        lines += [
+            f"## Concurrency {concurrency} ({runs[0]['num_prompts']} prompts)",
+            "",
+            "| server | ok/failed | " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+            "|---|---|" + "---|" * len(COLUMNS),
+        ]
+        for r in runs:
+            m = r["metrics"]
+            cells = [_cell(m.get(key), key) for key, _, _ in COLUMNS]
+            lines.append(f"| {r['server']} | {m.get('completed')}/{m.get('failed')} | " + " | ".join(cells) + " |")
+        for e in (e for e in ratio_rows if e["concurrency"] == concurrency):
+            cells = [f"**{e[key]:.2f}x**" if key in e else "n/a" for key, _, _ in COLUMNS]
+            lines.append(f"| {e['server']} / {e['baseline']} | | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "Ratios are disagg / vLLM from this run: above 1 is better for disagg in output tok/s, below 1 in latencies.",
+        "",
+        "## Greedy agreement with float32",
+        "",
+        agreement_line(record["agreement"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def agreement_line(agreement: dict[str, Any]) -> str:
+    if not agreement.get("measured"):
+        return f"Not measured: {agreement.get('why', '')}"
+    lines = []
+    for dtype, e in agreement["dtypes"].items():
+        lines.append(
+            f"disagg's serving path, {agreement['model']} {dtype} vs float32: {e['matching']}/{e['total']} greedy "
+            f"tokens match ({100 * e['agreement']:.1f}%), {e['identical_sequences']}/{agreement['prompts']} "
+            f"sequences identical over {agreement['new_tokens']} tokens; first divergence per prompt: "
+            f"{e['first_divergence']} (`disagg bench dtype`'s measurement)."
+        )
+    return "\n".join(lines)
+
+
+def plot(record: dict[str, Any], path: pathlib.Path) -> None:
+    """Output tok/s and TPOT p50 per concurrency, one bar per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = [s["name"] for s in record["servers"]]
+    concurrencies = sorted({r["concurrency"] for r in record["runs"]})
+    metrics = {(r["server"], r["concurrency"]): r["metrics"] for r in record["runs"]}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(servers))
+    for ax, (key, title) in zip(axes, (("output_throughput", "output tokens/s"), ("p50_tpot_ms", "TPOT p50 (ms)"))):
+        for i, server in enumerate(servers):
+            xs = [c + (i - (len(servers) - 1) / 2) * width for c in range(len(concurrencies))]
+            ys = [metrics.get((server, c), {}).get(key, float("nan")) for c in concurrencies]
+            ax.bar(xs, ys, width, label=server)
+        ax.set_xticks(range(len(concurrencies)), [f"concurrency {c}" for c in concurrencies])
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"disagg up vs vLLM CPU, {record['model']} {record['dtype']} ({record['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_record(record: dict[str, Any], prefix: pathlib.Path) -> None:
+    """PREFIX.json, PREFIX.md and PREFIX.png."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(f"{prefix}.json").write_text(json.dumps(record, indent=2) + "\n")
+    markdown = render_markdown(record)
+    pathlib.Path(f"{prefix}.md").write_text(markdown)
+    plot(record, pathlib.Path(f"{prefix}.png"))
+    print(markdown)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def running(server: Server, log_path: pathlib.Path, timeout: float) -> Iterator[Server]:
+    """Start `server` in a session of its own, wait until its /v1/models answers, and stop the whole session."""
+    env = os.environ | server.env
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            server.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
+        )
+    try:
+        while not _ready(server.base_url + "/v1/models"):
+            if process.poll() is not None:
+                raise RuntimeError(f"{server.name} exited with {process.returncode} while starting; see {log_path}")
+            if time.perf_counter() - started > timeout:
+                raise RuntimeError(f"{server.name} not ready after {timeout:.0f} s; see {log_path}")
+            time.sleep(1.0)
+        server.started_seconds = time.perf_counter() - started
+        print(f"{server.name} ready after {server.started_seconds:.0f} s", flush=True)
+        yield server
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGINT (both servers shut their children down on it), then SIGTERM, then SIGKILL to the session's group,
+    and wait until no process of it is left: the next server must find the cores, memory and ports free."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, grace / 3)):
+        if process.poll() is None:
+            process.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(wait)
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # what the session still holds (orphans)
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + grace
+    while live_group_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """The processes of group `pgid` that are not zombies (a killed orphan is one until init reaps it)."""
+    members = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # ended while we looked
+        if state != "Z" and int(group) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def measure(
+    server: Server,
+    venv: pathlib.Path,
+    model: PeerModel,
+    workload: Workload,
+    raw_dir: pathlib.Path,
+    start_timeout: float,
+) -> None:
+    """Start `server`, run the warm-up round and one measured round per concurrency, stop it."""
+    with running(server, raw_dir / f"{server.name}.log", start_timeout):
+        top = max(workload.concurrencies)
+        warmup = bench_command(venv, server, model, workload, top, raw_dir / f"{server.name}_warmup.json")
+        warmup[warmup.index("--num-prompts") + 1] = str(top)  # one wave is enough to compile and fill caches
+        _bench(warmup, raw_dir / f"{server.name}_warmup.log")
+        for concurrency in workload.concurrencies:
+            result = raw_dir / f"{server.name}_c{concurrency}.json"
+            command = bench_command(venv, server, model, workload, concurrency, result)
+            _bench(command, raw_dir / f"{server.name}_c{concurrency}.log")
+            run = load_run(server.name, concurrency, workload.prompts_for(concurrency), shlex.join(command), result)
+            server.runs.append(run)
+            print(f"{server.name} c={concurrency}: {run['metrics']['output_throughput']:.1f} output tok/s", flush=True)
+
+
+def load_run(server: str, concurrency: int, num_prompts: int, command: str, result: pathlib.Path) -> dict[str, Any]:
+    """One measured round as the record keeps it: where and how, and the summary of its saved JSON result."""
+    return dict(
+        server=server,
+        concurrency=concurrency,
+        num_prompts=num_prompts,
+        bench_command=command,
+        raw_result=str(result),
+        metrics=summarize(json.loads(result.read_text())),
+    )
+
+
+def assemble_record(header: dict[str, Any], servers: Sequence[Server], agreement: dict[str, Any]) -> dict[str, Any]:
+    """`header` (command, date, machine, versions, model, workload) plus every server, run and ratio."""
+    runs = [run for server in servers for run in server.runs]
+    return dict(
+        header,
+        servers=[
+            dict(name=s.name, command=shlex.join(s.argv), env=s.env, started_seconds=s.started_seconds) for s in servers
+        ],
+        runs=runs,
+        ratios=ratios(runs),
+        agreement=agreement,
+    )
+
+
+def _bench(command: list[str], log_path: pathlib.Path) -> None:
+    with open(log_path, "w") as log:
+        done = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1"}
+        )
+    if done.returncode:
+        raise RuntimeError(f"vllm bench serve failed ({done.returncode}); see {log_path}")
+
+
+def cpu_description() -> str:
+    """lscpu's model name, cores and the flags that decide CPU matmul speed."""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        )
+    except (OSError, ValueError):
+        fields = {}
+    name = fields.get("Model name", platform.processor()).strip()
+    flags = set(fields.get("Flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{name}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX2'})"
+
+
+def versions(venv: pathlib.Path) -> dict[str, str]:
+    """disagg (with its commit), vLLM, and the torch and transformers each side runs."""
+    probe = "import importlib.metadata as m; print(m.version('vllm'), m.version('torch'), m.version('transformers'))"
+    vllm, vllm_torch, vllm_transformers = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    import importlib.metadata as md
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO
+    )
+    return {
+        "disagg": f"{md.version('disagg')} (git {commit.stdout.strip() or '?'}{'+dirty' if dirty.stdout else ''})",
+        "vllm": vllm,
+        "torch (disagg)": md.version("torch"),
+        "transformers (disagg)": md.version("transformers"),
+        "torch (vLLM)": vllm_torch,
+        "transformers (vLLM)": vllm_transformers,
+    }
+
+
+def greedy_agreement(model: str, dtype: str, enabled: bool) -> dict[str, Any]:
+    """disagg's greedy tokens in `dtype` against float32 (`disagg bench dtype`), where that means something."""
+    from disagg.model.loading import BUNDLED_MODEL
+
+    if dtype == "float32":
+        return {"measured": False, "why": "the model runs in float32."}
+    if model != BUNDLED_MODEL:
+        return {"measured": False, "why": "dummy weights make greedy agreement meaningless; see the SmolLM2 record."}
+    if not enabled:
+        return {"measured": False, "why": "skipped (--no-agreement)."}
+    from benchmarks.dtype_agreement import measure_dtype_agreement
+
+    return {"measured": True, **measure_dtype_agreement(dtypes=(dtype,), new_tokens=32, model=model)}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peer_vllm", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default="distilgpt2", help="distilgpt2 (dummy weights), smollm2-135m-instruct, or a folder"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--concurrency", default="1,32,64", help="comma-separated --max-concurrency values")
+    parser.add_argument("--num-prompts", type=int, default=0, help="per round; 0 = max(16, 2 x concurrency)")
+    parser.add_argument(
+        "--vllm-settings", default=None, help="tuned,default (the default), or one of them (--quick: tuned)"
+    )
+    parser.add_argument("--vllm-venv", type=pathlib.Path, default=DEFAULT_VLLM_VENV)
+    parser.add_argument("--quick", action="store_true", help="smoke run: concurrency 4, 8 prompts, vLLM tuned only")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="record prefix (default benchmarks/results/...)")
+    parser.add_argument(
+        "--raw-dir", type=pathlib.Path, default=REPO / "bench_out" / "peer_vllm", help="raw results, logs"
+    )
+    parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path.home() / ".cache" / "disagg" / "peer")
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
+    parser.add_argument("--agreement", default=True, action=argparse.BooleanOptionalAction, help="bf16 vs fp32 greedy")
+    parser.add_argument("--note", default="", help="a line for the record, e.g. that the machine was shared")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency = "4" if args.concurrency == parser.get_default("concurrency") else args.concurrency
+        args.num_prompts = args.num_prompts or 8
+        args.vllm_settings = args.vllm_settings or "tuned"
+    args.vllm_settings = args.vllm_settings or "tuned,default"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if not (args.vllm_venv / "bin" / "vllm").exists():
+        raise SystemExit(f"no vLLM in {args.vllm_venv}: run bash benchmarks/peer_vllm_install.sh first")
+    started = time.perf_counter()
+    date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_before = os.getloadavg()  # other work on these cores shows here (it skews both servers)
+    workload = Workload([int(c) for c in args.concurrency.split(",")], args.num_prompts)
+    model = prepare_model(args.model, args.cache)
+    suffix = "_quick" if args.quick else ""
+    prefix = args.out or RESULTS / f"peer_vllm_{model.name}_{args.dtype}{suffix}"
+    raw_dir = args.raw_dir / f"{model.name}_{args.dtype}{suffix}"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+
+    servers = [
+        *vllm_servers(args.vllm_venv, model, args.dtype, args.vllm_settings.split(",")),
+        disagg_server(model, args.dtype),
+    ]
+    for server in servers:  # one at a time: each has the whole machine
+        measure(server, args.vllm_venv, model, workload, raw_dir, args.start_timeout)
+    agreement = greedy_agreement(args.model, args.dtype, args.agreement)  # both servers are down by now
+    header = dict(
+        command="python -m benchmarks.peer_vllm " + shlex.join(argv),
+        date=date,
+        quick=args.quick,
+        note=args.note,
+        cpu=cpu_description(),
+        load_average_before=load_before,
+        versions=versions(args.vllm_venv),
+        model=model.name,
+        model_folder=str(model.folder),
+        dtype=args.dtype,
+        workload=dict(input_len=workload.input_len, output_len=workload.output_len, seed=workload.seed),
+        wall_seconds=time.perf_counter() - started,
+    )
+    record = assemble_record(header, servers, agreement)
+    write_record(record, prefix)
+
+
+if __name__ == "__main__":
+    main()
