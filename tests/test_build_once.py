@@ -125,10 +125,8 @@ def test_two_processes_convert_the_bundled_model_once(tmp_path):
         print(bundled_model_folder())
     """)
     env = {**os.environ, "DISAGG_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, **pipes) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     folder = tmp_path / BUNDLED_MODEL
