@@ -1,0 +1,389 @@
+"""A forward pass the project owns, for the GPT-2 and Llama families, over the paged KV pool.
+
+HF's modules run a decode step as a dozen small eager ops per layer and, for grouped-query attention, `repeat_kv`
+copies every layer's K/V to the query heads' count each step. Here the same math runs as few, larger ops:
+- projections fused where it pays: Llama's q/k/v as one matmul and gate/up as one (the HF modules' weights become
+  views of the fused tensors, so both forward passes share the memory); GPT-2's `c_attn` is fused already and its
+  Conv1D weights ([in, out]) are used as they are, through the same `addmm` HF calls;
+- RoPE from cos/sin tables computed once, indexed by position (HF recomputes them every step);
+- attention with native GQA over the pool's layout (disagg/model/paged_kv.py): the query heads of a group are the
+  rows of one matmul against their KV head's keys, nothing repeated.
+
+Every function returns the final hidden states (after the final norm), so the existing head applies
+(disagg/model/lm_head.py: the exact bf16 greedy screen). HF's forward stays the fallback for other architectures
+and the reference in tests (tests/test_native_runner.py: logits and greedy tokens against HF's).
+
+Decode (`decode`, one token per row) is a pure function of tensors so that `torch.compile` can take it whole
+(disagg/model/compiled.py); prefill (`prefill`, any number of tokens per sequence, causal) runs eagerly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from disagg.kv.block_pool import BlockTable
+from disagg.model import paged_attention
+from disagg.model.paged_kv import PagedKvStorage
+
+_FAMILIES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+ATTENTION_KINDS = ("kernel", "matmul", "sdpa")
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> [tokens, heads * D]
+
+
+def native_family(model: PreTrainedModel) -> str | None:
+    """ "gpt2" or "llama" when the native forward pass can run `model` exactly as HF does, else None."""
+    family = _FAMILIES.get(type(model).__name__)
+    cfg = model.config
+    if family == "gpt2":
+        plain = not cfg.scale_attn_by_inverse_layer_idx and not cfg.reorder_and_upcast_attn and cfg.scale_attn_weights
+        act = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        return family if plain and act and not cfg.add_cross_attention else None
+    if family == "llama":
+        rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+        plain = not cfg.attention_bias and not cfg.mlp_bias and cfg.hidden_act == "silu"
+        return family if plain and rope == "default" and getattr(cfg, "pretraining_tp", 1) == 1 else None
+    return None
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+
+
+@dataclass
+class _DecodeStep:
+    """What every layer's attention of one decode step shares."""
+
+    slots: torch.Tensor  # [rows]: where each row's new K/V goes (block * block_size + offset)
+    block_tables: torch.Tensor  # [rows, blocks]
+    positions: torch.Tensor  # [rows]
+    mask: torch.Tensor | None  # [rows, blocks * block_size] additive, for the gathering attentions; None: kernel
+
+
+@dataclass
+class LayerWeights:
+    """One transformer block's tensors (the HF model's own, or views of its fused rows). GPT-2's projections are
+    Conv1D weights [in, out] with biases; Llama's are Linear weights [out, in] without."""
+
+    norm1_w: torch.Tensor
+    norm1_b: torch.Tensor | None
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    norm2_w: torch.Tensor
+    norm2_b: torch.Tensor | None
+    up_w: torch.Tensor  # GPT-2: c_fc; Llama: gate and up fused
+    up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
+    """One [sum(out), in] weight for several Linear layers, each layer's weight made a view of its rows (no second
+    copy of the weights; HF's forward computes exactly what it did)."""
+    weights = [linear.weight.detach() for linear in linears]
+    rows, columns = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    first = weights[0]
+    offsets = [first.storage_offset() + sum(w.shape[0] for w in weights[:i]) * columns for i in range(len(weights))]
+    if all(
+        w.is_contiguous()
+        and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and w.storage_offset() == offset
+        for w, offset in zip(weights, offsets)
+    ):  # fused before (another NativeModel of this model): the same tensor again
+        return torch.as_strided(first, (rows, columns), (columns, 1), first.storage_offset())
+    fused = torch.cat(weights)
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
+class NativeModel:
+    """The native forward pass of a GPT-2 or Llama HF model, sharing its weights."""
+
+    def __init__(self, model: PreTrainedModel, attention: str = "kernel"):
+        """`attention` (decode): "kernel" reads the pool in place (disagg/model/paged_attention.py; "matmul" where
+        it cannot be built or the device is not a CPU), "matmul" and "sdpa" gather each row's blocks first."""
+        family = native_family(model)
+        if family is None:
+            raise ValueError(f"no native forward pass for {type(model).__name__}")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        device = next(model.parameters()).device
+        if attention == "kernel" and (device.type != "cpu" or not paged_attention.load()):
+            attention = "matmul"
+        self.family, self.attention = family, attention
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        eps = cfg.layer_norm_epsilon if family == "gpt2" else cfg.rms_norm_eps
+        self.shape = Shape(cfg.num_hidden_layers, cfg.hidden_size, heads, kv_heads, head_dim, eps)
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.positions: torch.Tensor | None = None  # GPT-2's learned position embeddings
+        self.norm_b: torch.Tensor | None = None
+        self.cos: torch.Tensor | None = None  # Llama's RoPE tables [positions, head_dim]
+        self.sin: torch.Tensor | None = None
+        with torch.no_grad():
+            self.layers = self._take_gpt2(model) if family == "gpt2" else self._take_llama(model)
+
+    def _take_gpt2(self, model: PreTrainedModel) -> list[LayerWeights]:
+        body: Any = model.transformer  # (HF's modules, typed loosely)
+        self.embed, self.positions = body.wte.weight.detach(), body.wpe.weight.detach()
+        self.norm_w, self.norm_b = body.ln_f.weight.detach(), body.ln_f.bias.detach()
+        return [
+            LayerWeights(
+                *(
+                    t.detach()
+                    for t in (
+                        block.ln_1.weight,
+                        block.ln_1.bias,
+                        block.attn.c_attn.weight,  # Conv1D: [in, out]
+                        block.attn.c_attn.bias,
+                        block.attn.c_proj.weight,
+                        block.attn.c_proj.bias,
+                        block.ln_2.weight,
+                        block.ln_2.bias,
+                        block.mlp.c_fc.weight,
+                        block.mlp.c_fc.bias,
+                        block.mlp.c_proj.weight,
+                        block.mlp.c_proj.bias,
+                    )
+                )
+            )
+            for block in body.h
+        ]
+
+    def _take_llama(self, model: PreTrainedModel) -> list[LayerWeights]:
+        body: Any = model.model
+        cfg = model.config
+        self.embed, self.norm_w = body.embed_tokens.weight.detach(), body.norm.weight.detach()
+        theta, dim = cfg.rope_parameters["rope_theta"], self.shape.head_dim
+        # As LlamaRotaryEmbedding computes them (float32), once for every position instead of every step
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        freqs = torch.arange(cfg.max_position_embeddings, dtype=torch.float)[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1).to(self.embed.device)
+        self.cos, self.sin = emb.cos().to(self.embed.dtype), emb.sin().to(self.embed.dtype)
+        layers = []
+        for block in body.layers:
+            attn, mlp = block.self_attn, block.mlp
+            layers.append(
+                LayerWeights(
+                    norm1_w=block.input_layernorm.weight.detach(),
+                    norm1_b=None,
+                    qkv_w=_fuse_rows(attn.q_proj, attn.k_proj, attn.v_proj),
+                    qkv_b=None,
+                    o_w=attn.o_proj.weight.detach(),
+                    o_b=None,
+                    norm2_w=block.post_attention_layernorm.weight.detach(),
+                    norm2_b=None,
+                    up_w=_fuse_rows(mlp.gate_proj, mlp.up_proj),
+                    up_b=None,
+                    down_w=mlp.down_proj.weight.detach(),
+                    down_b=None,
+                )
+            )
+        return layers
+
+    # -- the pieces of a block -----------------------------------------------------------------------------------
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.family == "gpt2":
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, self.shape.eps)
+        variance = x.float().pow(2).mean(-1, keepdim=True)  # LlamaRMSNorm, in float32 like HF's
+        return weight * (x.float() * torch.rsqrt(variance + self.shape.eps)).to(x.dtype)
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.family == "gpt2":  # Conv1D, computed as HF's Conv1D computes it
+            assert bias is not None
+            return torch.addmm(bias, x, weight)
+        return F.linear(x, weight, bias)
+
+    def _qkv(
+        self, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, heads, D], k and v [T, kv_heads, D] of tokens `x` [T, hidden] at `positions` [T]."""
+        s = self.shape
+        qkv = self._project(x, layer.qkv_w, layer.qkv_b)
+        q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
+        q = q.view(-1, s.heads, s.head_dim)
+        k = k.view(-1, s.kv_heads, s.head_dim)
+        v = v.view(-1, s.kv_heads, s.head_dim)
+        if self.cos is not None and self.sin is not None:
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        if self.family == "gpt2":
+            inner = F.gelu(self._project(x, layer.up_w, layer.up_b), approximate="tanh")
+            return self._project(inner, layer.down_w, layer.down_b)
+        gate, up = F.linear(x, layer.up_w).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.down_w)
+
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = F.embedding(tokens, self.embed)
+        if self.positions is not None:
+            hidden = hidden + F.embedding(positions, self.positions)
+        return hidden
+
+    def _block(
+        self, layer: LayerWeights, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        """One pre-norm block: attention (`attend(q, k, v)` -> [T, heads * D]) and MLP, each with its residual."""
+        q, k, v = self._qkv(layer, self._norm(hidden, layer.norm1_w, layer.norm1_b), positions)
+        hidden = hidden + self._project(attend(q, k, v), layer.o_w, layer.o_b)
+        return hidden + self._mlp(layer, self._norm(hidden, layer.norm2_w, layer.norm2_b))
+
+    # -- decode: one token per row, attention over the pool ------------------------------------------------------
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        block_tables: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """One decode step: hidden states [rows, hidden] after the final norm.
+
+        `tokens`, `positions` [rows]: each row's newest token and its position (the tokens before it have KV in
+        the pool); `block_tables` [rows, blocks] (int64): each row's blocks, padded with any valid block id (masked
+        out by position); `keys`/`values`: the pool's tensors (PagedKvStorage), written in place at each row's
+        slot for its new token.
+        """
+        block_size = keys[0].shape[2]
+        slots = block_tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
+        step = _DecodeStep(slots, block_tables, positions, None)
+        if self.attention != "kernel":
+            span = torch.arange(block_tables.shape[1] * block_size, device=tokens.device)
+            hidden_span = span[None, :] > positions[:, None]  # [rows, span]: the slots each row must not see
+            mask = torch.zeros(hidden_span.shape, dtype=keys[0].dtype, device=tokens.device)
+            step = _DecodeStep(slots, block_tables, positions, mask.masked_fill(hidden_span, -torch.inf))
+        hidden = self._embed(tokens, positions)
+        for key_cache, value_cache, layer in zip(keys, values, self.layers):
+            attend = functools.partial(self._paged_attention, step, key_cache, value_cache)
+            hidden = self._block(layer, hidden, positions, attend)
+        return self._norm(hidden, self.norm_w, self.norm_b)
+
+    def _paged_attention(
+        self,
+        step: _DecodeStep,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
+        """Store the rows' new K/V in their slots, then attend over each row's blocks: [rows, heads * D]."""
+        s = self.shape
+        rows = q.shape[0]
+        key_cache.view(s.kv_heads, -1, s.head_dim).index_copy_(1, step.slots, k.transpose(0, 1))
+        value_cache.view(s.kv_heads, -1, s.head_dim).index_copy_(1, step.slots, v.transpose(0, 1))
+        if step.mask is None:  # the kernel reads the blocks in place
+            out = paged_attention.paged_decode_attention(
+                q, key_cache, value_cache, step.block_tables, step.positions + 1, self.scale
+            )
+            return out.view(rows, s.heads * s.head_dim)
+        flat_tables = step.block_tables.reshape(-1)
+        span_keys = key_cache.index_select(1, flat_tables).view(s.kv_heads, rows, -1, s.head_dim)
+        span_values = value_cache.index_select(1, flat_tables).view(s.kv_heads, rows, -1, s.head_dim)
+        return self._decode_attention(q, span_keys, span_values, step.mask)
+
+    def _decode_attention(
+        self, q: torch.Tensor, span_keys: torch.Tensor, span_values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """q [rows, heads, D] against K/V [kv_heads, rows, span, D] (a group's query heads are the rows of its KV
+        head's matmul); returns [rows, heads * D]."""
+        s = self.shape
+        rows = q.shape[0]
+        group = s.heads // s.kv_heads
+        grouped = q.view(rows, s.kv_heads, group, s.head_dim).transpose(0, 1)  # [kv_heads, rows, group, D]
+        if self.attention == "sdpa":
+            out = F.scaled_dot_product_attention(grouped, span_keys, span_values, attn_mask=mask[None, :, None, :])
+        else:
+            scores = torch.matmul(grouped, span_keys.transpose(-1, -2)) * self.scale + mask[None, :, None, :]
+            out = torch.matmul(torch.softmax(scores, dim=-1), span_values)
+        return out.transpose(0, 1).reshape(rows, s.heads * s.head_dim)
+
+    # -- prefill: many tokens per sequence, causal ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, sequences: list[list[int]], tables: list[BlockTable], storage: PagedKvStorage) -> torch.Tensor:
+        """The tokens of each sequence after the `table.num_tokens` whose KV the pool already holds (a prefix-cache
+        hit, or none), in one forward pass of all their tokens: their KV written into the pool at their tables'
+        slots (room reserved by the caller), each attending causally to its own sequence. Returns the last
+        token's hidden state of each sequence [sequences, hidden]; advancing the tables is the caller's."""
+        device = storage.device
+        starts = [table.num_tokens for table in tables]
+        if any(not 0 <= start < len(seq) for start, seq in zip(starts, sequences)):
+            raise ValueError("every sequence needs at least one token not in the pool")
+        tokens = torch.tensor([t for seq, start in zip(sequences, starts) for t in seq[start:]], device=device)
+        positions = torch.cat([torch.arange(start, len(seq)) for seq, start in zip(sequences, starts)]).to(device)
+        slots = torch.cat(
+            [storage.slots(table, start, len(seq)) for seq, table, start in zip(sequences, tables, starts)]
+        )
+        lengths = [len(seq) - start for seq, start in zip(sequences, starts)]
+        segments = list(zip(sequences, tables, starts, lengths))
+        hidden = self._embed(tokens, positions)
+        for i, layer in enumerate(self.layers):
+            attend = functools.partial(self._prefill_attention, storage, i, slots, segments)
+            hidden = self._block(layer, hidden, positions, attend)
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        return self._norm(hidden[last], self.norm_w, self.norm_b)
+
+    def _prefill_attention(
+        self,
+        storage: PagedKvStorage,
+        layer: int,
+        slots: torch.Tensor,
+        segments: list[tuple[list[int], BlockTable, int, int]],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
+        """Store the new tokens' K/V, then each sequence's causal attention (`segments`: sequence, table, first new
+        position, new tokens): [tokens, heads * D]."""
+        s = self.shape
+        storage.write(layer, slots, k.transpose(0, 1), v.transpose(0, 1))
+        outs, offset = [], 0
+        for seq, table, start, n in segments:
+            seq_q = q[offset : offset + n].transpose(0, 1)[None]  # [1, heads, n, D]
+            if start == 0:  # nothing before: its own K/V, as computed
+                seq_k = k[offset : offset + n].transpose(0, 1)[None]
+                seq_v = v[offset : offset + n].transpose(0, 1)[None]
+                out = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, is_causal=True, enable_gqa=True)
+            else:  # after a cached prefix: the whole context from the pool, causal from `start` on
+                context = storage.slots(table, 0, len(seq))
+                seq_k = storage.keys[layer].view(s.kv_heads, -1, s.head_dim).index_select(1, context)[None]
+                seq_v = storage.values[layer].view(s.kv_heads, -1, s.head_dim).index_select(1, context)[None]
+                query_positions = torch.arange(start, len(seq), device=q.device)[:, None]
+                allowed = torch.arange(len(seq), device=q.device)[None, :] <= query_positions
+                out = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, attn_mask=allowed, enable_gqa=True)
+            outs.append(out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim))
+            offset += n
+        return torch.cat(outs)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

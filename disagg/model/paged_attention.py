@@ -1,0 +1,79 @@
+"""The decode attention kernel over the paged KV pool (csrc/paged_attention.cpp), built once per machine.
+
+`torch.utils.cpp_extension` compiles the C++ source with the host's instruction set (-march=native) into
+`~/.cache/disagg/torch_extensions/` (or $DISAGG_CACHE_DIR) on first use, ~40 s on 2 cores; later processes load the
+built library in well under a second. The library's name carries a hash of the source and of the CPU's model and
+flags, so a cache shared between different machines never loads code built for another CPU. Where no C++ compiler
+is found the build fails once and `load()` returns False: the native model then gathers the blocks and attends
+with matmuls (disagg/model/native.py), slower but the same math.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+
+
+def _cpu_signature() -> bytes:
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(wanted).encode()
+
+
+def _build_dir() -> pathlib.Path:
+    cache = pathlib.Path(os.environ.get("DISAGG_CACHE_DIR", pathlib.Path.home() / ".cache" / "disagg"))
+    return cache / "torch_extensions"
+
+
+@functools.cache
+def load() -> bool:
+    """Build (first time on this machine) and load the kernel; False when it cannot be built here."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.blake2b(_SOURCE.read_bytes() + _cpu_signature() + torch.__version__.encode(), digest_size=6)
+    name = f"disagg_paged_attention_{digest.hexdigest()}"
+    folder = _build_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        cpp_extension.load(
+            name,
+            [str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+        )
+    except Exception as exc:  # no compiler, no headers: the gather path runs instead
+        log.warning("paged attention kernel unavailable (%s); decode attention gathers blocks instead", exc)
+        return False
+    # for torch.compile's tracing: the output's shape and dtype are the query's
+    torch.library.register_fake("disagg::paged_decode_attention")(lambda query, *_: torch.empty_like(query))
+    log.info("paged attention kernel %s loaded in %.1fs", name, time.perf_counter() - started)
+    return True
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of each row's query [rows, heads, D] over its first `context_lens[row]` tokens in the pool
+    (`block_tables` [rows, blocks], int64; caches [kv_heads, blocks, block_size, D]); returns [rows, heads, D].
+    Needs `load()` to have returned True."""
+    return torch.ops.disagg.paged_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale)
