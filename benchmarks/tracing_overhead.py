@@ -124,6 +124,7 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
 
     class Result:
         forward_started, forward_seconds, batch_size, first_token, finish_reason = 0.0, 0.05, 1, 7, None
+        cached_tokens = 0
 
     class Output:
         finish_reason = "length"
@@ -140,7 +141,7 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
     handoff = [
         worker_pb2.DecodeRequest(start=worker_pb2.SequenceStart(request_id="bench")),
         worker_pb2.DecodeRequest(first_token=worker_pb2.FirstToken(token_id=7)),
-        *(worker_pb2.DecodeRequest(kv_chunk=worker_pb2.KvChunk(tensor_index=i)) for i in range(12)),
+        *chunks,  # as handoff_deserializer hands KV chunks over: not parsed into protobuf
     ]
 
     async def generate(request, context):
