@@ -171,9 +171,10 @@ def micro(iterations: int, max_new_tokens: int) -> dict[str, float]:
             with serialize.encoding() as encoded:
                 encoded.add(len(chunk.data), 1)
         serialize.end()
-        async for _ in telemetry.observe_kv_transfer(messages()):
+        observed = telemetry.observe_kv_transfer(messages())
+        async for _ in observed:
             pass
-        telemetry.record_decode(Seq)
+        telemetry.record_decode(Seq, observed.transfer)
         yield None
 
     class Details:

@@ -107,7 +107,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     handoff.kv = await asyncio.to_thread(pinned.joined, handoff.kv)
                 finally:
                     self._release(pinned)
-            async for response in self._decode(handoff, reservation, transfer):
+            async for response in self._decode(handoff, reservation, transfer, observed.transfer):
                 yield response
         finally:
             if held is not None:
@@ -121,9 +121,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.prefix_cache.release(held)
 
     async def _decode(
-        self, handoff: Handoff, reservation: Reservation | None, transfer: KvTransfer
+        self, handoff: Handoff, reservation: Reservation | None, transfer: KvTransfer, call: KvTransfer
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
-        """The handoff's sequences through the batch; the call's last message reports the phases (and `transfer`)."""
+        """The handoff's sequences through the batch; the call's last message reports the phases (and `transfer`).
+        Each sequence's spans go under the call's trace context, kept in `call` (this call's own stream)."""
         events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
 
         def deliver_to(index: int) -> Deliver:  # called on this loop: the engine notifies it once per step
@@ -141,7 +142,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 if isinstance(event, BaseException):
                     raise event
                 if event.finish_reason is not None:  # record now: a closed stream is finalized later, maybe much later
-                    telemetry.record_decode(running.pop(index))
+                    telemetry.record_decode(running.pop(index), call)
                 response = response_of(index, event)
                 if not running:  # the call's last message
                     response.phases.CopyFrom(decode_phases_to_pb(decode_times(sequences), transfer))
@@ -149,4 +150,4 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         finally:
             for seq in running.values():  # client gone, deadline passed or a failure: free the sequences' KV now
                 self.engine.cancel(seq.request_id)
-                telemetry.record_decode(seq)
+                telemetry.record_decode(seq, call)

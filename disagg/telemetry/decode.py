@@ -31,6 +31,7 @@ class KvTransfer:
     chunks: int = 0
     transport: str = "relayed"
     held_prefix_tokens: int = 0  # leading tokens whose KV the handoff left out: this worker held them
+    recorded: bool = False  # its kv.transfer span and metrics are made (once, whichever sequence ends first)
 
     @property
     def seconds(self) -> float:
@@ -40,10 +41,6 @@ class KvTransfer:
         return (self.last or self.first) - self.first  # (last is set with first: every message sets it)
 
 
-# Handoffs in progress on this decode worker, by request id, until record_decode takes them. The servicer's
-# generator may be finalized in another task (the gateway closes the stream after the last token), where context
-# variables of the call are gone: hence a dict, and the call's trace context kept in the KvTransfer.
-_transfers: dict[str, KvTransfer] = {}
 # Direct transport: what each push (by its handle) received, until the Decode call claiming it reports it.
 _pushes: dict[str, KvTransfer] = {}
 MAX_PENDING_TRANSFERS = 4096
@@ -73,7 +70,6 @@ class ObservedHandoff:
             if kind == "start":
                 transfer.transport = transport_name(message.start.kv_layout.transport)
                 transfer.held_prefix_tokens = message.start.kv_layout.prefix_tokens
-                _keep(_transfers, message.start.request_id, transfer)
             else:
                 _keep(_pushes, message.header.handle, transfer)
         else:
@@ -90,7 +86,8 @@ class ObservedHandoff:
 
 
 def observe_kv_transfer(messages: AsyncIterator[Any]) -> ObservedHandoff:
-    """Wraps a Decode call's request stream; `record_decode` later turns what it saw into the `kv.transfer` span."""
+    """Wraps a Decode call's request stream; `record_decode` later turns what it saw (its `.transfer`) into the
+    `kv.transfer` span."""
     return ObservedHandoff(messages, KvTransfer(parent=otel_context.get_current()))
 
 
@@ -137,23 +134,23 @@ def _record_transfer(transfer: KvTransfer, clock: Clock) -> None:
         )
 
 
-def record_decode(seq: Any, finish_reason: str | None = None) -> None:
-    """When a decode request ends: spans kv.transfer, decode.queue_wait, kv.load, decode; and their metrics.
+def record_decode(seq: Any, call: KvTransfer, finish_reason: str | None = None) -> None:
+    """When one sequence of a Decode call ends (each of the n of an n > 1 request): its spans decode.queue_wait,
+    kv.load and decode, and with the first of them the handoff's kv.transfer; and their metrics. Once per sequence.
 
-    Once per request: a second call finds nothing left to record.
-
-    `seq` is the DecodeSequence (enqueued_at, admitted_at, kv_loaded_at, last_token_at, batch_sizes, output).
+    `seq` is the DecodeSequence (enqueued_at, admitted_at, kv_loaded_at, last_token_at, batch_sizes, output);
+    `call` what `observe_kv_transfer` saw of the call's own stream, with the call's trace context: the servicer's
+    generator may be finalized in another task (the gateway closes the stream after the last token), where the
+    call's context variables are gone.
     """
-    now = time.monotonic()
-    transfer = _transfers.pop(seq.request_id, None)
-    if transfer is None:  # recorded already (or its handoff was not observed)
-        return
-    clock = Clock()
-    if (m := current(DecodeMetrics)) is not None:
-        m.held_prefix_tokens.inc(transfer.held_prefix_tokens)
-    if transfer.transport != "direct":  # a direct push records its own transfer
-        _record_transfer(transfer, clock)
-    _record_decode_phases(seq, transfer.parent, clock, now, finish_reason)
+    now, clock = time.monotonic(), Clock()
+    if not call.recorded:
+        call.recorded = True
+        if (m := current(DecodeMetrics)) is not None:
+            m.held_prefix_tokens.inc(call.held_prefix_tokens)
+        if call.transport != "direct":  # a direct push records its own transfer
+            _record_transfer(call, clock)
+    _record_decode_phases(seq, call.parent, clock, now, finish_reason)
 
 
 def call_context() -> otel_context.Context:
@@ -279,6 +276,7 @@ def _record_decode_phases(
         "disagg.decode.tokens": times.tokens,
         "disagg.decode.time_per_output_token_seconds": tpot,
         "disagg.finish_reason": finish_reason,
+        "disagg.sequence_id": seq.request_id,  # the request's id, `#i` after it for sequence i > 0 of n
     }
     if steps:
         attributes.update(
