@@ -1,10 +1,11 @@
 """`disagg bench dtype`: greedy agreement of a lower-precision model (bfloat16) with float32 on the bundled real
 model, through the serving path (prefill, then the decode slab), over a fixed prompt set.
 
-bfloat16 keeps float32's exponent with an 8-bit mantissa: on CPUs with AMX or AVX512-BF16 its matrix products run
-several times faster, and logits move by about 1%. Greedy decoding turns that into an occasional different token
-wherever the top two logits are close; after the first difference the two continuations are different texts, so
-the record reports the first divergence per prompt and identical sequences, not only matching positions.
+bfloat16 keeps float32's exponent with an 8-bit mantissa (about 3 significant digits): on CPUs with AMX or
+AVX512-BF16 its matrix products run faster, and logits move. Greedy decoding turns that into an occasional
+different token wherever the top two logits are close; after the first difference the two continuations are
+different texts, so the record reports the first divergence per prompt and identical sequences, not only matching
+positions.
 """
 
 from __future__ import annotations
