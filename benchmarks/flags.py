@@ -127,7 +127,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         c,
         "--local-prefill",
         "on",
-        "conditional disaggregation of the disaggregated cluster, on as in `disagg up`: decode workers "
+        "conditional disaggregation of the disaggregated cluster, on by default here (`disagg up` leaves it off: "
+        "'off' measures its default path): decode workers "
         "--local-prefill and the gateway's --local-prefill-tokens (a prompt whose tokens the decode worker "
         "mostly holds, e.g. a conversation's next turn, is prefilled there); 'both' runs the same workload on a "
         "cluster without it and one with it",
