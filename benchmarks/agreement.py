@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from disagg.kv.types import KvLayers
+    from disagg.model.kv_layers import KvLayers
     from disagg.model.loading import LoadedModel
 
 AGREEMENT_PROMPTS = (

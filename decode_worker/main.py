@@ -42,6 +42,7 @@ async def serve(config: WorkerConfig) -> None:
             notify=loop.call_soon_threadsafe,
             prefix_cache=prefix_cache,
             greedy_screen=config.greedy_screen,
+            model_runner=config.model_runner,
         )
         whole = AggregatedServicer(lm, aggregated, budget)
         server.add_service(
@@ -51,7 +52,9 @@ async def serve(config: WorkerConfig) -> None:
         reports.append(whole.load)
     else:
         notify = loop.call_soon_threadsafe
-        engine = DecodeEngine(lm, config.batch, config.kv_cache, budget, notify, config.greedy_screen)
+        engine = DecodeEngine(
+            lm, config.batch, config.kv_cache, budget, notify, config.greedy_screen, config.model_runner
+        )
     if not config.aggregated:  # handed-over sequences join the same batch
         servicer = DecodeServicer(lm, engine, budget, prefix_cache)
         server.add_service(

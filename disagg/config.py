@@ -15,6 +15,7 @@ from disagg.kv.codec import WIRE_DTYPE_CHOICES
 from disagg.kv.transports import KV_TRANSPORTS
 from disagg.model.dtypes import DTYPES
 from disagg.model.lm_head import GREEDY_SCREENS
+from disagg.model.native import MODEL_RUNNERS
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -73,6 +74,7 @@ class WorkerConfig:
     aggregated: bool = False  # decode only: also prefill (AggregatedService), one engine for both phases
     local_prefill: bool = False  # decode only: DecodeService and AggregatedService (conditional disaggregation)
     greedy_screen: str = "auto"  # greedy tokens from an exact bf16 screen of the vocabulary (model/lm_head.py)
+    model_runner: str = "native"  # decode only: the project's forward pass over a paged KV pool, or "hf"
     # KV of computed prompt blocks kept for reuse (0 = off); a decode worker's (--aggregated, --local-prefill) also
     # keeps finished sequences' prompt + generated tokens
     prefix_cache_mb: int = 256
@@ -279,6 +281,15 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, prefill: bool) -> None:
             "--kv-budget-mb",
             d.kv_budget_mb,
             "KV cache memory this worker admits (prompt + max_new_tokens per sequence); 0 = unlimited",
+        )
+        _flag(
+            parser,
+            "--model-runner",
+            d.model_runner,
+            "the decode step's forward pass: 'native' runs GPT-2 and Llama models with the project's own (fused "
+            "projections, RoPE tables, grouped-query attention read straight from a paged KV pool; other "
+            "architectures keep HF's), 'hf' runs HF's modules over a left-padded KV slab",
+            choices=list(MODEL_RUNNERS),
         )
         _flag(
             parser,

@@ -1,4 +1,4 @@
-"""The paged KV pool's allocator (disagg/kv/block_pool.py): joining, leaving, forking, copy-on-write, prefix hits
+"""The paged KV pool's allocator (disagg/model/block_pool.py): joining, leaving, forking, copy-on-write, prefix hits
 that share blocks, eviction under pressure and the budget in blocks; and its tensors (disagg/model/paged_kv.py):
 a hit's KV is the cached sequence's own blocks, a copy-on-write copies exactly one block."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from disagg.kv.block_pool import BlockPool, PoolExhausted
 from disagg.kv.prefix_cache import block_keys
+from disagg.model.block_pool import BlockPool, PoolExhausted
 from disagg.model.paged_kv import PagedKvStorage
 
 FINGERPRINT = "test-model"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from disagg.kv.block_pool import BlockPool
 from disagg.kv.prefix_cache import block_keys
+from disagg.model.block_pool import BlockPool
 from disagg.model.decode_batch import DecodeBatch
 from disagg.model.lm_head import LmHead
 from disagg.model.loading import LoadedModel

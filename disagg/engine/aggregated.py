@@ -29,11 +29,10 @@ from typing import cast
 
 from disagg.config import BatchPolicy
 from disagg.engine.batching import similar_length_batch, take_indices
-from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent, _deliver_all
+from disagg.engine.decode import DecodeEngine, DecodeSequence, KvBatch, TokenEvent, _deliver_all
 from disagg.errors import Overloaded
 from disagg.kv.budget import KvBudget
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
-from disagg.model.decode_batch import DecodeBatch
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import token_logprobs
 from disagg.model.prefill import prefill, prefill_after_prefix
@@ -81,8 +80,9 @@ class AggregatedEngine(DecodeEngine):
         notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
         prefix_cache: PrefixCache | None = None,
         greedy_screen: str = "auto",
+        model_runner: str = "native",
     ):
-        super().__init__(lm, policy, kv_cache, budget, notify, greedy_screen)
+        super().__init__(lm, policy, kv_cache, budget, notify, greedy_screen, model_runner)
         self.prompts: deque[Prompt] = deque()
         self.last_prefill: PrefillStats | None = None
         # the prefix cache needs the prompts' KV: off with the KV cache
@@ -219,7 +219,7 @@ class AggregatedEngine(DecodeEngine):
         """Keep the finished sequence's whole context (prompt + generated tokens) in the prefix cache."""
         if self.prefix_cache is None:
             return
-        kv = cast(DecodeBatch, self.batch).row_kv(seq.request_id)
+        kv = cast(KvBatch, self.batch).row_kv(seq.request_id)
         fed = kv[0][0].shape[2] - len(seq.context)  # tokens the decode steps computed: all but the newest
         tokens = seq.output.tokens
         self.prefix_cache.insert([*seq.context, *tokens[len(tokens) - 1 - fed : -1]], kv)

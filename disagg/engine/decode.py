@@ -22,16 +22,19 @@ from typing import cast
 from disagg.config import BatchPolicy
 from disagg.engine.thread import EngineThread
 from disagg.kv.budget import KvBudget, Reservation
-from disagg.kv.types import KvLayers
 from disagg.model.decode_batch import DecodeBatch, RecomputeBatch
+from disagg.model.kv_layers import KvLayers
 from disagg.model.lm_head import greedy_head
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import TokenLogprobs, batch_logprobs
+from disagg.model.native import MODEL_RUNNERS, NativeModel, native_family
 from disagg.model.output_stream import OutputStream
+from disagg.model.paged_batch import DEFAULT_BLOCK_TOKENS, PagedDecodeBatch
 from disagg.model.sampling import SamplingParams, sample_batch
 
 # Columns a roomy slab keeps beyond the longest remaining run: a joiner that needs a few more does not reallocate.
 _SPARE_COLUMNS = 64
+KvBatch = DecodeBatch | PagedDecodeBatch  # the batches that hold KV (RecomputeBatch recomputes it)
 
 
 @dataclass
@@ -79,22 +82,35 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         budget: KvBudget | None = None,
         notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
         greedy_screen: str = "auto",
+        model_runner: str = "native",
     ):
         """`notify(fn)` runs fn where the sequences' `deliver` callbacks belong (the servicer passes its event
         loop's call_soon_threadsafe; by default they are called on the engine thread). `greedy_screen`: how greedy
-        rows pick their token (disagg.model.lm_head.greedy_head: "auto", "bf16", "off")."""
+        rows pick their token (disagg.model.lm_head.greedy_head: "auto", "bf16", "off"). `model_runner`: "native"
+        steps GPT-2 and Llama models with the project's forward pass over a paged KV pool (disagg/model/native.py,
+        paged_batch.py; other architectures keep HF's), "hf" with HF's modules over the left-padded slab."""
         super().__init__(policy)
+        if model_runner not in MODEL_RUNNERS:
+            raise ValueError(f"model_runner must be one of {MODEL_RUNNERS}, got {model_runner!r}")
         self.lm, self.kv_cache, self.notify = lm, kv_cache, notify
         self.head = greedy_head(lm.model, greedy_screen)
         self.budget = budget if budget is not None else KvBudget(0)
-        layers, heads, head_dim = lm.kv_shape()
-        self.batch = (
-            DecodeBatch(layers, heads, head_dim, lm.dtype, lm.device) if kv_cache else RecomputeBatch(lm.device)
-        )
+        self.batch: KvBatch | RecomputeBatch = self._new_batch(model_runner)
         self.running: dict[str, DecodeSequence] = {}
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
         self.last_step: StepStats | None = None
+
+    def _new_batch(self, model_runner: str) -> KvBatch | RecomputeBatch:
+        lm = self.lm
+        if not self.kv_cache:
+            return RecomputeBatch(lm.device)
+        layers, heads, head_dim = lm.kv_shape()
+        if model_runner == "hf" or native_family(lm.model) is None:
+            return DecodeBatch(layers, heads, head_dim, lm.dtype, lm.device)
+        block_bytes = 2 * layers * heads * DEFAULT_BLOCK_TOKENS * head_dim * lm.dtype.itemsize
+        max_blocks = max(1, self.budget.limit // block_bytes) if self.budget.limit else 0
+        return PagedDecodeBatch(NativeModel(lm.model), lm.dtype, lm.device, max_blocks=max_blocks)
 
     def busy(self) -> bool:
         return bool(self.running)
@@ -127,10 +143,23 @@ class DecodeEngine(EngineThread[DecodeSequence]):
     def _steps_left(seq: DecodeSequence) -> int:
         return max(1, seq.output.params.max_new_tokens - len(seq.output.tokens))
 
-    def _plan(self, joining: list[DecodeSequence]) -> tuple[int, int] | None:
+    def _plan(self, joining: list[DecodeSequence]) -> tuple[int, int] | list[int] | None:
+        """How the batch takes `joining`, if the KV budget lets it (booked then), else None: for the slab (rows,
+        columns), for the pool each joiner's final KV length."""
+        if isinstance(self.batch, PagedDecodeBatch):
+            return self._plan_paged(self.batch, joining)
+        return self._plan_slab(cast(DecodeBatch, self.batch), joining)
+
+    def _plan_paged(self, batch: PagedDecodeBatch, joining: list[DecodeSequence]) -> list[int] | None:
+        """Each joiner's KV length at its last step, if the blocks of every row's final length fit the budget (a
+        promise no later step breaks; the pool takes them as the rows grow)."""
+        finals = [len(s.context) + self._steps_left(s) for s in joining]
+        committed = batch.blocks_for([*batch.final_tokens, *finals]) * batch.bytes_per_block
+        return finals if self.budget.join_slab(committed, [s.reservation for s in joining]) else None
+
+    def _plan_slab(self, batch: DecodeBatch, joining: list[DecodeSequence]) -> tuple[int, int] | None:
         """(rows, columns) of the slab with `joining` in it, if the KV budget lets it grow that far: with room to
         spare (rows doubled, columns for the longest remaining run plus a margin) when that fits, else exact."""
-        batch = cast(DecodeBatch, self.batch)
         steps = max(self._steps_left(s) for s in [*self.running.values(), *joining])
         rows, columns = batch.plan([len(s.context) for s in joining], steps)
         have_rows, have_columns = batch._capacity()
@@ -153,12 +182,12 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         if not candidates:
             return 0
         joining: list[DecodeSequence] = []
-        columns = 0
+        plan: tuple[int, int] | list[int] | None = None
         if self.kv_cache:
             for n in range(len(candidates), 0, -1):  # most first: usually all fit, one plan
-                planned = self._plan(candidates[:n])
-                if planned is not None:
-                    joining, columns = candidates[:n], planned[1]
+                plan = self._plan(candidates[:n])
+                if plan is not None:
+                    joining = candidates[:n]
                     break
         else:
             joining = candidates
@@ -171,9 +200,14 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         for seq in joining:
             seq.admitted_at = now
         try:
-            if self.kv_cache:  # the batch is a DecodeBatch, and every handoff brought its KV cache
-                entries = [(s.request_id, s.kv, s.output.tokens[-1]) for s in joining]
-                cast(DecodeBatch, self.batch).add_many(cast("list[tuple[str, KvLayers, int]]", entries), columns)
+            if self.kv_cache:  # the batch holds KV, and every handoff brought its KV cache
+                entries = cast(
+                    "list[tuple[str, KvLayers, int]]", [(s.request_id, s.kv, s.output.tokens[-1]) for s in joining]
+                )
+                if isinstance(self.batch, PagedDecodeBatch):
+                    self.batch.add_many(entries, cast("list[int]", plan))
+                else:
+                    cast(DecodeBatch, self.batch).add_many(entries, cast("tuple[int, int]", plan)[1])
             else:
                 for seq in joining:
                     cast(RecomputeBatch, self.batch).add(seq.request_id, seq.context, seq.output.tokens[-1])

@@ -12,7 +12,7 @@ from disagg.config import BatchPolicy
 from disagg.engine.batching import similar_length_batch, take_indices
 from disagg.engine.thread import EngineThread
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
-from disagg.kv.types import KvLayers
+from disagg.model.kv_layers import KvLayers
 from disagg.model.lm_head import greedy_head
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import TokenLogprobs, token_logprobs

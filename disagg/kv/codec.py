@@ -19,8 +19,8 @@ import torch
 from isal.isal_zlib import crc32  # zlib's CRC-32 (ISA-L: the same checksum, several times faster)
 
 from disagg.errors import KvIntegrityError
-from disagg.kv.types import KvLayers
 from disagg.model.dtypes import DTYPES
+from disagg.model.kv_layers import KvLayers
 
 CHUNK_BYTES = 1 << 20
 WIRE_FORMATS = (*DTYPES, "int8")  # a KvLayout's wire_dtype: a model dtype, or int8 with per-channel scales

@@ -11,7 +11,7 @@ from disagg.errors import DisaggError, KvIntegrityError, Overloaded, ProtocolErr
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.codec import KvAssembler, KvLayout
 from disagg.kv.framing import HandoffMessage, event_of
-from disagg.kv.types import KvLayers
+from disagg.model.kv_layers import KvLayers
 from disagg.rpc.convert import layout_from_pb
 
 

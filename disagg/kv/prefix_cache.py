@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from disagg.kv.types import KvLayers
+from disagg.model.kv_layers import KvLayers
 
 DEFAULT_BLOCK_TOKENS = 16
 _ROOT = b""  # the parent key of a prompt's first block

@@ -16,7 +16,7 @@ from disagg.kv.framing import HandoffMessage, event_of
 from disagg.kv.inbox import KvInbox
 from disagg.kv.shared_memory import adopt_shared_memory
 from disagg.kv.transports import DIRECT
-from disagg.kv.types import KvLayers
+from disagg.model.kv_layers import KvLayers
 from disagg.model.loading import LoadedModel
 from disagg.pb.disagg.v1 import worker_pb2
 from disagg.rpc.convert import layout_from_pb

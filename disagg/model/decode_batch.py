@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from disagg.kv.types import KvLayers
+from disagg.model.kv_layers import KvLayers
 from disagg.model.lm_head import body_hidden
 from disagg.model.prefill import left_padded
 

@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from disagg.kv.block_pool import BlockTable
 from disagg.model import paged_attention
+from disagg.model.block_pool import BlockTable
 from disagg.model.paged_kv import PagedKvStorage
 
 _FAMILIES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+MODEL_RUNNERS = ("native", "hf")  # a decode engine's choice: this forward pass where it applies, or HF's
 ATTENTION_KINDS = ("kernel", "matmul", "sdpa")
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> [tokens, heads * D]
 

@@ -1,7 +1,7 @@
 """The running decode batch on the paged KV pool, stepped by the native model (disagg/model/native.py).
 
 The same interface as the slab (disagg/model/decode_batch.py: add_many, remove, row_kv, step_hidden, step,
-set_last_tokens), but each row is a block table (disagg/kv/block_pool.py) into one pool per worker:
+set_last_tokens), but each row is a block table (disagg/model/block_pool.py) into one pool per worker:
 - joining copies only the joiner's KV, into blocks of its own (the slab copied the whole running batch whenever a
   longer sequence joined or it ran out of room); n > 1 sequences handed the same KV in one join share its blocks;
 - leaving returns block ids; nothing moves;
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from disagg.kv.block_pool import BlockPool, BlockTable
-from disagg.kv.types import KvLayers
+from disagg.model.block_pool import BlockPool, BlockTable
+from disagg.model.kv_layers import KvLayers
 from disagg.model.native import NativeModel
 from disagg.model.paged_kv import PagedKvStorage
 

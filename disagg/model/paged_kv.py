@@ -1,6 +1,6 @@
 """The paged KV pool's tensors: per layer, keys and values `[kv_heads, num_blocks, block_size, head_dim]`.
 
-Block ids come from disagg/kv/block_pool.py. The layout puts kv_heads first so that gathering a batch's blocks
+Block ids come from disagg/model/block_pool.py. The layout puts kv_heads first so that gathering a batch's blocks
 (`index_select` over dim 1 with the block tables flattened) yields `[kv_heads, rows, blocks * block_size,
 head_dim]` directly: the grouped-query attention in disagg/model/native.py runs one batched matmul per KV head over
 it, with no repeat of K/V for the query heads of a group and no transpose copy.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from disagg.kv.block_pool import BlockTable, CopyPairs
-from disagg.kv.types import KvLayers
+from disagg.model.block_pool import BlockTable, CopyPairs
+from disagg.model.kv_layers import KvLayers
 
 
 class PagedKvStorage:

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from disagg.kv.types import KvLayers
+from disagg.model.kv_layers import KvLayers
 from disagg.model.lm_head import ExactGreedyHead, LmHead
 from disagg.model.sampling import SamplingParams, sample_token
 
