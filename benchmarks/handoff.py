@@ -110,8 +110,8 @@ def _prefill_process(
 def _decode_process(model: str, load_format: str, dtype: str, ready: Queue[str]) -> None:
     from decode_worker.servicer import DecodeServicer
     from disagg import telemetry
-    from disagg.kv.inbox import KvInbox
-    from disagg.kv.receive import receive_handoff
+    from disagg.handoff.inbox import KvInbox
+    from disagg.handoff.receive import receive_handoff
     from disagg.model.loading import load_model
     from disagg.model.runtime import configure_torch
     from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from disagg.engine.decode import DecodeSequence, TokenEvent
 from disagg.errors import InvalidRequest, ProtocolError
-from disagg.kv.receive import Handoff
+from disagg.handoff.receive import Handoff
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import for_sequence

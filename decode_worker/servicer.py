@@ -19,12 +19,12 @@ import grpc
 from decode_worker.forks import Deliver, forked_sequences, response_of
 from disagg import telemetry
 from disagg.engine.decode import DecodeEngine, TokenEvent
+from disagg.handoff.inbox import KvInbox
+from disagg.handoff.receive import Handoff, receive_handoff
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.kv.framing import HandoffMessage
 from disagg.kv.held_prefix import pin_held_prefix
-from disagg.kv.inbox import KvInbox
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
-from disagg.kv.receive import Handoff, receive_handoff
 from disagg.kv.transports import DIRECT
 from disagg.model.loading import LoadedModel
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc

@@ -7,9 +7,9 @@ import asyncio
 from disagg import telemetry
 from disagg.config import WorkerConfig
 from disagg.engine.prefill import PrefillEngine
+from disagg.handoff.senders import PushClients
+from disagg.handoff.shared_memory import SharedMemorySegments
 from disagg.kv.prefix_cache import PrefixCache
-from disagg.kv.senders import PushClients
-from disagg.kv.shared_memory import SharedMemorySegments
 from disagg.model.runtime import load_for_serving
 from disagg.pb.disagg.v1 import worker_pb2
 from disagg.rpc.server import Server

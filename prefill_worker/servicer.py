@@ -12,12 +12,12 @@ import grpc
 
 from disagg import telemetry
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
+from disagg.handoff.senders import PushClients, make_sender
+from disagg.handoff.shared_memory import SharedMemorySegments
 from disagg.kv.codec import KvLayout
 from disagg.kv.events import DEFAULT_MAX_PENDING, CacheWatch, batched, event_messages
 from disagg.kv.held_prefix import set_skipped, skipped_prefix
 from disagg.kv.prefix_cache import PrefixCache
-from disagg.kv.senders import PushClients, make_sender
-from disagg.kv.shared_memory import SharedMemorySegments
 from disagg.kv.transports import DIRECT, RELAYED
 from disagg.model.dtypes import DTYPE_NAMES
 from disagg.model.loading import LoadedModel

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from disagg.errors import KvIntegrityError, Overloaded, ProtocolError
+from disagg.handoff.inbox import KvInbox
+from disagg.handoff.senders import SharedMemorySender
+from disagg.handoff.shared_memory import SharedMemorySegments, adopt_shared_memory
 from disagg.kv.budget import KvBudget
 from disagg.kv.codec import KvAssembler, KvLayout, encode_kv
 from disagg.kv.framing import chunk_from_message, chunk_message
-from disagg.kv.inbox import KvInbox
-from disagg.kv.senders import SharedMemorySender
-from disagg.kv.shared_memory import SharedMemorySegments, adopt_shared_memory
 from disagg.pb.disagg.v1 import worker_pb2
 from disagg.rpc.convert import layout_to_pb
 from disagg.rpc.streams import ReadAhead
@@ -221,7 +221,7 @@ async def test_read_ahead_keeps_order_then_raises_the_source_error():
 
 async def test_a_decode_call_that_ends_before_its_claim_drops_the_pushed_cache(gpt2_model):
     """The client went away between the push and the claim: the cache goes at once, not after the TTL."""
-    from disagg.kv.receive import receive_handoff
+    from disagg.handoff.receive import receive_handoff
 
     lay = KvLayout("float32", *gpt2_model.kv_shape()[:2], 4, gpt2_model.kv_shape()[2], gpt2_model.fingerprint)
     inbox = KvInbox(gpt2_model.fingerprint)

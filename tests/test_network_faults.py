@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from disagg.kv.shared_memory import SHM_DIR
+from disagg.handoff.shared_memory import SHM_DIR
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools import lifeline
 from disagg.tools.client import channel

@@ -1,1 +1,2 @@
-"""The KV cache between workers: its types, wire codec, message framing, transports, and the receiving side."""
+"""The KV cache as workers keep and ship it: the wire codec, message framing, transport names, the decode side's
+memory budget, the prefix cache with its events, and the held-prefix handoff's checks."""

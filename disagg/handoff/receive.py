@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, KvIntegrityError, ProtocolError
+from disagg.handoff.inbox import KvInbox
+from disagg.handoff.shared_memory import adopt_shared_memory
 from disagg.kv.codec import KvAssembler
 from disagg.kv.framing import HandoffMessage, event_of
-from disagg.kv.inbox import KvInbox
-from disagg.kv.shared_memory import adopt_shared_memory
 from disagg.kv.transports import DIRECT
 from disagg.model.kv_layers import KvLayers
 from disagg.model.loading import LoadedModel

@@ -23,9 +23,9 @@ import torch
 from disagg import telemetry
 from disagg.config import TlsOptions
 from disagg.errors import DisaggError, ProtocolError, UpstreamError
+from disagg.handoff.shared_memory import SharedMemorySegments
 from disagg.kv.codec import KvLayout, crc32, encode_tensor, wire_bytes
 from disagg.kv.framing import chunk_message
-from disagg.kv.shared_memory import SharedMemorySegments
 from disagg.kv.transports import DIRECT, SHARED_MEMORY
 from disagg.pb.disagg.v1 import worker_pb2
 from disagg.rpc.channel import CallEnded, open_channel, send
