@@ -19,7 +19,7 @@ GPT2_ARGS = ["--model", "distilgpt2", "--load-format", "dummy", "--seed", "0"]
 LLAMA_ARGS = ["--model", BUNDLED_MODEL]
 
 
-# Tiers (README "Tests"): a test that needs worker processes is marked `cluster`, from the fixtures it uses or by
+# Tiers (docs/development.md): a test that needs worker processes is marked `cluster`, from the fixtures it uses or by
 # an explicit mark; the rest (pure functions, in-process engines and servicers) is the fast tier.
 CLUSTER_FIXTURES = {"scraped", "traces", "traced", "direct_trace"}  # besides every fixture named *cluster
 
