@@ -32,7 +32,6 @@ from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import decode_phases_to_pb, prefill_phases_to_pb
 from disagg.rpc.prompt import resolve_request
 from disagg.telemetry.decode import aggregated_prefill_times, decode_times
 
@@ -104,11 +103,11 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
                     response = worker_pb2.AggregatedServiceGenerateResponse(tokens=response_of(index, event))
                     if first and index == 0:  # (set by the engine before it delivered this first token)
                         response.cached_tokens, first = queued.cached_tokens, False
-                        response.prefill_phases.CopyFrom(prefill_phases_to_pb(aggregated_prefill_times(queued)))
+                        response.prefill_phases.CopyFrom(aggregated_prefill_times(queued).to_pb())
                     if not running:  # the call's last message: no handoff, queued from the prefill's end
                         decoded = [s for s in queued.sequences if s.admitted_at] or queued.sequences
                         times = decode_times(decoded, queued_from=aggregated_prefill_times(queued).ended)
-                        response.tokens.phases.CopyFrom(decode_phases_to_pb(times, None))
+                        response.tokens.phases.CopyFrom(times.to_pb(None))
                     yield response
             finally:
                 for seq in running.values():  # client gone, deadline passed or a failure: free the KV now

@@ -19,8 +19,8 @@ from disagg.kv.prefix_cache import PrefixCache
 from disagg.model.runtime import load_for_serving
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.rpc.load import LoadReport
-from disagg.rpc.server import Server
 from disagg.rpc.services import add_decode_service
+from disagg.server import Server
 
 
 async def serve(config: WorkerConfig) -> None:

@@ -28,7 +28,6 @@ from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.kv.transports import DIRECT
 from disagg.model.loading import LoadedModel
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import decode_phases_to_pb
 from disagg.telemetry.decode import KvTransfer, decode_times, received_transfer
 
 ADMITTED = ("disagg-admitted", "1")  # initial metadata: the sequence's KV is reserved, send the cache
@@ -145,7 +144,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     telemetry.record_decode(running.pop(index), call)
                 response = response_of(index, event)
                 if not running:  # the call's last message
-                    response.phases.CopyFrom(decode_phases_to_pb(decode_times(sequences), transfer))
+                    response.phases.CopyFrom(decode_times(sequences).to_pb(transfer))
                 yield response
         finally:
             for seq in running.values():  # client gone, deadline passed or a failure: free the sequences' KV now

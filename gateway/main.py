@@ -9,8 +9,8 @@ from disagg import telemetry
 from disagg.config import GatewayConfig
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
 from disagg.rpc.interceptors import BearerTokenInterceptor
-from disagg.rpc.server import Server
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
+from disagg.server import Server
 from gateway.servicer import GatewayServicer
 from gateway.worker_pool import WorkerPool
 

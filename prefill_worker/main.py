@@ -12,8 +12,8 @@ from disagg.handoff.shared_memory import SharedMemorySegments
 from disagg.kv.prefix_cache import PrefixCache
 from disagg.model.runtime import load_for_serving
 from disagg.pb.disagg.v1 import worker_pb2
-from disagg.rpc.server import Server
 from disagg.rpc.services import add_prefill_service
+from disagg.server import Server
 from prefill_worker.servicer import PrefillServicer
 
 

@@ -24,7 +24,7 @@ from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import layout_to_pb, logprob_to_pb, prefill_phases_to_pb
+from disagg.rpc.convert import layout_to_pb, logprob_to_pb
 from disagg.rpc.prompt import resolve_request
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
 def _first_tokens(job: PrefillJob, result: PrefillResult) -> list[worker_pb2.PrefillResponse]:
     """One FirstToken per sequence (n of them from the one forward pass), each with its logprobs if asked."""
-    phases = prefill_phases_to_pb(telemetry.record_prefill(job, result))
+    phases = telemetry.record_prefill(job, result).to_pb()
     messages = []
     for index, sample in enumerate(result.samples):
         first = worker_pb2.FirstToken(

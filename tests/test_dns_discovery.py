@@ -23,8 +23,8 @@ import pytest
 from disagg.config import GatewayConfig
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.rpc.channel import open_channel
-from disagg.rpc.server import Server
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
+from disagg.server import Server
 from disagg.tools.client import complete
 from disagg.tools.cluster import Child, free_port, stop, wait_healthy
 from gateway.servicer import GatewayServicer

@@ -369,7 +369,7 @@ async def test_tls_exec_probe_reports_serving_and_not_serving(pod_tls):
     from grpc_health.v1 import health_pb2
 
     from disagg.config import TlsOptions
-    from disagg.rpc.server import Server
+    from disagg.server import Server
 
     tls = TlsOptions(
         tls_cert=str(pod_tls / "tls.crt"),

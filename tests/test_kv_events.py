@@ -21,8 +21,8 @@ from disagg.kv.events import CacheWatch, WatcherOverflow
 from disagg.kv.prefix_cache import PrefixCache, block_keys
 from disagg.model.loading import gpt2_tokenizer, load_tokenizer
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
-from disagg.rpc.server import Server
 from disagg.rpc.services import RelayPrefillStub, add_prefill_service
+from disagg.server import Server
 from disagg.tools.client import Completion, channel, complete
 from disagg.tools.cluster import free_port, spawn, stop, wait_healthy
 from gateway.prefix_routing import PrefixRouter, RoutingOptions

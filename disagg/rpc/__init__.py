@@ -1,1 +1,1 @@
-"""gRPC plumbing: servers, channels, interceptors, stream helpers, service registration and proto conversions."""
+"""gRPC plumbing: channels, interceptors, load reports, stream helpers, service registration and proto conversions."""

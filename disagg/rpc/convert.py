@@ -3,16 +3,12 @@ workers' phase reports into the public RequestMetrics."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from disagg.kv.codec import KvLayout
 from disagg.model.logprobs import TokenLogprobs
 from disagg.model.sampling import SamplingParams
 from disagg.pb.disagg.v1 import gateway_pb2, worker_pb2
-
-if TYPE_CHECKING:
-    from disagg.telemetry.decode import DecodeTimes, KvTransfer
-    from disagg.telemetry.prefill import PrefillTimes
 
 
 def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
@@ -77,34 +73,6 @@ def layout_from_pb(pb: worker_pb2.KvLayout) -> KvLayout:
         model_fingerprint=pb.model_fingerprint,
         wire_dtype=pb.wire_dtype,
     )
-
-
-def prefill_phases_to_pb(times: PrefillTimes) -> worker_pb2.PrefillPhases:
-    return worker_pb2.PrefillPhases(
-        queue_seconds=times.queue_seconds,
-        forward_seconds=times.forward_seconds,
-        batch_size=times.batch_size,
-        tokens=times.tokens,
-        cached_tokens=times.cached_tokens,
-    )
-
-
-def decode_phases_to_pb(times: DecodeTimes, transfer: KvTransfer | None) -> worker_pb2.DecodePhases:
-    """`transfer`: what the handoff brought (None when the sequence was prefilled on this worker)."""
-    phases = worker_pb2.DecodePhases(
-        queue_seconds=times.queue_seconds,
-        kv_load_seconds=times.kv_load_seconds,
-        decode_seconds=times.decode_seconds,
-        steps=times.steps,
-        tokens=times.tokens,
-    )
-    if transfer is not None:
-        phases.kv_transport = transfer.transport
-        phases.kv_bytes = transfer.bytes
-        phases.kv_chunks = transfer.chunks
-        phases.kv_transfer_seconds = transfer.seconds
-        phases.kv_held_prefix_tokens = transfer.held_prefix_tokens
-    return phases
 
 
 def add_prefill_phases(

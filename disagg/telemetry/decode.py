@@ -12,6 +12,7 @@ from opentelemetry import context as otel_context
 
 from disagg.kv.framing import event_of
 from disagg.kv.transports import transport_name
+from disagg.pb.disagg.v1 import worker_pb2
 from disagg.telemetry.metrics import DecodeMetrics, current
 from disagg.telemetry.prefill import PrefillTimes
 from disagg.telemetry.spans import Clock, mb_per_s, recording, span_between
@@ -222,6 +223,23 @@ class DecodeTimes:
     @property
     def decode_seconds(self) -> float:
         return self.end - self.loaded if self.loaded else 0.0
+
+    def to_pb(self, transfer: KvTransfer | None) -> worker_pb2.DecodePhases:
+        """`transfer`: what the handoff brought (None when the sequence was prefilled on this worker)."""
+        phases = worker_pb2.DecodePhases(
+            queue_seconds=self.queue_seconds,
+            kv_load_seconds=self.kv_load_seconds,
+            decode_seconds=self.decode_seconds,
+            steps=self.steps,
+            tokens=self.tokens,
+        )
+        if transfer is not None:
+            phases.kv_transport = transfer.transport
+            phases.kv_bytes = transfer.bytes
+            phases.kv_chunks = transfer.chunks
+            phases.kv_transfer_seconds = transfer.seconds
+            phases.kv_held_prefix_tokens = transfer.held_prefix_tokens
+        return phases
 
 
 def decode_times(seqs: Sequence[Any], now: float | None = None, queued_from: float = 0.0) -> DecodeTimes:

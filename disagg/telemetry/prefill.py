@@ -10,6 +10,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
+from disagg.pb.disagg.v1 import worker_pb2
 from disagg.telemetry.metrics import PrefillMetrics, WorkerMetrics, current
 from disagg.telemetry.spans import Clock, mb_per_s, recording, span_between
 
@@ -33,6 +34,15 @@ class PrefillTimes:
     @property
     def ended(self) -> float:
         return self.started + self.forward_seconds
+
+    def to_pb(self) -> worker_pb2.PrefillPhases:
+        return worker_pb2.PrefillPhases(
+            queue_seconds=self.queue_seconds,
+            forward_seconds=self.forward_seconds,
+            batch_size=self.batch_size,
+            tokens=self.tokens,
+            cached_tokens=self.cached_tokens,
+        )
 
 
 def prefill_times(job: Any, result: Any) -> PrefillTimes:

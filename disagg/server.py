@@ -1,4 +1,7 @@
-"""What every gRPC server of the project shares: limits, interceptors, health, reflection, graceful shutdown."""
+"""What every gRPC server of the project shares: limits, interceptors, health, reflection, graceful shutdown.
+
+It assembles the RPC plumbing (disagg.rpc) with the telemetry interceptors (disagg.telemetry), which themselves
+wrap handlers with disagg.rpc's helpers: so it sits above both, and disagg.rpc never imports telemetry."""
 
 from __future__ import annotations
 
