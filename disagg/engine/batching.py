@@ -4,7 +4,8 @@ Every row of a left-padded batch costs as much as the longest one, so a 64-token
 one costs 960 tokens of compute, and the long one's forward pass pays for it: with 20% long prompts, a batch of
 four short and one long prompt computed 4,800 tokens for 1,216 real ones. Prompts are therefore batched only with
 prompts of similar length (within `MAX_LENGTH_RATIO` of each other); the others keep their place in the queue
-for the next pass, which the oldest of them leads.
+for the next pass, which the first of them in service order (priority, then arrival: disagg.engine.queueing)
+leads.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ def similar_length_batch(
     fits: Callable[[int], bool] = lambda index: True,
     max_ratio: float = MAX_LENGTH_RATIO,
 ) -> list[int]:
-    """Indices (into the queue, oldest first) of the prompts to prefill together.
+    """Indices (into the queue, in service order) of the prompts to prefill together.
 
-    The oldest prompt always goes, however long (it is never starved); a later one joins when its length is within
+    The first prompt always goes, however long (it is never starved); a later one joins when its length is within
     `max_ratio` of the batch's shortest and longest, the padded batch (prompts x longest) stays within
     `token_budget`, and `fits(index)` (the caller's own limit, e.g. free decode rows) agrees.
     """

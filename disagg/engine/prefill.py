@@ -15,7 +15,7 @@ from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.model.kv_layers import KvLayers
 from disagg.model.lm_head import greedy_head
 from disagg.model.loading import LoadedModel
-from disagg.model.logprobs import TokenLogprobs, token_logprobs
+from disagg.model.logprobs import TokenLogprobs, prompt_logprobs, token_logprobs
 from disagg.model.output_stream import OutputStream
 from disagg.model.prefill import PrefillOutput, prefill, prefill_after_prefix
 
@@ -43,6 +43,8 @@ class PrefillResult:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
     cache_hit_blocks: int = 0  # the prompt's full blocks found in the prefix cache
     cache_miss_blocks: int = 0  # and not found (both 0 with the cache off)
+    # The prompt tokens' logprobs from the second on, when the job asked (PrefillJob.prompt_logprobs)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def all_finished(self) -> bool:
@@ -63,9 +65,17 @@ class PrefillJob:
     # layer-wise streaming: called from the engine thread with (layer, keys, values) during the forward pass
     on_kv_layer: Callable[[int, torch.Tensor, torch.Tensor], object] | None = None
     forks: list[OutputStream] = field(default_factory=list)  # sequences 1..n-1 of an n > 1 request
+    # Alternatives per prompt position of the prompt's logprobs (None: not asked, or a resumed sequence's, sent
+    # before): the whole prompt is computed, the prefix cache bypassed (its blocks keep KV, not logits).
+    prompt_logprobs: int | None = None
+
+    @property
+    def priority(self) -> int:
+        """Lower is prefilled earlier (disagg.engine.queueing)."""
+        return self.output.params.priority
 
     def first_sample(self, output: OutputStream, prompt: PrefillOutput, tokenizer: object) -> FirstSample:
-        token = prompt.first_token(output.params, step=len(output.tokens))
+        token = prompt.first_token(output.params, len(output.tokens), output.grammar)
         text = output.append(token)
         logprobs = (
             token_logprobs(prompt.logits, token, output.params.top_logprobs, tokenizer)
@@ -99,7 +109,8 @@ class PrefillEngine(EngineThread[PrefillJob]):
         self._undelivered: list[PrefillJob] = []  # of the batch in run_once
 
     def _take_batch(self) -> list[PrefillJob]:
-        """The oldest job and the waiting jobs of similar length within max size and the padded-token budget."""
+        """The first job in service order (priority, then arrival) and the waiting jobs of similar length within
+        max size and the padded-token budget."""
         with self.lock:
             queue = [job for job in self.waiting if not job.cancelled]
             indices = similar_length_batch(
@@ -114,7 +125,10 @@ class PrefillEngine(EngineThread[PrefillJob]):
         if not batch:
             return
         cache = self.prefix_cache
-        hits = [cache.acquire(job.input_ids) if cache is not None else PrefixHit() for job in batch]
+        hits = [
+            cache.acquire(job.input_ids) if cache is not None and job.prompt_logprobs is None else PrefixHit()
+            for job in batch
+        ]
         self._undelivered = list(batch)
         try:
             for job, hit in zip(batch, hits):  # hits first: short suffixes, their first tokens come soonest
@@ -145,7 +159,12 @@ class PrefillEngine(EngineThread[PrefillJob]):
                     sink(layer, keys, values)
 
         outputs = prefill(
-            self.lm.model, [job.input_ids for job in batch], want_kv=self.kv_cache, on_layer=on_layer, head=self.head
+            self.lm.model,
+            [job.input_ids for job in batch],
+            want_kv=self.kv_cache,
+            on_layer=on_layer,
+            head=self.head,
+            all_positions=[job.prompt_logprobs is not None for job in batch],
         )
         seconds = time.perf_counter() - started
         for job, out, hit in zip(batch, outputs, hits):
@@ -169,6 +188,9 @@ class PrefillEngine(EngineThread[PrefillJob]):
     ) -> None:
         samples = [job.first_sample(o, out, self.lm.tokenizer) for o in [job.output, *job.forks]]
         first = samples[0]
+        prompt = None
+        if job.prompt_logprobs is not None:
+            prompt = prompt_logprobs(out.position_logits, job.input_ids, job.prompt_logprobs, self.lm.tokenizer)
         self._undelivered.remove(job)
         job.deliver(
             PrefillResult(
@@ -183,6 +205,7 @@ class PrefillEngine(EngineThread[PrefillJob]):
                 cached_tokens=hit.tokens,
                 cache_hit_blocks=len(hit.blocks),
                 cache_miss_blocks=hit.eligible_blocks - len(hit.blocks),
+                prompt_logprobs=prompt,
             )
         )
         if self.prefix_cache is not None and out.kv is not None:  # after delivery: off the first token's path

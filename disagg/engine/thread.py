@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from typing import Generic, TypeVar
 
 from disagg.config import BatchPolicy
 from disagg.engine.memory import release_free_memory
+from disagg.engine.queueing import PriorityQueue
 from disagg.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,8 @@ IDLE_TRIM_SECONDS = 0.5  # idle this long after work: freed memory goes back to 
 
 
 class EngineThread(Generic[Job]):
-    """A bounded queue of jobs and a daemon thread calling `run_once` while there is work.
+    """A bounded queue of jobs, in priority order (disagg.engine.queueing), and a daemon thread calling
+    `run_once` while there is work.
 
     Subclasses implement `run_once()` (take what they can from `self.waiting`, run one forward pass) and
     `busy()` (work that is not in the queue, such as a running decode batch).
@@ -32,7 +33,7 @@ class EngineThread(Generic[Job]):
 
     def __init__(self, policy: BatchPolicy):
         self.policy = policy
-        self.waiting: deque[Job] = deque()
+        self.waiting: PriorityQueue[Job] = PriorityQueue()
         self.lock = threading.Condition()
         self._stopped = False
         self._worked = False  # ran work since the last trim of freed memory

@@ -1,4 +1,5 @@
-"""Log-probabilities of generated tokens: log-softmax of the model's raw logits (before temperature, top-k, top-p).
+"""Log-probabilities of generated and prompt tokens: log-softmax of the model's raw logits (before temperature,
+top-k, top-p and any grammar's mask).
 
 The prefill worker computes the first token's from the prefill logits, the decode worker one per step, with the
 same function, so every position of a sequence is reported the same way wherever it was made.
@@ -6,7 +7,7 @@ same function, so every position of a sequence is reported the same way wherever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,4 +55,43 @@ def batch_logprobs(
     log_probs = torch.log_softmax(logits[wanted].float(), dim=-1)
     for row, i in enumerate(wanted):
         result[i] = _from_row(log_probs[row], tokens[i], params[i].top_logprobs, tokenizer)
+    return result
+
+
+PROMPT_LOGPROBS_CHUNK = 256  # positions whose logits [chunk, vocab] exist at once (~51 MB for GPT-2's vocabulary)
+
+
+def prompt_logprobs(
+    position_logits: Callable[[int, int], torch.Tensor],
+    tokens: Sequence[int],
+    top_n: int,
+    tokenizer: Any,
+    chunk: int = PROMPT_LOGPROBS_CHUNK,
+) -> list[TokenLogprobs]:
+    """Each prompt token's log-probability given the tokens before it, from the second token on (the first has
+    nothing before it), with the `top_n` most likely tokens at its position. `position_logits(start, end)` gives
+    the float32 logits of positions start..end-1, position i predicting token i + 1; they are computed and
+    dropped a chunk of positions at a time."""
+    texts: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        if token_id not in texts:
+            texts[token_id] = token_text(tokenizer, token_id)
+        return texts[token_id]
+
+    result: list[TokenLogprobs] = []
+    for start in range(0, len(tokens) - 1, chunk):
+        end = min(start + chunk, len(tokens) - 1)
+        log_probs = torch.log_softmax(position_logits(start, end).float(), dim=-1)
+        targets = torch.tensor(tokens[start + 1 : end + 1], dtype=torch.long, device=log_probs.device)
+        chosen = log_probs.gather(1, targets[:, None])[:, 0].tolist()
+        tops: list[list[tuple[int, str, float]]] = [[] for _ in chosen]
+        if top_n > 0:
+            values, ids = torch.topk(log_probs, min(top_n, log_probs.shape[-1]), dim=-1)
+            tops = [
+                [(i, text(i), v) for i, v in zip(row_ids, row_values)]
+                for row_ids, row_values in zip(ids.tolist(), values.tolist())
+            ]
+        for token, logprob, top in zip(tokens[start + 1 : end + 1], chosen, tops):
+            result.append(TokenLogprobs(token, text(token), logprob, top))
     return result

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from disagg.model.grammar import SequenceGrammar
 from disagg.model.sampling import SamplingParams
 
 FINISH_LENGTH, FINISH_STOP, FINISH_EOS = "length", "stop", "eos"
@@ -39,6 +40,9 @@ class OutputStream:
     _prefix_offset: int = 0
     _read_offset: int = 0
     finish_reason: str | None = None
+    # The request's grammar (structured output), advanced by every appended token; it ends the sequence at its
+    # end-of-sequence token even with ignore_eos (the grammar allows nothing after it).
+    grammar: SequenceGrammar | None = None
 
     def _decode_new(self) -> str:
         """Text that the newest token completes, or "" while it ends inside a multi-byte character."""
@@ -65,8 +69,10 @@ class OutputStream:
         """Add one generated token; returns the text that may be sent now (sets `finish_reason` when done)."""
         if self.finish_reason is not None:
             raise RuntimeError("append after the stream finished")
+        if self.grammar is not None:
+            self.grammar.accept(token)
         self.tokens.append(token)
-        if token in self.eos_token_ids and not self.params.ignore_eos:
+        if token in self.eos_token_ids and (not self.params.ignore_eos or self.grammar is not None):
             self.finish_reason = FINISH_EOS
         else:
             self.text += self._decode_new()

@@ -3,12 +3,16 @@
 Only the last position's logits are computed (`logits_to_keep=1`: half the prefill time on a CPU); each prompt's
 KV cache comes back unpadded, ready for the codec. With a split head (disagg.model.lm_head) the pass runs the body
 only: the exact greedy screen picks every prompt's greedy first token at once, and the float32 logits are computed
-only for a prompt whose first token is sampled or needs logprobs.
+only for a prompt whose first token is sampled, constrained by a grammar or needs logprobs.
+
+A prompt that asks for prompt logprobs (`all_positions`) keeps every position's output: the body's hidden states
+when the head splits from it (the logits are computed a slice at a time, disagg.model.logprobs.prompt_logprobs),
+otherwise the model's logits at every position.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -16,8 +20,9 @@ import torch
 from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from disagg.model.grammar import SequenceGrammar, mask_rows
 from disagg.model.kv_layers import KvLayers
-from disagg.model.lm_head import ExactGreedyHead, LmHead
+from disagg.model.lm_head import ExactGreedyHead, LmHead, splittable
 from disagg.model.sampling import SamplingParams, sample_token
 
 
@@ -34,6 +39,10 @@ class PrefillOutput:
     hidden: torch.Tensor | None = None  # [hidden], with `head`
     head: LmHead | None = None
     greedy_token: int | None = None
+    # With all_positions: every position's hidden state [tokens, hidden] (with `positions_head`), or logits
+    # [tokens, vocab]; position i predicts token i + 1.
+    positions: torch.Tensor | None = None
+    positions_head: LmHead | None = None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -42,26 +51,39 @@ class PrefillOutput:
             self._logits = self.head.logits(self.hidden[None])[0]
         return self._logits
 
-    def first_token(self, params: SamplingParams, step: int) -> int:
-        """The token for output position `step` (as `sample_token` picks it from the logits)."""
-        if params.greedy and self.greedy_token is not None:
+    def position_logits(self, start: int, end: int) -> torch.Tensor:
+        """Float32 logits of positions start..end-1 [end - start, vocab] (needs all_positions)."""
+        assert self.positions is not None, "prefill(..., all_positions) keeps every position"
+        rows = self.positions[start:end]
+        return self.positions_head.logits(rows) if self.positions_head is not None else rows.float()
+
+    def first_token(self, params: SamplingParams, step: int, grammar: SequenceGrammar | None = None) -> int:
+        """The token for output position `step` (as `sample_token` picks it from the logits, masked by `grammar`)."""
+        if grammar is None and params.greedy and self.greedy_token is not None:
             return self.greedy_token
-        return sample_token(self.logits, params, step)
+        logits = self.logits
+        if grammar is not None:
+            logits = logits.clone()[None]
+            mask_rows(logits, [0], [grammar])
+            logits = logits[0]
+        return sample_token(logits, params, step)
 
 
 def _last_position(
-    model: PreTrainedModel, head: LmHead | None, **inputs: Any
-) -> tuple[Any, list[tuple[torch.Tensor | None, torch.Tensor | None, int | None]]]:
-    """The forward pass (the model's own, or its body when a head is given): (its output, for the cache), and per
-    row (logits, hidden, greedy token) of the last position."""
+    model: PreTrainedModel, head: LmHead | None, all_positions: bool = False, **inputs: Any
+) -> tuple[Any, list[tuple[torch.Tensor | None, torch.Tensor | None, int | None]], torch.Tensor | None]:
+    """The forward pass (the model's own, or its body when a head is given): (its output, for the cache), per
+    row (logits, hidden, greedy token) of the last position, and with `all_positions` every position's hidden
+    state [rows, length, hidden] (logits [rows, length, vocab] without a head)."""
     if head is None:
-        out = model(**inputs, logits_to_keep=1)
+        out = model(**inputs, logits_to_keep=0 if all_positions else 1)
         logits = out.logits[:, -1, :].float()
-        return out, [(row, None, None) for row in logits]
+        return out, [(row, None, None) for row in logits], out.logits if all_positions else None
     out = model.base_model(**inputs)
     hidden = out.last_hidden_state[:, -1, :]
     greedy = head.greedy(hidden) if isinstance(head, ExactGreedyHead) else [None] * hidden.shape[0]
-    return out, [(None, row, token) for row, token in zip(hidden, greedy)]
+    every = out.last_hidden_state if all_positions else None
+    return out, [(None, row, token) for row, token in zip(hidden, greedy)], every
 
 
 def left_padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,13 +127,18 @@ def prefill(
     want_kv: bool = True,
     on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     head: LmHead | None = None,
+    all_positions: Sequence[bool] = (),
 ) -> list[PrefillOutput]:
     """Run the prompts through the model together; returns one PrefillOutput per prompt, in order (`head`: the
     split head to finish with, see the module docstring; None: the model's own forward pass).
 
     `on_layer(row, layer, keys, values)`, if given, receives each prompt's unpadded K and V of each layer while the
-    forward pass continues with the later layers (called on this thread).
+    forward pass continues with the later layers (called on this thread). The prompts marked in `all_positions`
+    keep every position's output (PrefillOutput.position_logits), for their prompt logprobs.
     """
+    every = any(all_positions)
+    if every and head is None and splittable(model):  # the body's hidden states, a head for slices of them
+        head = LmHead(model)
     device = next(model.parameters()).device
     input_ids, mask, positions = left_padded(prompts, device)
     cache: _LayerReportingCache | None = None
@@ -128,9 +155,10 @@ def prefill(
                 )
 
         cache = _LayerReportingCache(model.config, report)
-    out, lasts = _last_position(
+    out, lasts, position_outputs = _last_position(
         model,
         head,
+        every,
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
@@ -147,7 +175,11 @@ def prefill(
                 for layer in out.cache.layers
             ]
         logits, hidden, greedy = lasts[row]
-        results.append(PrefillOutput(kv, logits, hidden, head, greedy))
+        result = PrefillOutput(kv, logits, hidden, head, greedy)
+        if position_outputs is not None and row < len(all_positions) and all_positions[row]:
+            result.positions = position_outputs[row, input_ids.shape[1] - len(tokens) :]
+            result.positions_head = head
+        results.append(result)
     return results
 
 
@@ -174,7 +206,7 @@ def prefill_after_prefix(
     for layer, (keys, values) in enumerate(prefix):
         DynamicCache.update(cache, keys.to(device), values.to(device), layer)  # (not reported: the prefix is known)
     suffix = torch.tensor([tokens[known:]], dtype=torch.long, device=device)
-    out, lasts = _last_position(
+    out, lasts, _ = _last_position(
         model,
         head,
         input_ids=suffix,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from disagg.model.grammar import GrammarSpec
+
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd (golden ratio): distinct sequence indices get distinct seeds
 
 
@@ -28,6 +30,11 @@ class SamplingParams:
     n: int = 1  # sequences forked from one prefill
     logprobs: bool = False  # compute each token's log-probability
     top_logprobs: int = 0  # and this many alternatives
+    grammar: GrammarSpec | None = None  # structured output: every token, the first included, masked by it
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives (None: off)
+    # Scheduling, not sampling: lower is served earlier (vLLM's sense), FIFO among equals. It rides here because
+    # these parameters travel with the request to every queue it waits in.
+    priority: int = 0
 
     @property
     def greedy(self) -> bool:
