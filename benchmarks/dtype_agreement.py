@@ -80,7 +80,7 @@ def render_markdown(record: dict[str, Any]) -> str:
 
 def add_dtype_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default="bfloat16", help="dtypes to compare with float32, comma-separated")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt and dtype")
     parser.add_argument("--agreement-model", default=BUNDLED_MODEL, help="a real model (dummy weights mean nothing)")
     parser.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. benchmarks/results/bf16_agreement)")
 

@@ -9,10 +9,9 @@ from disagg import config as cfg
 
 
 def add_bench_flags(parser: argparse.ArgumentParser) -> None:
-    cfg.add_model_flags(parser)
-    parser.set_defaults(load_format="dummy")  # threads 0: as `disagg up` chooses
+    cfg.add_flags(parser, cfg.ModelOptions, role="bench")
     w = parser.add_argument_group("workload")
-    w.add_argument("--num-requests", type=int, default=64)
+    w.add_argument("--num-requests", type=int, default=64, help="requests measured (after --warmup-requests)")
     w.add_argument(
         "--concurrency",
         type=int,
@@ -78,7 +77,12 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "and a reply may come back as other tokens than were generated) or as the token ids sent and received "
         "(GenerateRequest.prompt_token_ids)",
     )
-    w.add_argument("--ignore-eos", default=True, action=argparse.BooleanOptionalAction)
+    w.add_argument(
+        "--ignore-eos",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="generate --output-tokens for every request, end-of-sequence or not",
+    )
     w.add_argument("--warmup-requests", type=int, default=2, help="sent before timing starts (not counted)")
     w.add_argument(
         "--goodput",
@@ -133,12 +137,6 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "mostly holds, e.g. a conversation's next turn, is prefilled there); 'both' runs the same workload on a "
         "cluster without it and one with it",
     )
-    c.add_argument(
-        "--local-prefill-tokens",
-        type=int,
-        default=cfg.LOCAL_PREFILL_TOKENS,
-        help="with --local-prefill: the threshold (uncached prompt tokens) the gateway gets",
-    )
     _on_off_both(
         c,
         "--handoff-held-prefix",
@@ -155,12 +153,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         "default) or, off, from float32 logits (--greedy-screen off); 'both' runs the same workload on a cluster "
         "of each (the decode step's A/B)",
     )
-    c.add_argument(
-        "--kv-transport",
-        default="shared-memory",  # as `disagg up`
-        choices=cfg.KV_TRANSPORTS,
-        help="how the local cluster's KV cache reaches the decode worker",
-    )
+    cfg.add_flags(c, cfg.GatewayConfig, role="bench", only=["local_prefill_tokens", "kv_transport"])
     c.add_argument(
         "--api",
         default="grpc",
@@ -172,7 +165,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--gateway-args", default="", help="extra flags for the gateway, e.g. '--stream-interval-tokens 8'")
     c.add_argument("--prefill-args", default="", help="extra flags for the prefill worker, e.g. '--threads 2'")
     c.add_argument("--decode-args", default="", help="extra flags for the decode worker")
-    c.add_argument("--start-timeout", type=float, default=300.0)
+    c.add_argument("--start-timeout", type=float, default=300.0, help="seconds a local cluster may take to start")
     c.add_argument(
         "--repeats",
         type=int,
@@ -180,7 +173,13 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
         help="alternate baseline and cluster rounds this many times; the best round of each is reported",
     )
     b = parser.add_argument_group("baselines")
-    b.add_argument("--baseline", default="all", choices=["all", "sequential", "static", "none"])
+    b.add_argument(
+        "--baseline",
+        default="all",
+        choices=["all", "sequential", "static", "none"],
+        help="the in-process generate() baselines to measure: sequential (one request at a time), static (static "
+        "batches of --concurrency requests), all (both), none",
+    )
     b.add_argument(
         "--baseline-requests",
         type=int,

@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.agreement import measure_wire_agreement
 from benchmarks.report import publish
+from disagg import config as cfg
 from disagg.kv.codec import WIRE_FORMATS as KV_WIRE_FORMATS
 from disagg.kv.transports import KV_TRANSPORTS
 
@@ -379,9 +380,11 @@ def add_handoff_flags(parser: argparse.ArgumentParser) -> None:
         f"{', '.join(KV_TRANSPORTS)} (default relayed), WIRE one of {', '.join(WIRE_FORMATS)}; "
         ":layerwise streams layer by layer",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="handoffs timed per prompt length and variant (the median is reported)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the prefill process")
-    parser.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="bytes of KV per streamed chunk")
+    cfg.add_flags(parser, cfg.WorkerConfig, role="bench", only=["kv_chunk_bytes"])
     parser.add_argument("--agreement-tokens", type=int, default=32, help="0 skips the agreement part")
     parser.add_argument("--out", default="", help="write OUT.json and OUT.md (e.g. benchmarks/results/handoff)")
 

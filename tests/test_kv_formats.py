@@ -125,7 +125,7 @@ def test_corrupted_int8_chunk_is_refused():
 def test_flag_and_environment(monkeypatch):
     def parse(argv):
         parser = argparse.ArgumentParser()
-        cfg.add_worker_flags(parser, prefill=True)
+        cfg.add_flags(parser, cfg.WorkerConfig, role="prefill")
         return cfg.worker_config(parser.parse_args(argv))
 
     assert parse([]).kv_wire_dtype == "auto"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from disagg.config import GatewayConfig, add_gateway_flags, gateway_config
+from disagg.config import GatewayConfig, add_flags, gateway_config
 from disagg.kv.prefix_cache import block_keys
 from disagg.pb.disagg.v1 import gateway_pb2, worker_pb2
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
@@ -41,7 +41,8 @@ def _request(prompt: str) -> worker_pb2.PrefillRequest:
 
 
 def _serve(router: PrefixRouter, address: str, prompt: str) -> None:
-    """What _attempt does after the worker's SequenceStart (token ids: one per 4 bytes, as a tokenizer would)."""
+    """What the disaggregated attempt does after the worker's SequenceStart (token ids: one per 4 bytes, as a
+    tokenizer would)."""
     raw = prompt.encode()
     start = worker_pb2.SequenceStart(prompt_token_ids=[sum(raw[i : i + 4]) for i in range(0, len(raw), 4)])
     start.kv_layout.model_fingerprint = FINGERPRINT
@@ -185,7 +186,7 @@ async def test_flags_and_servicer_wiring() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_gateway_flags(parser)
+    add_flags(parser, GatewayConfig, role="gateway")
     config = gateway_config(parser.parse_args(["--no-prefix-routing", "--prefix-routing-weight", "2"]))
     assert not config.prefix_routing and config.prefix_routing_weight == 2.0
     assert GatewayConfig().prefix_routing
@@ -206,7 +207,7 @@ async def test_flags_and_servicer_wiring() -> None:
 
 async def test_decode_affinity_sends_the_next_turn_to_the_worker_that_decoded_the_last() -> None:
     """Conditional disaggregation: the decode router remembers prompt + reply under the worker that decoded them."""
-    from gateway.servicer import DECODE_AFFINITY_KEYS
+    from gateway.routes import DECODE_AFFINITY_KEYS
 
     pool: WorkerPool[RelayDecodeStub] = WorkerPool("decode", (A, B), RelayDecodeStub, clock=Clock())
     router = PrefixRouter(pool, RoutingOptions(exact=False), fingerprint=DECODE_AFFINITY_KEYS)

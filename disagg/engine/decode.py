@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from disagg.config import BatchPolicy
+from disagg.config import MODEL_RUNNERS, BatchPolicy
 from disagg.engine.thread import EngineThread
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.model.decode_batch import DecodeBatch, RecomputeBatch
@@ -27,7 +27,7 @@ from disagg.model.kv_layers import KvLayers
 from disagg.model.lm_head import greedy_head
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import TokenLogprobs, batch_logprobs
-from disagg.model.native import MODEL_RUNNERS, NativeModel, native_family
+from disagg.model.native import NativeModel, native_family
 from disagg.model.output_stream import OutputStream
 from disagg.model.paged_batch import DEFAULT_BLOCK_TOKENS, PagedDecodeBatch
 from disagg.model.sampling import SamplingParams, sample_batch

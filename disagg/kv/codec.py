@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from isal.isal_zlib import crc32  # zlib's CRC-32 (ISA-L: the same checksum, several times faster)
 
+from disagg.config import KV_WIRE_FORMATS as WIRE_FORMATS  # a KvLayout's wire_dtype
 from disagg.errors import KvIntegrityError
 from disagg.model.dtypes import DTYPES
 from disagg.model.kv_layers import KvLayers
 
 CHUNK_BYTES = 1 << 20
-WIRE_FORMATS = (*DTYPES, "int8")  # a KvLayout's wire_dtype: a model dtype, or int8 with per-channel scales
-WIRE_DTYPE_CHOICES = ("auto", *WIRE_FORMATS)  # --kv-wire-dtype: "auto" = the model's own dtype (lossless)
 INT8_MAX = 127
 
 

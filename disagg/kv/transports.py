@@ -1,30 +1,25 @@
-"""Names of the KV transports (`--kv-transport`), derived from worker.proto's KvTransport enum."""
+"""The KV transports' names (`--kv-transport`, disagg.config.KV_TRANSPORTS) as worker.proto's KvTransport values."""
 
 from __future__ import annotations
 
-from typing import cast
-
+from disagg.config import KV_TRANSPORTS
 from disagg.pb.disagg.v1 import worker_pb2
 
 RELAYED = worker_pb2.KV_TRANSPORT_RELAYED
 DIRECT = worker_pb2.KV_TRANSPORT_DIRECT
 SHARED_MEMORY = worker_pb2.KV_TRANSPORT_SHARED_MEMORY
-_PREFIX = "KV_TRANSPORT_"
 
 
-def _flag_name(enum_name: str) -> str:
-    return enum_name.removeprefix(_PREFIX).lower().replace("_", "-")
+def _enum_name(flag_name: str) -> str:
+    return "KV_TRANSPORT_" + flag_name.upper().replace("-", "_")
 
 
-# "relayed" -> KV_TRANSPORT_RELAYED, ...: every value but UNSPECIFIED (which means relayed on the wire).
-# (EnumTypeWrapper.items() is typed as plain ints; they are this enum's values.)
+# "relayed" -> KV_TRANSPORT_RELAYED, ...: a name the enum lacks fails here, at import; tests/test_config.py checks
+# that every value but UNSPECIFIED (which means relayed on the wire) has a name.
 TRANSPORT_VALUES: dict[str, worker_pb2.KvTransport] = {
-    _flag_name(name): cast("worker_pb2.KvTransport", value)
-    for name, value in worker_pb2.KvTransport.items()
-    if value != 0
+    name: worker_pb2.KvTransport.Value(_enum_name(name)) for name in KV_TRANSPORTS
 }
 TRANSPORT_NAMES: dict[int, str] = {value: name for name, value in TRANSPORT_VALUES.items()}
-KV_TRANSPORTS: tuple[str, ...] = tuple(TRANSPORT_VALUES)
 
 
 def transport_name(value: int) -> str:

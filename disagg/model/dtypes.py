@@ -1,8 +1,11 @@
-"""Model dtypes by the names flags and the wire use: defined once for loading, the KV codec and the flags."""
+"""The torch dtypes of the model dtype names flags and the wire use (disagg.config.MODEL_DTYPES), for loading and
+the KV codec."""
 
 from __future__ import annotations
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from disagg.config import MODEL_DTYPES
+
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in MODEL_DTYPES}
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}

@@ -23,6 +23,8 @@ import pathlib
 import torch
 from transformers import PreTrainedModel
 
+from disagg.config import GREEDY_SCREENS
+
 _U = 2.0**-8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
 _F32 = 2.0**-24  # float32 unit roundoff
 _ABSOLUTE = 1e-6  # for subnormals a bfloat16 dot-product instruction may flush to zero (far below any logit gap)
@@ -116,9 +118,6 @@ class ExactGreedyHead(LmHead):
         self.screened_tokens += int(rows.numel())
         self.rows += hidden.shape[0]
         return first.tolist()
-
-
-GREEDY_SCREENS = ("auto", "bf16", "off")
 
 
 def fast_bf16(device: torch.device) -> bool:

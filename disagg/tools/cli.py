@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
-import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -62,7 +61,6 @@ def _generate(args: argparse.Namespace) -> None:
 
     import grpc
 
-    from disagg.config import TlsOptions
     from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
     from disagg.tools.client import Completion, channel, phases_record, stream, wait_serving
 
@@ -83,9 +81,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     async def run() -> int:
         result = Completion()
-        tls = TlsOptions(
-            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, tls_server_name=args.tls_server_name
-        )
+        tls = cfg.from_args(cfg.TlsOptions, args)
         async with channel(args.address, tls) as ch:
             if args.wait_ready:
                 await wait_serving(ch, args.wait_ready)
@@ -169,16 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start a local cluster (gateway + workers) and wait for Ctrl-C")
-    cfg.add_model_flags(up)
-    up.add_argument("--port", type=int, default=50051, help="gateway port (0 = any free port)")
-    up.add_argument(
-        "--http-port",
-        type=int,
-        default=cfg.OPENAI_HTTP_PORT,
-        help="the gateway's OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions) on this port; 0 = off",
-    )
-    up.add_argument("--prefill-workers", type=int, default=1)
-    up.add_argument("--decode-workers", type=int, default=1)
+    cfg.add_flags(up, cfg.ModelOptions, role="up")
+    cfg.add_flags(up, cfg.GatewayConfig, role="up", only=["port", "http_port", "local_prefill_tokens", "kv_transport"])
+    cfg.add_flags(up, cfg.WorkerConfig, role="up", only=["kv_cache"])
+    up.add_argument("--prefill-workers", type=int, default=1, help="prefill workers of the cluster")
+    up.add_argument("--decode-workers", type=int, default=1, help="decode workers of the cluster")
     up.add_argument(
         "--aggregated",
         action="store_true",
@@ -186,41 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
         "prefilling and decoding in one engine; --decode-args apply) behind the gateway, no prefill/decode workers",
     )
     up.add_argument("--workers", type=int, default=1, help="aggregated workers (with --aggregated)")
-    up.add_argument(
-        "--local-prefill-tokens",
-        type=int,
-        default=0,
-        help="conditional disaggregation, off (0) by default: every prompt is prefilled on a prefill worker and its KV "
-        "handed to a decode worker. N > 0: a prompt with at most N tokens missing from a decode worker's prefix cache "
-        f"is prefilled there instead (decode workers get --local-prefill, the gateway this threshold; "
-        f"{cfg.LOCAL_PREFILL_TOKENS} is the measured choice: benchmarks/results/local_prefill_threshold_*.md)",
-    )
-    up.add_argument("--kv-cache", default=True, action=argparse.BooleanOptionalAction)
-    up.add_argument(
-        "--kv-transport",
-        default="shared-memory",
-        choices=cfg.KV_TRANSPORTS,
-        help="how the KV cache reaches the decode workers (see disagg gateway --help); every process of this "
-        "cluster is on this host, so /dev/shm by default (one copy in, one out; relayed costs the gateway CPU)",
-    )
     up.add_argument("--prefill-args", default="", help="extra flags for each prefill worker, e.g. '--max-batch-size 8'")
     up.add_argument("--decode-args", default="", help="extra flags for each decode worker")
     up.add_argument("--gateway-args", default="", help="extra flags for the gateway")
-    up.add_argument("--start-timeout", type=float, default=600.0)
+    up.add_argument(
+        "--start-timeout", type=float, default=600.0, help="seconds the workers and then the gateway may take to start"
+    )
     up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="stream a completion from a gateway")
-    gen.add_argument("prompt")
-    gen.add_argument("--address", default="127.0.0.1:50051")
-    gen.add_argument("--max-new-tokens", type=int, default=0)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=[])
-    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--address", default="127.0.0.1:50051", help="the gateway's gRPC address")
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=0, help="tokens to generate (0: the gateway's --default-max-new-tokens)"
+    )
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    gen.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens of this mass"
+    )
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed, for a repeatable sampled completion")
+    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeat the flag for more)")
+    gen.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens even past end-of-sequence")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template (instruct models)")
-    gen.add_argument("--request-id", default="")
+    gen.add_argument("--request-id", default="", help="the request's id in the gateway's logs, traces and metrics")
     gen.add_argument(
         "--json",
         action="store_true",
@@ -228,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prefilled, queue waits, forward pass, KV bytes and transfer, decode loop; docs/request_metrics.md) and the "
         "client's own timings",
     )
-    gen.add_argument("--timeout", type=float, default=600.0)
+    gen.add_argument("--timeout", type=float, default=600.0, help="seconds the whole request may take")
     gen.add_argument(
         "--wait-ready",
         type=float,
@@ -236,11 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="first wait up to SECONDS for the gateway to report healthy",
     )
-    gen.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN", ""), help="gateway bearer token")
-    gen.add_argument("--tls-ca", default="", help="PEM CA to verify the gateway (enables TLS)")
-    gen.add_argument("--tls-cert", default="", help="client certificate, for mutual TLS")
-    gen.add_argument("--tls-key", default="", help="key of --tls-cert")
-    gen.add_argument("--tls-server-name", default="", help="name in the gateway's certificate, if not the address")
+    cfg.add_flags(gen, cfg.GatewayConfig, role="generate", only=["auth_token"])
+    cfg.add_flags(gen, cfg.TlsOptions, role="generate")
     gen.set_defaults(func=_generate)
 
     _add_plugin_commands(sub)
@@ -251,16 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_flags(inspect)
     inspect.set_defaults(func=_inspect)
 
-    for name, help_text in (
+    servers: tuple[tuple[cfg.Role, str], ...] = (
         ("gateway", "run the gateway"),
         ("prefill", "run a prefill worker"),
         ("decode", "run a decode worker"),
-    ):
+    )
+    for name, help_text in servers:
         p = sub.add_parser(name, help=help_text)
-        if name == "gateway":
-            cfg.add_gateway_flags(p)
-        else:
-            cfg.add_worker_flags(p, prefill=name == "prefill")
+        cfg.add_flags(p, cfg.GatewayConfig if name == "gateway" else cfg.WorkerConfig, role=name)
         p.set_defaults(func=_component(name))
     return parser
 

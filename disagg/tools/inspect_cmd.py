@@ -18,12 +18,14 @@ if TYPE_CHECKING:
 
 
 def add_inspect_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt")
-    cfg.add_model_flags(parser)
+    parser.add_argument("prompt", help="the prompt to walk through")
+    cfg.add_flags(parser, cfg.ModelOptions, role="inspect")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="decode steps to show (after prefill's token)")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens of this mass"
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
 
 

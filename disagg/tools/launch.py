@@ -4,11 +4,11 @@ OpenMP reads its environment once, when torch loads it. GNU OpenMP's threads spi
 iterations after each parallel region before they sleep: right for one process that owns the machine, costly for
 two model processes sharing cores (the prefill and decode workers of one host), where each one's spinning threads
 take the CPU the other one's threads wait for. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) fixes that but costs a
-wake-up per parallel region, hundreds per decode step: batch 1 took 19.2 ms a step instead of 14.7. Workers
-therefore default to GOMP_SPINCOUNT=10000: a spin short enough to be free when the other process needs the core,
-long enough to catch the next operation of the same step (14.7 ms at batch 1, as spinning). Measured A/B in
-benchmarks/results/threads_* (indexed in benchmarks/results/README.md). A value the user set is kept; one set
-to the empty string is removed (OpenMP's own default).
+wake-up per parallel region, hundreds per decode step, and slows a step down. Workers therefore default to
+GOMP_SPINCOUNT=10000: a spin short enough to be free when the other process needs the core, long enough to catch
+the next operation of the same step (a step as fast as with spinning). The A/B is recorded in
+benchmarks/results/threads_* (indexed in benchmarks/results/README.md). A value the user set is kept; one set to
+the empty string is removed (OpenMP's own default).
 """
 
 from __future__ import annotations
