@@ -19,7 +19,7 @@ import torch
 
 from disagg.model.block_pool import BlockPool, BlockTable
 from disagg.model.kv_layers import KvLayers
-from disagg.model.native import NativeModel
+from disagg.model.native import DecodeFn, NativeModel
 from disagg.model.paged_kv import PagedKvStorage
 
 DEFAULT_BLOCK_TOKENS = 16
@@ -40,9 +40,12 @@ class PagedDecodeBatch:
         device: torch.device,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         max_blocks: int = 0,
+        decode: DecodeFn | None = None,
     ):
-        """`max_blocks`: the most blocks the pool may grow to (0: no limit)."""
+        """`max_blocks`: the most blocks the pool may grow to (0: no limit); `decode`: the step function
+        (default `native.decode`, eager; disagg/model/compiled.py compiles it)."""
         self.native, self.dtype, self.device = native, dtype, device
+        self.decode: DecodeFn = decode or native.decode
         shape = native.shape
         self.max_blocks = max_blocks
         initial = min(_INITIAL_BLOCKS, max_blocks) if max_blocks else _INITIAL_BLOCKS
@@ -151,7 +154,7 @@ class PagedDecodeBatch:
         block_tables = self._prepare_step()
         tokens = torch.tensor(self._last, dtype=torch.long, device=self.device)
         positions = torch.tensor([table.num_tokens for table in self.tables], dtype=torch.long, device=self.device)
-        hidden = self.native.decode(tokens, positions, block_tables, self.storage.keys, self.storage.values)
+        hidden = self.decode(tokens, positions, block_tables, self.storage.keys, self.storage.values)
         for table in self.tables:
             table.num_tokens += 1
         return hidden

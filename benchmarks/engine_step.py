@@ -1,0 +1,197 @@
+"""The decode step alone (issue 23): HF's modules over the slab against the native runner over the paged pool.
+
+    python -m benchmarks.engine_step [--batches 1 32 64] [--context 128] [--compile] [--out PREFIX]
+
+For each model (distilgpt2 shapes with seeded dummy weights, and the bundled SmolLM2-135M, Llama with grouped-query
+attention), fp32, as the decode workers load them (load_for_serving): every row holds a --context-token cache
+(random K/V, the same for every system) and the step's time is measured per step, the systems interleaved round by
+round in this one process, medians (and minimums) over every timed step. The systems:
+- `hf_slab`: DecodeBatch.step_hidden, HF's modules over the left-padded slab (the decode step before issue 23);
+- `native_kernel`: PagedDecodeBatch, the native forward pass with the paged attention kernel (the default now);
+- `native_gather`: the same, attention by gathering each row's blocks and two matmuls (the kernel's fallback);
+- `native_compiled` (with --compile): the kernel step compiled by torch.compile (disagg/model/compiled.py), whose
+  cold compile (an empty Inductor cache) and warm start (a new process on that cache) are timed too.
+Only the body's step is timed: the head (lm_head's greedy screen) is the same for every system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.report import module_command, publish, run_header
+from disagg.config import ModelOptions
+from disagg.model.compiled import compile_decode, warm_up
+from disagg.model.decode_batch import DecodeBatch
+from disagg.model.kv_layers import KvLayers
+from disagg.model.loading import BUNDLED_MODEL, LoadedModel
+from disagg.model.native import NativeModel
+from disagg.model.paged_batch import PagedDecodeBatch
+from disagg.model.runtime import load_for_serving
+
+MODELS = {"distilgpt2": ModelOptions(load_format="dummy"), "smollm2": ModelOptions(model=BUNDLED_MODEL)}
+Step = Callable[[], object]
+Builder = Callable[[list[tuple[str, KvLayers, int]]], Step]
+
+
+def random_caches(lm: LoadedModel, rows: int, tokens: int) -> list[tuple[str, KvLayers, int]]:
+    """`rows` joiners with a `tokens`-token cache each (the same values: both batches copy them into each row)."""
+    layers, heads, head_dim = lm.kv_shape()
+    generator = torch.Generator().manual_seed(0)
+    kv = [
+        (
+            torch.randn(1, heads, tokens, head_dim, generator=generator, dtype=lm.dtype),
+            torch.randn(1, heads, tokens, head_dim, generator=generator, dtype=lm.dtype),
+        )
+        for _ in range(layers)
+    ]
+    # a list of its own per row (the same tensors): the pool forks rows handed one KV object, as for n > 1
+    return [(str(i), list(kv), 100 + i) for i in range(rows)]
+
+
+def systems(lm: LoadedModel, compiled: Callable | None) -> dict[str, Builder]:
+    """name -> a function that builds a batch of the joiners and returns its step."""
+
+    def slab(joiners: list[tuple[str, KvLayers, int]]) -> Step:
+        batch = DecodeBatch(*lm.kv_shape(), lm.dtype, lm.device)
+        batch.add_many(joiners)
+        return lambda: batch.step_hidden(lm.model)
+
+    def paged(native: NativeModel, decode: Callable | None = None) -> Builder:
+        def build(joiners: list[tuple[str, KvLayers, int]]) -> Step:
+            batch = PagedDecodeBatch(native, lm.dtype, lm.device, decode=decode)
+            batch.add_many(joiners)
+            return batch.step_hidden
+
+        return build
+
+    kernel, gather = NativeModel(lm.model, "kernel"), NativeModel(lm.model, "matmul")
+    found: dict[str, Builder] = {"hf_slab": slab, "native_kernel": paged(kernel), "native_gather": paged(gather)}
+    if compiled is not None:
+        found["native_compiled"] = paged(kernel, compiled)
+    return found
+
+
+def time_steps(builders: dict[str, Builder], joiners: list, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds of each timed step, per system: every round builds each system's batch afresh (the same caches),
+    runs 2 untimed steps, then `steps` timed ones; systems interleaved within each round."""
+    times: dict[str, list[float]] = {name: [] for name in builders}
+    for _ in range(rounds):
+        for name, build in builders.items():
+            step = build(joiners)
+            step()
+            step()
+            for _ in range(steps):
+                started = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - started)
+            del step
+    return times
+
+
+def warm_start_seconds(model: str, cache_dir: str) -> float:
+    """A new process: load the model, compile the step on Inductor's cache from this run, warm up; its seconds."""
+    code = (
+        "import sys, time, torch\n"
+        "from benchmarks.engine_step import MODELS\n"
+        "from disagg.model.compiled import compile_decode, warm_up\n"
+        "from disagg.model.native import NativeModel\n"
+        "from disagg.model.runtime import load_for_serving\n"
+        f"lm = load_for_serving(MODELS[{model!r}])\n"
+        "native = NativeModel(lm.model)\n"
+        "started = time.perf_counter()\n"
+        "warm_up(native, compile_decode(native), lm.dtype, lm.device)\n"
+        "print(time.perf_counter() - started)\n"
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_model(name: str, args: argparse.Namespace, cache_dir: str) -> dict:
+    lm = load_for_serving(dataclasses.replace(MODELS[name], threads=args.threads))
+    compiled, compile_record = None, {}
+    if args.compile:
+        native = NativeModel(lm.model)
+        compiled = compile_decode(native)
+        compile_record["cold_compile_s"] = round(warm_up(native, compiled, lm.dtype, lm.device), 1)
+        compile_record["warm_start_s"] = round(warm_start_seconds(name, cache_dir), 1)
+        print(name, compile_record)
+    builders = systems(lm, compiled)
+    results: dict[str, dict] = {}
+    for rows in args.batches:
+        joiners = random_caches(lm, rows, args.context)
+        times = time_steps(builders, joiners, args.rounds, args.steps)
+        results[str(rows)] = {
+            system: {"median_ms": round(statistics.median(t) * 1e3, 2), "min_ms": round(min(t) * 1e3, 2)}
+            for system, t in times.items()
+        }
+        print(name, rows, results[str(rows)])
+    return {"model": lm.name, "kv_shape": lm.kv_shape(), "steps": results, **compile_record}
+
+
+def render_markdown(record: dict) -> str:
+    header = record
+    lines = [
+        "# Decode step: HF slab vs the native runner on the paged pool (issue 23)",
+        "",
+        f"`{header['command']}`, {header['date']}, {header['hardware']}, {header['threads']} threads, 1-min load "
+        f"average before {header['load_average_before'][0]:.2f} (the machine was shared with other work: ratios "
+        "within one row are the measurement, absolute times are not). fp32, caches of "
+        f"{record['args']['context']} tokens per row, the body's step only (the head is the same for all); "
+        f"{record['args']['rounds']} interleaved rounds x {record['args']['steps']} timed steps, median (min) ms.",
+        "",
+    ]
+    for model, result in record["models"].items():
+        names = list(next(iter(result["steps"].values())))
+        lines += [f"## {model} ({result['model']}; layers, kv_heads, head_dim = {tuple(result['kv_shape'])})", ""]
+        if "cold_compile_s" in result:
+            lines += [
+                f"Compiled step: cold compile {result['cold_compile_s']} s (empty Inductor cache), warm start "
+                f"{result['warm_start_s']} s (a new process on that cache, Dynamo re-traces).",
+                "",
+            ]
+        lines += ["| batch | " + " | ".join(names) + " | hf_slab / native_kernel |", "|---" * (len(names) + 2) + "|"]
+        for rows, systems_ms in result["steps"].items():
+            cells = [f"{systems_ms[n]['median_ms']} ({systems_ms[n]['min_ms']})" for n in names]
+            speedup = systems_ms["hf_slab"]["median_ms"] / systems_ms["native_kernel"]["median_ms"]
+            lines.append(f"| {rows} | " + " | ".join(cells) + f" | **{speedup:.2f}x** |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32, 64])
+    parser.add_argument("--context", type=int, default=128, help="tokens of every row's cache")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--compile", action="store_true", help="also the compiled step (minutes of compiling)")
+    parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    header = run_header(module_command("benchmarks.engine_step", argv))
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # cold: nothing compiled before this run
+        models = {name: measure_model(name, args, cache_dir) for name in args.models}
+    record = {**header, "threads": args.threads, "args": vars(args), "models": models}
+    publish(record, render_markdown(record), args.out)
+
+
+if __name__ == "__main__":
+    main()
