@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.stats import parse_goodput
+from benchmarks.variants import LOCAL_PREFILL
 from disagg import config as cfg
 
 
@@ -130,12 +131,11 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     _on_off_both(
         c,
         "--local-prefill",
-        "on",
-        "conditional disaggregation of the disaggregated cluster, on by default here (`disagg up` leaves it off: "
-        "'off' measures its default path): decode workers "
-        "--local-prefill and the gateway's --local-prefill-tokens (a prompt whose tokens the decode worker "
-        "mostly holds, e.g. a conversation's next turn, is prefilled there); 'both' runs the same workload on a "
-        "cluster without it and one with it",
+        "on" if LOCAL_PREFILL else "off",  # as `disagg up`
+        f"conditional disaggregation of the disaggregated cluster, {'on' if LOCAL_PREFILL else 'off'} by default "
+        "as in `disagg up`: decode workers --local-prefill and the gateway's --local-prefill-tokens (a prompt whose "
+        "tokens the decode worker mostly holds, e.g. a conversation's next turn, is prefilled there); 'both' runs "
+        "the same workload on a cluster without it and one with it",
     )
     _on_off_both(
         c,

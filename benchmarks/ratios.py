@@ -1,7 +1,7 @@
 """The ratios a `disagg bench` record reports, each between two runs of the same invocation paired by their fields:
-the default cluster (`DEFAULT_VARIANT`, gRPC front, no sweep) against the in-process baselines, its HTTP
-front, and each variant that departs from it in one setting (the A/Bs of --kv-cache, --prefix-cache, --routing,
---local-prefill, --handoff-held-prefix and --greedy-screen both).
+the reference cluster (`variants.reference`: the invocation's settings, gRPC front, no sweep) against the in-process
+baselines, its HTTP front, and each variant that departs from it in one setting (the A/Bs of --kv-cache,
+--prefix-cache, --routing, --local-prefill, --handoff-held-prefix and --greedy-screen both).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.variants import DEFAULT_VARIANT, Baseline, RunKey
+from benchmarks.variants import DEFAULT_VARIANT, Baseline, RunKey, Variant
 
 BASELINES = (Baseline(static_batches=False), Baseline(static_batches=True))
 
@@ -23,16 +23,23 @@ def _throughput(a: dict, b: dict) -> float:
     return a["output_token_throughput"] / b["output_token_throughput"]
 
 
-def comparison(results: Mapping[RunKey, dict]) -> dict[str, float]:
-    """The ratios between the runs present in `results` (run key -> `RunResult.stats`); none without the reference
-    cluster."""
-    cluster = results.get(RunKey(DEFAULT_VARIANT, "grpc"))
+def comparison(results: Mapping[RunKey, dict], reference: Variant = DEFAULT_VARIANT) -> dict[str, float]:
+    """The ratios between the runs present in `results` (run key -> `RunResult.stats`); none without the
+    `reference` cluster."""
+    cluster = results.get(RunKey(reference, "grpc"))
     if cluster is None:
         return {}
 
     def departing(**changes: Any) -> dict | None:
-        """The run of the reference cluster with `changes` (its gRPC front), if the invocation measured it."""
-        return results.get(RunKey(dataclasses.replace(DEFAULT_VARIANT, **changes), "grpc"))
+        """The run of the reference cluster with `changes` (its gRPC front), if the invocation measured it; None
+        where a change is no departure from the reference, or makes no cluster (held prefix without local
+        prefill)."""
+        if any(getattr(reference, name) == value for name, value in changes.items()):
+            return None
+        try:
+            return results.get(RunKey(dataclasses.replace(reference, **changes), "grpc"))
+        except ValueError:
+            return None
 
     ratios: dict[str, float] = {}
     for baseline in BASELINES:
@@ -40,7 +47,7 @@ def comparison(results: Mapping[RunKey, dict]) -> dict[str, float]:
             ratios[f"throughput_vs_{baseline.name}"] = _throughput(cluster, base)
             ratios[f"e2e_mean_vs_{baseline.name}"] = _ratio(cluster, base, "e2e_s", "mean")
             ratios[f"ttft_mean_vs_{baseline.name}"] = _ratio(cluster, base, "ttft_s", "mean")
-    if (http := results.get(RunKey(DEFAULT_VARIANT, "openai"))) is not None:  # the HTTP front against the gRPC one
+    if (http := results.get(RunKey(reference, "openai"))) is not None:  # the HTTP front against the gRPC one
         ratios["openai_throughput_vs_grpc"] = _throughput(http, cluster)
         ratios["openai_ttft_mean_vs_grpc"] = _ratio(http, cluster, "ttft_s", "mean")
     if (least := departing(routing="least-loaded")) is not None:  # the same trace, KV-aware vs least-loaded

@@ -52,7 +52,7 @@ def bench_main(args: argparse.Namespace) -> None:
     from benchmarks.report import SweepPoint, format_table, hardware, save_json, sweep_rows, sweep_table
     from benchmarks.runner import all_runs
     from benchmarks.serving_record import record_blocks, workload_text
-    from benchmarks.variants import mode_label, varied_fields
+    from benchmarks.variants import mode_label, reference, varied_fields
     from disagg.model.loading import load_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,7 +77,7 @@ def bench_main(args: argparse.Namespace) -> None:
     points = [
         SweepPoint(key.name, mode_label(key, varied), key.rate, stats[key]) for key in best if key.rate is not None
     ]
-    ratios = comparison(stats)
+    ratios = comparison(stats, reference(args))
     table = format_table(results, ratios)
     print(table)
     if points:

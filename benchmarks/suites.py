@@ -56,6 +56,9 @@ def _module(record: str, module: str, flags: str = "", out: str = "") -> Recipe:
 _DUMMY = "--model distilgpt2 --load-format dummy"
 _SHAPE = f"{_DUMMY} --dtype float32 --prompt-tokens 128 --ignore-eos --output-tokens 64"
 _C32 = "--concurrency 32 --num-requests 64 --baseline static"
+# Conditional disaggregation, as `disagg bench` had it by default when these records were made (it now takes
+# `disagg up`'s path, without it).
+_LOCAL = "--local-prefill on"
 _OPENMP_DEFAULT = (("GOMP_SPINCOUNT", ""),)  # OpenMP's own spin, as the workers had before their short-spin default
 # The gRPC and HTTP fronts in alternation; the prefix cache off, or the repeated rounds would hit it.
 _OPENAI = f"{_DUMMY} --prompt-tokens 128 --output-tokens 64 --api both --baseline none"
@@ -64,20 +67,21 @@ _THRESHOLD = "--output-tokens 64 --num-requests 24 --concurrency 4 --prefix-cach
 _THRESHOLD += " --local-prefill-tokens 1024 --gateway-args '--local-prefill-min-cached 0'"
 _MULTI_TURN = f"{_DUMMY} --baseline none --workload multi-turn --conversations 8 --concurrency 4"
 _HELD = f"{_DUMMY} --baseline none --workload multi-turn --turns 3 --conversations 16 --concurrency 4"
-_HELD += " --prompt-tokens 300 --output-tokens 32 --history tokens --handoff-held-prefix both"
+_HELD += " --prompt-tokens 300 --output-tokens 32 --history tokens --local-prefill on --handoff-held-prefix both"
 
 SUITES: dict[str, tuple[Recipe, ...]] = {
-    # The cluster with the bench's default settings against in-process generate(), one record per shape.
+    # The cluster (with conditional disaggregation) against in-process generate(), one record per shape.
     "cluster_vs_generate": (
         _disagg_bench(
             "bench_c1",
             f"{_SHAPE} --concurrency 1 --num-requests 6 --baseline sequential --baseline-requests 6 --repeats 2 "
-            "--name 'concurrency 1'",
+            f"{_LOCAL} --name 'concurrency 1'",
         ),
-        _disagg_bench("bench_c32", f"{_SHAPE} {_C32} --repeats 2 --name 'concurrency 32'"),
+        _disagg_bench("bench_c32", f"{_SHAPE} {_C32} --repeats 2 {_LOCAL} --name 'concurrency 32'"),
         _disagg_bench(
             "bench_c64",
-            f"{_SHAPE} --concurrency 64 --num-requests 64 --baseline static --repeats 2 --name 'concurrency 64'",
+            f"{_SHAPE} --concurrency 64 --num-requests 64 --baseline static --repeats 2 {_LOCAL} "
+            "--name 'concurrency 64'",
         ),
         _disagg_bench(
             "bench_c1_local_prefill",
@@ -86,7 +90,8 @@ SUITES: dict[str, tuple[Recipe, ...]] = {
         ),
         _disagg_bench(
             "bench_c32_greedy_screen",
-            f"{_SHAPE} {_C32} --repeats 2 --greedy-screen both --name 'concurrency 32, float32 head vs greedy screen'",
+            f"{_SHAPE} {_C32} --repeats 2 {_LOCAL} --greedy-screen both "
+            "--name 'concurrency 32, float32 head vs greedy screen'",
         ),
     ),
     # The decode step in one process: where its time goes, and the engine's ceiling against generate().

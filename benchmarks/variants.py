@@ -9,15 +9,19 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from disagg import config as cfg
+
 ROUTINGS = ("kv-aware", "least-loaded")
 APIS = ("grpc", "openai")
+# Conditional disaggregation as `disagg up` has it by default (off: its threshold is 0), from the same definition.
+LOCAL_PREFILL = bool(cfg.option_default(cfg.GatewayConfig, "local_prefill_tokens", "up"))
 # The Variant fields that can depart from the default variant, in the order their suffixes join the display name,
 # with each one's suffix.
 DEPARTURE_SUFFIXES = (
     ("kv_cache", "_kv_off"),
     ("prefix_cache", "_prefix_off"),
     ("routing", "_least_loaded"),
-    ("local_prefill", "_local_prefill_off"),
+    ("local_prefill", "_local_prefill_off" if LOCAL_PREFILL else "_local_prefill"),
     ("held_prefix", "_whole_handoff"),
     ("greedy_screen", "_float32_head"),
 )
@@ -38,20 +42,21 @@ class Baseline:
 @dataclass(frozen=True)
 class Variant:
     """One local cluster configuration; the defaults are what `disagg bench` measures unless its flags say
-    otherwise (every serving feature on)."""
+    otherwise: `disagg up`'s path (every serving feature on but conditional disaggregation, as there)."""
 
     aggregated: bool = False  # aggregated workers (prefill and decode in one engine) instead of prefill + decode
     kv_cache: bool = True  # off: the decode worker recomputes the sequence every step
     prefix_cache: bool = True  # the workers' prefix caches (prefill; decode with local prefill; aggregated)
     routing: str = "kv-aware"  # the gateway's choice of prefill worker: one of ROUTINGS
-    local_prefill: bool = True  # conditional disaggregation: short uncached prompts prefilled on the decode worker
+    local_prefill: bool = LOCAL_PREFILL  # conditional disaggregation: short uncached prompts prefilled on decode
     held_prefix: bool = True  # a declined prompt handed back without the KV blocks the decode worker holds
     greedy_screen: bool = True  # greedy tokens from the exact bf16 screen (off: float32 logits)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing {self.routing!r}: one of {', '.join(ROUTINGS)}")
-        if self.aggregated and (self.routing != "kv-aware" or not self.local_prefill or not self.held_prefix):
+        aggregated_departs = self.routing != "kv-aware" or self.local_prefill != LOCAL_PREFILL or not self.held_prefix
+        if self.aggregated and aggregated_departs:
             raise ValueError("an aggregated cluster has no prefill routing, local prefill or held-prefix handoff")
         if not self.held_prefix and not self.local_prefill:
             raise ValueError("the held-prefix handoff exists only with local prefill")
@@ -109,10 +114,24 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         for kv_cache in kv[args.kv_cache]
         for prefix_cache in kv[args.prefix_cache]
         for routing in (routings if not agg else ["kv-aware"])
-        for local_prefill in (later[args.local_prefill] if not agg else [True])
+        for local_prefill in (later[args.local_prefill] if not agg else [LOCAL_PREFILL])
         for held_prefix in (later[args.handoff_held_prefix] if local_prefill and not agg else [True])
         for greedy_screen in later[args.greedy_screen]
     ]
+
+
+def reference(args: argparse.Namespace) -> Variant:
+    """The cluster an invocation's ratios are taken against (`benchmarks.ratios`): the disaggregated one with its
+    settings, an A/B ('both') on its new side (the feature on, KV-aware routing)."""
+    local_prefill = args.local_prefill != "off"
+    return Variant(
+        kv_cache=args.kv_cache != "off",
+        prefix_cache=args.prefix_cache != "off",
+        routing="least-loaded" if args.routing == "least-loaded" else "kv-aware",
+        local_prefill=local_prefill,
+        held_prefix=args.handoff_held_prefix != "off" or not local_prefill,
+        greedy_screen=args.greedy_screen != "off",
+    )
 
 
 def varied_fields(args: argparse.Namespace) -> set[str]:

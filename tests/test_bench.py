@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from benchmarks.plots import plot_sweep
 from benchmarks.ratios import comparison
 from benchmarks.report import FIELDS, SweepPoint, sweep_rows, sweep_table
 from benchmarks.stats import RequestRecord, RunResult, meets_slos, parse_goodput, summarize
-from benchmarks.variants import Baseline, RunKey, Variant, mode_label, schedule, variants, varied_fields
+from benchmarks.variants import Baseline, RunKey, Variant, mode_label, reference, schedule, variants, varied_fields
 from benchmarks.workloads import (
     Workload,
     arrival_delays,
@@ -26,9 +27,11 @@ from benchmarks.workloads import (
     make_shared_system_prompts,
     next_turn_prompt,
 )
+from disagg.config import LOCAL_PREFILL_TOKENS
 from disagg.tools.cli import build_parser, main
 
-CLUSTER = RunKey(Variant(), "grpc")  # the cluster every ratio is taken against
+CLUSTER = RunKey(Variant(), "grpc")  # the cluster the ratios of an invocation with the defaults are taken against
+LOCAL_PREFILL_ON = Variant(local_prefill=True)
 
 
 def test_summarize_known_values():
@@ -374,13 +377,13 @@ def test_greedy_screen_both_runs_the_decode_step_ab_on_the_same_workload():
 def test_variant_names_are_derived_from_fields_and_meaningless_variants_are_refused():
     assert Variant().name == "cluster" and Variant(aggregated=True).name == "cluster_aggregated"
     every_departure = Variant(False, False, False, "least-loaded", True, False, False)
-    assert every_departure.name == "cluster_kv_off_prefix_off_least_loaded_whole_handoff_float32_head"
-    assert Variant(local_prefill=False).departures() == ["local_prefill"]
+    assert every_departure.name == "cluster_kv_off_prefix_off_least_loaded_local_prefill_whole_handoff_float32_head"
+    assert Variant(local_prefill=True).departures() == ["local_prefill"]  # off by default, as in `disagg up`
     assert RunKey(Variant(), "openai", 2.0).label == "cluster_openai@2/s"
     assert RunKey(Baseline(static_batches=True)).label == "generate_static_batch"
     for bad in (
         dict(aggregated=True, routing="least-loaded"),
-        dict(aggregated=True, local_prefill=False),
+        dict(aggregated=True, local_prefill=True),
         dict(local_prefill=False, held_prefix=False),
         dict(routing="round-robin"),
     ):
@@ -392,6 +395,18 @@ def test_variant_names_are_derived_from_fields_and_meaningless_variants_are_refu
         RunKey(Variant())
 
 
+def test_the_bench_cluster_takes_the_path_of_disagg_up_by_default():
+    up = build_parser().parse_args(["up"])
+    args = build_parser().parse_args(["bench"])
+    resolve_run_args(args)
+    assert args.local_prefill == ("on" if up.local_prefill_tokens else "off") == "off"
+    assert variants(args) == [Variant()] and reference(args) == Variant() and not Variant().local_prefill
+    on = build_parser().parse_args(["bench", "--local-prefill", "on", "--handoff-held-prefix", "both"])
+    resolve_run_args(on)
+    assert reference(on) == LOCAL_PREFILL_ON and on.local_prefill_tokens == LOCAL_PREFILL_TOKENS
+    assert [v.name for v in variants(on)] == ["cluster_local_prefill_whole_handoff", "cluster_local_prefill"]
+
+
 def test_ratios_pair_runs_by_their_fields():
     def stats(tokens_per_s: float, ms: float, kv_bytes: float = 0.0) -> dict:
         timing = {"mean": ms, "p50": ms, "p99": 2 * ms}
@@ -399,19 +414,20 @@ def test_ratios_pair_runs_by_their_fields():
         return found | ({"routing": {"kv-bytes-sent": kv_bytes}} if kv_bytes else {})
 
     def at(**changes: bool) -> RunKey:
-        return RunKey(Variant(**changes), "grpc")
+        return RunKey(dataclasses.replace(LOCAL_PREFILL_ON, **changes), "grpc")
 
     ratios = comparison(
         {
-            CLUSTER: stats(100, 10, kv_bytes=1000),
-            RunKey(Variant(), "openai"): stats(90, 11),
+            at(): stats(100, 10, kv_bytes=1000),
+            RunKey(LOCAL_PREFILL_ON, "openai"): stats(90, 11),
             at(local_prefill=False): stats(80, 20),
             at(held_prefix=False): stats(70, 30, kv_bytes=2000),
             at(greedy_screen=False): stats(50, 40),
             at(prefix_cache=False, local_prefill=False): stats(40, 50),
             at(kv_cache=False): stats(25, 80),
             RunKey(Baseline(static_batches=True)): stats(200, 5),
-        }
+        },
+        LOCAL_PREFILL_ON,  # the reference of an invocation with --local-prefill on or both
     )
     assert ratios["openai_throughput_vs_grpc"] == pytest.approx(0.9)
     assert ratios["local_prefill_off_ttft_p50_vs_on"] == pytest.approx(2.0)
