@@ -35,7 +35,6 @@ from disagg.model.block_pool import BlockTable
 from disagg.model.paged_kv import PagedKvStorage
 
 _FAMILIES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
-MODEL_RUNNERS = ("native", "hf")  # a decode engine's choice: this forward pass where it applies, or HF's
 ATTENTION_KINDS = ("kernel", "matmul", "sdpa")
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> [tokens, heads * D]
 # (tokens, positions, block_tables, keys, values) -> hidden: `NativeModel.decode`, eager or compiled
