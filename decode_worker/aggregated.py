@@ -28,8 +28,9 @@ from disagg import telemetry
 from disagg.engine.aggregated import AggregatedEngine, Prompt
 from disagg.engine.decode import DecodeSequence, TokenEvent
 from disagg.kv.budget import KvBudget, Reservation
+from disagg.model.grammar import model_grammars
 from disagg.model.loading import LoadedModel
-from disagg.model.output_stream import OutputStream
+from disagg.model.output_stream import new_output
 from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
 from disagg.rpc.prompt import resolve_request
@@ -39,6 +40,7 @@ from disagg.telemetry.decode import aggregated_prefill_times, decode_times
 class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
     def __init__(self, lm: LoadedModel, engine: AggregatedEngine, budget: KvBudget):
         self.lm, self.engine, self.budget = lm, engine, budget
+        self.grammars = model_grammars(lm)  # structured output: each grammar compiled once, on first use
         self.active = 0  # Generate calls in progress
 
     def load(self) -> dict[str, int]:
@@ -68,6 +70,8 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
                         declined.block_tokens = cache.block_tokens
                     yield worker_pb2.AggregatedServiceGenerateResponse(declined=declined)
                     return
+            if params.grammar is not None:  # compiled off the event loop (cached: once per grammar)
+                await asyncio.to_thread(self.grammars.prepare, params.grammar)
             start = resolved.sequence_start(self.lm.name)
             if self.engine.kv_cache:  # before anything is allocated for it: refused here, nothing was sent
                 nbytes = final_kv_bytes(self.lm, start) * params.n
@@ -78,9 +82,10 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
                 return lambda event: events.put_nowait((index, event))
 
             running: dict[int, DecodeSequence] = {}
+            lm = self.lm
             for index in range(params.n):
-                output = OutputStream(self.lm.tokenizer, for_sequence(params, index), self.lm.eos_token_ids)
-                output.replay(generated)
+                sequence_params = for_sequence(params, index)
+                output = new_output(lm.tokenizer, sequence_params, lm.eos_token_ids, self.grammars, generated)
                 running[index] = DecodeSequence(
                     sequence_id(prefill.request_id, index),
                     input_ids,

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from disagg.engine.decode import DecodeSequence, TokenEvent
 from disagg.errors import InvalidRequest, ProtocolError
 from disagg.handoff.receive import Handoff
+from disagg.model.grammar import GrammarCompiler
 from disagg.model.loading import LoadedModel
-from disagg.model.output_stream import OutputStream
+from disagg.model.output_stream import new_output
 from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2
 from disagg.rpc.convert import logprob_to_pb, sampling_from_pb
@@ -26,9 +27,11 @@ def sequence_id(request_id: str, index: int) -> str:
 
 
 def forked_sequences(
-    lm: LoadedModel, handoff: Handoff, deliver_to: Callable[[int], Deliver]
+    lm: LoadedModel, handoff: Handoff, deliver_to: Callable[[int], Deliver], grammars: GrammarCompiler
 ) -> dict[int, DecodeSequence]:
-    """index -> sequence for every one of the handoff's n sequences that did not already finish at its first token."""
+    """index -> sequence for every one of the handoff's n sequences that did not already finish at its first token.
+    Under a grammar, each sequence's matcher state is rebuilt from its tokens so far (compile the grammar first,
+    off the event loop: `grammars.prepare`)."""
     start = handoff.start
     params = sampling_from_pb(start.sampling)
     if params.max_new_tokens <= 0:
@@ -36,8 +39,8 @@ def forked_sequences(
     context = [*start.prompt_token_ids, *start.generated_token_ids]
     sequences = {}
     for index, first in enumerate(handoff.first_tokens or [handoff.first_token]):
-        output = OutputStream(lm.tokenizer, for_sequence(params, index), lm.eos_token_ids)
-        output.replay([*start.generated_token_ids, first.token_id])
+        replayed = [*start.generated_token_ids, first.token_id]
+        output = new_output(lm.tokenizer, for_sequence(params, index), lm.eos_token_ids, grammars, replayed)
         if output.finish_reason is None:
             sequences[index] = DecodeSequence(
                 sequence_id(start.request_id, index), context, output, handoff.kv, deliver=deliver_to(index)

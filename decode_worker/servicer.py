@@ -26,8 +26,10 @@ from disagg.kv.framing import HandoffMessage
 from disagg.kv.held_prefix import pin_held_prefix
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.kv.transports import DIRECT
+from disagg.model.grammar import model_grammars
 from disagg.model.loading import LoadedModel
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.rpc.convert import sampling_from_pb
 from disagg.telemetry.decode import KvTransfer, decode_times, received_transfer
 
 ADMITTED = ("disagg-admitted", "1")  # initial metadata: the sequence's KV is reserved, send the cache
@@ -47,6 +49,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         """`prefix_cache`: the engine's (a worker with --local-prefill), which handoffs may leave blocks of out."""
         self.lm, self.engine, self.budget, self.prefix_cache = lm, engine, budget, prefix_cache
         self.inbox = KvInbox(lm.fingerprint, budget)
+        self.grammars = model_grammars(lm)  # structured output: each grammar compiled once, on first use
         self.active = 0  # Decode calls in progress: receiving KV, waiting or running
 
     def load(self) -> dict[str, int]:
@@ -129,7 +132,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         def deliver_to(index: int) -> Deliver:  # called on this loop: the engine notifies it once per step
             return lambda event: events.put_nowait((index, event))
 
-        running = forked_sequences(self.lm, handoff, deliver_to)  # n > 1: n sequences sharing the received KV
+        if (grammar := sampling_from_pb(handoff.start.sampling).grammar) is not None:  # compiled off the event loop
+            await asyncio.to_thread(self.grammars.prepare, grammar)  # (cached: once per grammar)
+        # n > 1: n sequences sharing the received KV
+        running = forked_sequences(self.lm, handoff, deliver_to, self.grammars)
         sequences = list(running.values())
         for seq in sequences:
             seq.reservation = reservation  # one reservation for all n (the budget counts it once)

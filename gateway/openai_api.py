@@ -204,6 +204,7 @@ class OpenAiApi:
 
         def add(response: gateway_pb2.GenerateResponse) -> None:
             nonlocal metrics
+            parsed.note_prompt_logprobs(response)
             choice = choices[response.index]
             choice.text += response.text
             choice.logprobs.extend(response.logprobs)

@@ -7,17 +7,21 @@ refuses what it cannot translate with the name of the field (`param`), as the Op
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from disagg.errors import InvalidRequest
 from disagg.model.logprobs import MAX_TOP_LOGPROBS
 from disagg.pb.disagg.v1 import gateway_pb2
 from disagg.rpc.convert import metrics_to_dict
+from gateway.validation import checked_grammar
 
 COMPLETIONS, CHAT = "text_completion", "chat.completion"
 # The request's phases (gateway.proto RequestMetrics): this key in the answer and the final chunk (an extra key the
@@ -57,8 +61,12 @@ PARAM_NAMES = {
     "stop": "stop",
     "n": "n",
     "top_logprobs": "top_logprobs",
+    "prompt_logprobs": "prompt_logprobs",
+    "priority": "priority",
+    "grammar": "response_format",
     "request_id": "user",
 }
+INT32 = (-(2**31), 2**31 - 1)
 
 
 class HttpError(Exception):
@@ -154,8 +162,6 @@ def _unsupported(body: dict[str, Any]) -> None:
             raise bad(name, "is not supported (only 0)")
     if body.get("logit_bias"):
         raise bad("logit_bias", "is not supported")
-    if body.get("echo"):
-        raise bad("echo", "is not supported")
     if body.get("suffix"):
         raise bad("suffix", "is not supported")
     if body.get("tools") or body.get("functions"):
@@ -174,6 +180,14 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    echo: bool = False  # completions: the prompt before each choice's text (and its logprobs before the text's)
+    vllm_prompt_logprobs: bool = False  # vLLM's `prompt_logprobs` extra: its own key in the answer
+    # The prompt's logprobs, from the pipeline's first message (with echo + logprobs, or prompt_logprobs)
+    prompt_logprobs: list[gateway_pb2.TokenLogprob] = field(default_factory=list)
+
+    def note_prompt_logprobs(self, response: gateway_pb2.GenerateResponse) -> None:
+        if response.prompt_logprobs:
+            self.prompt_logprobs = list(response.prompt_logprobs)
 
 
 def _model(body: dict[str, Any], served: str) -> str:
@@ -202,9 +216,39 @@ def _common(body: dict[str, Any], request: gateway_pb2.GenerateRequest) -> None:
     request.n = _int(body, "n", 1) or 1  # the upper limit is the gateway's (gateway.validation.MAX_N)
     request.stop.extend(_stop(body))
     request.ignore_eos = _bool(body, "ignore_eos")
+    request.priority = _int(body, "priority", *INT32) or 0  # vLLM's extra: lower is served earlier
+    if (grammar := _response_format(body)) is not None:
+        request.grammar.CopyFrom(grammar)
+    if (prompt_logprobs := _int(body, "prompt_logprobs", 0, MAX_TOP_LOGPROBS)) is not None:  # vLLM's extra
+        request.prompt_logprobs = prompt_logprobs
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user", "must be a string")
+
+
+def _response_format(body: dict[str, Any]) -> gateway_pb2.Grammar | None:
+    """`response_format` as a grammar: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name":
+    ..., "schema": {...}, "strict": ...}} (the schema is enforced whether strict or not); "text" is none."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("response_format", 'must be an object whose type is "text", "json_object" or "json_schema"')
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        grammar = gateway_pb2.Grammar(json_object=True)
+    else:
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad("response_format", 'json_schema must be an object with a "schema" object')
+        if "strict" in spec and not isinstance(spec["strict"], bool | None):
+            raise bad("response_format", "json_schema.strict must be a boolean")
+        grammar = gateway_pb2.Grammar(json_schema=json.dumps(spec.get("schema", {})))
+    try:
+        return checked_grammar(grammar)
+    except InvalidRequest as error:
+        raise bad("response_format", str(error)) from error
 
 
 def _stream_options(body: dict[str, Any], stream: bool) -> bool:
@@ -236,8 +280,16 @@ def parse_completion(body: Any, served_model: str) -> ParsedRequest:
     _common(body, request)
     if (logprobs := _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)) is not None:
         request.logprobs, request.top_logprobs = True, logprobs
+    vllm_prompt_logprobs = request.HasField("prompt_logprobs")
+    echo = _bool(body, "echo")
+    if echo and not request.prompt:
+        raise bad("echo", "needs a text prompt")
+    if echo and request.logprobs:  # OpenAI's echo: the prompt tokens' logprobs too
+        request.prompt_logprobs = max(request.prompt_logprobs, request.top_logprobs)
     stream = _bool(body, "stream")
-    return ParsedRequest(COMPLETIONS, model, request, stream, _stream_options(body, stream))
+    parsed = ParsedRequest(COMPLETIONS, model, request, stream, _stream_options(body, stream), echo=echo)
+    parsed.vllm_prompt_logprobs = vllm_prompt_logprobs
+    return parsed
 
 
 def _content(message: dict[str, Any], i: int) -> str:
@@ -261,6 +313,8 @@ def parse_chat(body: Any, served_model: str) -> ParsedRequest:
     body = _object(body)
     model = _model(body, served_model)
     _unsupported(body)
+    if body.get("echo"):
+        raise bad("echo", "is supported on /v1/completions only")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "must be a non-empty list")
@@ -277,7 +331,9 @@ def parse_chat(body: Any, served_model: str) -> ParsedRequest:
     if request.top_logprobs and not request.logprobs:
         raise bad("top_logprobs", "needs logprobs: true")
     stream = _bool(body, "stream")
-    return ParsedRequest(CHAT, model, request, stream, _stream_options(body, stream))
+    parsed = ParsedRequest(CHAT, model, request, stream, _stream_options(body, stream))
+    parsed.vllm_prompt_logprobs = request.HasField("prompt_logprobs")
+    return parsed
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -331,17 +387,40 @@ def chat_logprobs(logprobs: list[gateway_pb2.TokenLogprob]) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(logprobs: list[gateway_pb2.TokenLogprob], text_offset: int) -> dict[str, Any]:
+def _predicted(lp: gateway_pb2.TokenLogprob) -> bool:
+    """False for the prompt's first token, which nothing predicts (a NaN logprob: null in OpenAI's formats)."""
+    return not math.isnan(lp.logprob)
+
+
+def completion_logprobs(
+    logprobs: Sequence[gateway_pb2.TokenLogprob], text_offset: int, prompt: Sequence[gateway_pb2.TokenLogprob] = ()
+) -> dict[str, Any]:
+    """The completions format; `prompt` (echo): the prompt tokens' entries before the generated ones."""
+    entries = [*prompt, *logprobs]
     offsets, at = [], text_offset
-    for lp in logprobs:
+    for lp in entries:
         offsets.append(at)
         at += len(lp.token)
     return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in logprobs],
+        "tokens": [lp.token for lp in entries],
+        "token_logprobs": [lp.logprob if _predicted(lp) else None for lp in entries],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} if _predicted(lp) else None for lp in entries],
         "text_offset": offsets,
     }
+
+
+def vllm_prompt_logprobs(prompt: Sequence[gateway_pb2.TokenLogprob]) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, decoded_token}} for the
+    token and the most likely alternatives."""
+    result: list[dict[str, Any] | None] = []
+    for lp in prompt:
+        if not _predicted(lp):
+            result.append(None)
+            continue
+        entry = {str(t.token_id): {"logprob": t.logprob, "decoded_token": t.token} for t in lp.top_logprobs}
+        entry[str(lp.token_id)] = {"logprob": lp.logprob, "decoded_token": lp.token}
+        result.append(entry)
+    return result
 
 
 @dataclass
@@ -361,7 +440,9 @@ def response_id(parsed: ParsedRequest, request_id: str) -> str:
 def chunk(
     parsed: ParsedRequest, request_id: str, response: gateway_pb2.GenerateResponse, choice: Choice, first: bool
 ) -> dict[str, Any]:
-    """A streamed message of one sequence as an OpenAI chunk."""
+    """A streamed message of one sequence as an OpenAI chunk; a sequence's first one carries the echoed prompt and
+    the prompt's logprobs where asked."""
+    parsed.note_prompt_logprobs(response)
     finish = FINISH_REASONS.get(response.finish_reason) if response.finish_reason else None
     entry: dict[str, Any] = {"index": response.index, "logprobs": None, "finish_reason": finish}
     if parsed.kind == CHAT:
@@ -369,11 +450,18 @@ def chunk(
         if parsed.request.logprobs:
             entry["logprobs"] = chat_logprobs(list(response.logprobs))
     else:
-        entry["text"] = response.text
+        echoed = parsed.echo and first
+        entry["text"] = parsed.request.prompt + response.text if echoed else response.text
         if parsed.request.logprobs:
-            entry["logprobs"] = completion_logprobs(list(response.logprobs), choice.chars_of_logprob_tokens)
-            choice.chars_of_logprob_tokens += sum(len(lp.token) for lp in response.logprobs)
+            prompt = parsed.prompt_logprobs if echoed else []
+            logprobs = list(response.logprobs)
+            entry["logprobs"] = completion_logprobs(logprobs, choice.chars_of_logprob_tokens, prompt)
+            choice.chars_of_logprob_tokens += sum(len(lp.token) for lp in [*prompt, *logprobs])
+        if parsed.vllm_prompt_logprobs and first:
+            entry["prompt_logprobs"] = vllm_prompt_logprobs(parsed.prompt_logprobs)
     body = _envelope(parsed, request_id, [entry], streamed=True)
+    if parsed.kind == CHAT and parsed.vllm_prompt_logprobs and first and response.index == 0:
+        body["prompt_logprobs"] = vllm_prompt_logprobs(parsed.prompt_logprobs)
     if parsed.include_usage:
         body["usage"] = None
     return body
@@ -387,8 +475,9 @@ def usage_chunk(parsed: ParsedRequest, request_id: str, usage: gateway_pb2.Usage
 
 
 def whole(parsed: ParsedRequest, request_id: str, choices: list[Choice], usage: gateway_pb2.Usage) -> dict[str, Any]:
-    """The non-streaming answer."""
+    """The non-streaming answer (the pipeline's messages went through `parsed.note_prompt_logprobs`)."""
     entries = []
+    prompt = parsed.prompt_logprobs if parsed.echo else []
     for index, choice in enumerate(choices):
         finish = FINISH_REASONS.get(choice.finish_reason or "", choice.finish_reason)
         if parsed.kind == CHAT:
@@ -396,9 +485,14 @@ def whole(parsed: ParsedRequest, request_id: str, choices: list[Choice], usage: 
             message = {"role": "assistant", "content": choice.text}
             entries.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
         else:
-            logprobs = completion_logprobs(choice.logprobs, 0) if parsed.request.logprobs else None
-            entries.append({"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": finish})
+            logprobs = completion_logprobs(choice.logprobs, 0, prompt) if parsed.request.logprobs else None
+            text = parsed.request.prompt + choice.text if parsed.echo else choice.text
+            entries.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            if parsed.vllm_prompt_logprobs:
+                entries[-1]["prompt_logprobs"] = vllm_prompt_logprobs(parsed.prompt_logprobs)
     body = _envelope(parsed, request_id, entries, streamed=False)
+    if parsed.kind == CHAT and parsed.vllm_prompt_logprobs:
+        body["prompt_logprobs"] = vllm_prompt_logprobs(parsed.prompt_logprobs)
     body["usage"] = usage_of(usage)
     return body
 

@@ -8,8 +8,10 @@ import uuid
 
 from disagg.config import GatewayConfig
 from disagg.errors import InvalidRequest
+from disagg.model.grammar import JSON_SCHEMA, check_grammar, json_schema_spec
 from disagg.model.logprobs import MAX_TOP_LOGPROBS
 from disagg.pb.disagg.v1 import gateway_pb2, worker_pb2
+from disagg.rpc.convert import grammar_from_pb, grammar_to_pb
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_STOP_CHARS = 256
@@ -46,6 +48,8 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
         raise InvalidRequest(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.top_logprobs}")
     if request.top_logprobs and not request.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs")
+    if request.HasField("prompt_logprobs") and not 0 <= request.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"prompt_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.prompt_logprobs}")
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     sampling = worker_pb2.SamplingParams(
         max_new_tokens=request.max_new_tokens,
@@ -58,7 +62,12 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
         n=max(1, request.n),
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
+        priority=request.priority,
     )
+    if request.HasField("grammar"):
+        sampling.grammar.CopyFrom(checked_grammar(request.grammar))
+    if request.HasField("prompt_logprobs"):
+        sampling.prompt_logprobs = request.prompt_logprobs
     return worker_pb2.PrefillRequest(
         request_id=request.request_id or uuid.uuid4().hex,
         prompt=request.prompt,
@@ -68,6 +77,21 @@ def to_prefill_request(request: gateway_pb2.GenerateRequest, config: GatewayConf
         apply_chat_template=request.apply_chat_template,
         default_max_new_tokens=config.default_max_new_tokens,
     )
+
+
+def checked_grammar(grammar: gateway_pb2.Grammar) -> gateway_pb2.Grammar:
+    """The request's grammar, compiled once here without the model's tokenizer (the workers compile it again with
+    theirs), a JSON schema in its compact form (one compiled grammar per schema on the workers); InvalidRequest
+    naming what is wrong."""
+    spec = grammar_from_pb(grammar)
+    if spec is None:
+        raise InvalidRequest("grammar: set one of json_schema, json_object, regex and lark")
+    if grammar.WhichOneof("kind") == "json_object" and not grammar.json_object:
+        raise InvalidRequest("grammar: json_object must be true when set")
+    if spec.kind == JSON_SCHEMA:
+        spec = json_schema_spec(spec.source)
+    check_grammar(spec)
+    return grammar_to_pb(spec)
 
 
 def _check_prompt(request: gateway_pb2.GenerateRequest, config: GatewayConfig) -> None:

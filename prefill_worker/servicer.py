@@ -20,11 +20,12 @@ from disagg.kv.held_prefix import set_skipped, skipped_prefix
 from disagg.kv.prefix_cache import PrefixCache
 from disagg.kv.transports import DIRECT, RELAYED
 from disagg.model.dtypes import DTYPE_NAMES
+from disagg.model.grammar import model_grammars
 from disagg.model.loading import LoadedModel
-from disagg.model.output_stream import OutputStream
+from disagg.model.output_stream import new_output
 from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
-from disagg.rpc.convert import layout_to_pb, logprob_to_pb
+from disagg.rpc.convert import layout_to_pb, logprob_to_pb, prompt_logprobs_to_pb
 from disagg.rpc.prompt import resolve_request
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         self.wire_dtype = "" if wire_dtype in ("auto", "", DTYPE_NAMES[lm.dtype]) else wire_dtype
         self.push_clients = push_clients or PushClients()
         self.segments = segments or SharedMemorySegments()
+        self.grammars = model_grammars(lm)  # structured output: each grammar compiled once, on first use
         self.active = 0  # Prefill calls in progress
 
     def load(self) -> dict[str, int]:
@@ -112,10 +114,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     ) -> AsyncIterator[worker_pb2.PrefillResponse | bytes]:
         resolved = resolve_request(self.lm, request)
         input_ids, params = resolved.input_ids, resolved.params
-        output = OutputStream(self.lm.tokenizer, params, self.lm.eos_token_ids)
-        output.replay(resolved.generated)
+        if params.grammar is not None:  # compiled off the event loop (cached: once per grammar)
+            await asyncio.to_thread(self.grammars.prepare, params.grammar)
+        # (a resumed sequence's generated tokens rebuild its grammar's state)
+        lm, grammars = self.lm, self.grammars
+        output = new_output(lm.tokenizer, params, lm.eos_token_ids, grammars, resolved.generated)
         forks = [
-            OutputStream(self.lm.tokenizer, for_sequence(params, i), self.lm.eos_token_ids) for i in range(1, params.n)
+            new_output(lm.tokenizer, for_sequence(params, i), lm.eos_token_ids, grammars) for i in range(1, params.n)
         ]
 
         loop = asyncio.get_running_loop()
@@ -125,6 +130,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             loop.call_soon_threadsafe(_settle, done, result)
 
         job = PrefillJob(request.request_id, input_ids, output, deliver, forks=forks)
+        if not resolved.generated:  # (a resumed sequence's prompt logprobs were sent by its first prefill)
+            job.prompt_logprobs = params.prompt_logprobs
         destination = request.kv_destination
         # the decode worker may hold the first blocks already (disagg/kv/held_prefix.py): only the rest is sent
         skipped = skipped_prefix(destination, input_ids, self.lm.fingerprint)
@@ -189,9 +196,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
 
 def _first_tokens(job: PrefillJob, result: PrefillResult) -> list[worker_pb2.PrefillResponse]:
-    """One FirstToken per sequence (n of them from the one forward pass), each with its logprobs if asked."""
+    """One FirstToken per sequence (n of them from the one forward pass), each with its logprobs if asked; the
+    prompt's logprobs before them if asked."""
     phases = telemetry.record_prefill(job, result).to_pb()
     messages = []
+    if result.prompt_logprobs is not None:
+        messages.append(worker_pb2.PrefillResponse(prompt_logprobs=prompt_logprobs_to_pb(result.prompt_logprobs)))
     for index, sample in enumerate(result.samples):
         first = worker_pb2.FirstToken(
             token_id=sample.token,

@@ -4,6 +4,8 @@ a prefix cache holding the prompt's beginning (bypassed for such a request, then
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -28,8 +30,9 @@ def hf_log_softmax(lm: LoadedModel, tokens: list[int]) -> torch.Tensor:
 
 def assert_matches_hf(lm: LoadedModel, tokens: list[int], got: list, top_n: int) -> None:
     reference = hf_log_softmax(lm, tokens)
-    assert [lp.token_id for lp in got] == tokens[1:]
-    for position, lp in enumerate(got):  # entry i is token i + 1, predicted at position i
+    assert [lp.token_id for lp in got] == tokens
+    assert math.isnan(got[0].logprob) and not got[0].top  # nothing predicts the first token
+    for position, lp in enumerate(got[1:]):  # token position + 1, predicted at `position`
         assert abs(lp.logprob - float(reference[position, tokens[position + 1]])) < 1e-4
         assert lp.token == token_text(lm.tokenizer, tokens[position + 1])
         values, ids = torch.topk(reference[position], top_n)

@@ -29,6 +29,8 @@ from disagg.errors import InvalidRequest
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
+    from disagg.model.loading import LoadedModel
+
 JSON_SCHEMA, JSON_OBJECT, REGEX, LARK = "json_schema", "json_object", "regex", "lark"
 GRAMMAR_KINDS = (JSON_SCHEMA, JSON_OBJECT, REGEX, LARK)
 # llguidance's JSON compile options used unless a schema's "x-guidance" overrides them (see the module docstring).
@@ -139,6 +141,11 @@ def mask_rows(logits: torch.Tensor, rows: Sequence[int], grammars: Sequence[Sequ
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
+def model_grammars(lm: LoadedModel) -> GrammarCompiler:
+    """The compiler for a loaded model's tokenizer and logits (one per worker process)."""
+    return GrammarCompiler(lm.tokenizer, int(lm.config.get_text_config(decoder=True).vocab_size))
+
+
 class GrammarCompiler:
     """A worker's grammars: llguidance's view of the model's tokenizer (built once, ~1 s: `warm` builds it ahead),
     and each spec compiled once into a matcher in its start state, kept (least recently used out) and copied for
@@ -164,6 +171,11 @@ class GrammarCompiler:
         thread = threading.Thread(target=self.ll_tokenizer, name="grammar-tokenizer", daemon=True)
         thread.start()
         return thread
+
+    def prepare(self, spec: GrammarSpec) -> None:
+        """Compile `spec` now if it is not cached (the first one also builds the tokenizer view: call it off an
+        event loop); InvalidRequest for a bad grammar."""
+        self._template(spec)
 
     def _template(self, spec: GrammarSpec) -> llguidance.LLMatcher:
         with self._lock:

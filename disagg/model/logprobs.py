@@ -7,6 +7,7 @@ same function, so every position of a sequence is reported the same way wherever
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,10 +69,10 @@ def prompt_logprobs(
     tokenizer: Any,
     chunk: int = PROMPT_LOGPROBS_CHUNK,
 ) -> list[TokenLogprobs]:
-    """Each prompt token's log-probability given the tokens before it, from the second token on (the first has
-    nothing before it), with the `top_n` most likely tokens at its position. `position_logits(start, end)` gives
-    the float32 logits of positions start..end-1, position i predicting token i + 1; they are computed and
-    dropped a chunk of positions at a time."""
+    """Each prompt token's log-probability given the tokens before it, with the `top_n` most likely tokens at its
+    position; nothing predicts the first token: its logprob is NaN, with no alternatives. `position_logits(start,
+    end)` gives the float32 logits of positions start..end-1, position i predicting token i + 1; they are computed
+    and dropped a chunk of positions at a time."""
     texts: dict[int, str] = {}
 
     def text(token_id: int) -> str:
@@ -79,7 +80,7 @@ def prompt_logprobs(
             texts[token_id] = token_text(tokenizer, token_id)
         return texts[token_id]
 
-    result: list[TokenLogprobs] = []
+    result = [TokenLogprobs(tokens[0], text(tokens[0]), math.nan)] if tokens else []
     for start in range(0, len(tokens) - 1, chunk):
         end = min(start + chunk, len(tokens) - 1)
         log_probs = torch.log_softmax(position_logits(start, end).float(), dim=-1)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from disagg.model.grammar import SequenceGrammar
+from disagg.model.grammar import GrammarCompiler, SequenceGrammar
 from disagg.model.sampling import SamplingParams
 
 FINISH_LENGTH, FINISH_STOP, FINISH_EOS = "length", "stop", "eos"
@@ -103,3 +103,20 @@ class OutputStream:
         end = max(end, self.sent)
         chunk, self.sent = self.text[self.sent : end], end
         return chunk
+
+
+def new_output(
+    tokenizer: Detokenizer,
+    params: SamplingParams,
+    eos_token_ids: frozenset[int],
+    grammars: GrammarCompiler,
+    replayed: Iterable[int] = (),
+) -> OutputStream:
+    """A sequence's output stream, under the request's grammar if it has one (from `grammars`: compile it first
+    with `grammars.prepare` off the event loop), after the tokens already generated elsewhere (`replayed`: they
+    advance the grammar too, which is how a worker that continues a sequence rebuilds its matcher)."""
+    output = OutputStream(tokenizer, params, eos_token_ids)
+    if params.grammar is not None:
+        output.grammar = grammars.start(params.grammar)
+    output.replay(replayed)
+    return output

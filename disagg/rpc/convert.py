@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from disagg.kv.codec import KvLayout
+from disagg.model.grammar import JSON_OBJECT, JSON_SCHEMA, LARK, REGEX, GrammarSpec
 from disagg.model.logprobs import TokenLogprobs
 from disagg.model.sampling import SamplingParams
 from disagg.pb.disagg.v1 import gateway_pb2, worker_pb2
@@ -23,11 +24,14 @@ def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
         n=max(1, pb.n),
         logprobs=pb.logprobs,
         top_logprobs=pb.top_logprobs,
+        grammar=grammar_from_pb(pb.grammar) if pb.HasField("grammar") else None,
+        prompt_logprobs=pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None,
+        priority=pb.priority,
     )
 
 
 def sampling_to_pb(params: SamplingParams) -> worker_pb2.SamplingParams:
-    return worker_pb2.SamplingParams(
+    pb = worker_pb2.SamplingParams(
         max_new_tokens=params.max_new_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
@@ -38,7 +42,39 @@ def sampling_to_pb(params: SamplingParams) -> worker_pb2.SamplingParams:
         n=params.n,
         logprobs=params.logprobs,
         top_logprobs=params.top_logprobs,
+        priority=params.priority,
     )
+    if params.grammar is not None:
+        pb.grammar.CopyFrom(grammar_to_pb(params.grammar))
+    if params.prompt_logprobs is not None:
+        pb.prompt_logprobs = params.prompt_logprobs
+    return pb
+
+
+_GRAMMAR_FIELDS = {JSON_SCHEMA: "json_schema", JSON_OBJECT: "json_object", REGEX: "regex", LARK: "lark"}
+
+
+def grammar_from_pb(pb: gateway_pb2.Grammar) -> GrammarSpec | None:
+    """The spec of a Grammar message (None when none of its kinds is set)."""
+    kind = pb.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return GrammarSpec(JSON_OBJECT)
+    return GrammarSpec(kind, getattr(pb, kind))
+
+
+def grammar_to_pb(spec: GrammarSpec) -> gateway_pb2.Grammar:
+    pb = gateway_pb2.Grammar()
+    if spec.kind == JSON_OBJECT:
+        pb.json_object = True
+    else:
+        setattr(pb, _GRAMMAR_FIELDS[spec.kind], spec.source)
+    return pb
+
+
+def prompt_logprobs_to_pb(logprobs: list[TokenLogprobs]) -> worker_pb2.PromptLogprobs:
+    return worker_pb2.PromptLogprobs(logprobs=[logprob_to_pb(lp) for lp in logprobs])
 
 
 def logprob_to_pb(lp: TokenLogprobs) -> gateway_pb2.TokenLogprob:

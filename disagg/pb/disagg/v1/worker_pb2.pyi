@@ -64,18 +64,20 @@ class AggregatedServiceGenerateRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[PrefillRequest, _Mapping]] = ..., max_uncached_tokens: _Optional[int] = ..., min_cached_share: _Optional[float] = ...) -> None: ...
 
 class AggregatedServiceGenerateResponse(_message.Message):
-    __slots__ = ("start", "tokens", "declined", "cached_tokens", "prefill_phases")
+    __slots__ = ("start", "tokens", "declined", "cached_tokens", "prefill_phases", "prompt_logprobs")
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_PHASES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     start: SequenceStart
     tokens: DecodeResponse
     declined: LocalPrefillDeclined
     cached_tokens: int
     prefill_phases: PrefillPhases
-    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeResponse, _Mapping]] = ..., declined: _Optional[_Union[LocalPrefillDeclined, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prefill_phases: _Optional[_Union[PrefillPhases, _Mapping]] = ...) -> None: ...
+    prompt_logprobs: PromptLogprobs
+    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., tokens: _Optional[_Union[DecodeResponse, _Mapping]] = ..., declined: _Optional[_Union[LocalPrefillDeclined, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., prefill_phases: _Optional[_Union[PrefillPhases, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ...) -> None: ...
 
 class LocalPrefillDeclined(_message.Message):
     __slots__ = ("prompt_tokens", "uncached_tokens", "held_prefix_tokens", "block_tokens")
@@ -108,7 +110,7 @@ class GetLoadResponse(_message.Message):
     def __init__(self, active_sequences: _Optional[int] = ..., queued: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "n", "logprobs", "top_logprobs")
+    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "n", "logprobs", "top_logprobs", "grammar", "prompt_logprobs", "priority")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,9 @@ class SamplingParams(_message.Message):
     N_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -129,7 +134,10 @@ class SamplingParams(_message.Message):
     n: int
     logprobs: bool
     top_logprobs: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., n: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    grammar: _gateway_pb2.Grammar
+    prompt_logprobs: int
+    priority: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., n: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., grammar: _Optional[_Union[_gateway_pb2.Grammar, _Mapping]] = ..., prompt_logprobs: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "sampling", "apply_chat_template", "generated_token_ids", "default_max_new_tokens", "kv_destination", "messages")
@@ -294,28 +302,38 @@ class DecodePhases(_message.Message):
     def __init__(self, kv_transport: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., kv_chunks: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_held_prefix_tokens: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., kv_load_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("start", "kv_chunk", "first_token", "shared_memory")
+    __slots__ = ("start", "kv_chunk", "first_token", "shared_memory", "prompt_logprobs")
     START_FIELD_NUMBER: _ClassVar[int]
     KV_CHUNK_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     start: SequenceStart
     kv_chunk: KvChunk
     first_token: FirstToken
     shared_memory: KvSharedMemory
-    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., shared_memory: _Optional[_Union[KvSharedMemory, _Mapping]] = ...) -> None: ...
+    prompt_logprobs: PromptLogprobs
+    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., shared_memory: _Optional[_Union[KvSharedMemory, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ...) -> None: ...
+
+class PromptLogprobs(_message.Message):
+    __slots__ = ("logprobs",)
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprobs: _containers.RepeatedCompositeFieldContainer[_gateway_pb2.TokenLogprob]
+    def __init__(self, logprobs: _Optional[_Iterable[_Union[_gateway_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("start", "kv_chunk", "first_token", "shared_memory")
+    __slots__ = ("start", "kv_chunk", "first_token", "shared_memory", "prompt_logprobs")
     START_FIELD_NUMBER: _ClassVar[int]
     KV_CHUNK_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     start: SequenceStart
     kv_chunk: KvChunk
     first_token: FirstToken
     shared_memory: KvSharedMemory
-    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., shared_memory: _Optional[_Union[KvSharedMemory, _Mapping]] = ...) -> None: ...
+    prompt_logprobs: PromptLogprobs
+    def __init__(self, start: _Optional[_Union[SequenceStart, _Mapping]] = ..., kv_chunk: _Optional[_Union[KvChunk, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., shared_memory: _Optional[_Union[KvSharedMemory, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ...) -> None: ...
 
 class KvPushHeader(_message.Message):
     __slots__ = ("handle", "request_id", "kv_layout")
