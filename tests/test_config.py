@@ -103,6 +103,12 @@ def test_flags_come_from_the_fields_with_each_commands_defaults(no_disagg_env: N
     assert not hasattr(generate, "tls_require_client_cert")  # a server's setting, not a client's
 
 
+def test_generate_takes_the_client_side_of_the_tls_and_token_options(commands: dict[str, argparse.ArgumentParser]):
+    args = commands["generate"].parse_args(["hi", "--tls-ca", "ca.pem", "--tls-server-name", "gw", "--auth-token", "t"])
+    assert from_args(TlsOptions, args) == TlsOptions(tls_ca="ca.pem", tls_server_name="gw") and args.auth_token == "t"
+    assert "--tls-require-client-cert" not in commands["generate"]._option_string_actions
+
+
 def test_only_and_exclude_pick_options_and_refuse_unknown_names():
     up = _parser(GatewayConfig, "up", only=["port", "kv_transport"])
     assert sorted(vars(up.parse_args([]))) == ["kv_transport", "port"]
