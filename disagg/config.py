@@ -240,6 +240,11 @@ class GatewayConfig(ServerOptions):
     max_stop_strings: int = option(16, "most stop strings one request may give")
     request_timeout_seconds: float = option(600.0, "server-side limit on one request")
     max_inflight: int = option(1024, "concurrent requests before RESOURCE_EXHAUSTED")
+    admission_queue: int = option(
+        0,
+        "requests that may wait for one of the --max-inflight places, served in priority order (lower first, FIFO "
+        "among equals) as places free; 0: a request that finds no place is refused at once",
+    )
     max_attempts: int = option(3, "worker failures one request survives (retry, migration)")
     kv_transport: str = option(
         "relayed",

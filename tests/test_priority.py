@@ -1,16 +1,22 @@
 """Request priority in the queues (disagg.engine.queueing): lower value served first, FIFO among equals, in the
-queue discipline itself and in the prefill engine's queue (held, then drained one forward pass at a time)."""
+queue discipline itself, the prefill engine's queue (held, then drained one forward pass at a time) and the
+gateway's admission."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+
+import pytest
 
 from disagg.config import BatchPolicy
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
 from disagg.engine.queueing import PriorityQueue
+from disagg.errors import Overloaded
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.sampling import SamplingParams
+from gateway.admission import AdmissionGate
 
 
 @dataclass
@@ -57,3 +63,39 @@ def test_the_prefill_queue_serves_higher_priority_first(gpt2_model: LoadedModel)
     while engine.waiting:
         engine.run_once()
     assert served == ["high-1", "high-2", "high-3", "mid-1", "mid-2", "low-1", "low-2"]
+
+
+async def test_gateway_admission_hands_free_places_out_in_priority_order():
+    """One place, three may wait: they get it by priority (FIFO among equals), a fourth is refused, a waiter that
+    gives up leaves the queue."""
+    gate = AdmissionGate(max_inflight=1, max_waiting=3)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def request(name: str, priority: int) -> None:
+        async with gate.admitted(priority):
+            order.append(name)
+            if name == "first":
+                await release.wait()
+
+    first = asyncio.create_task(request("first", 0))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(request(n, p)) for n, p in [("low", 5), ("high-1", -1), ("high-2", -1)]]
+    await asyncio.sleep(0)
+    assert gate.in_flight == 1 and gate.waiting == 3
+    with pytest.raises(Overloaded, match="--admission-queue"):
+        async with gate.admitted(-100):
+            pass
+    waiting[0].cancel()  # "low" gives up
+    await asyncio.sleep(0)
+    assert gate.waiting == 2
+    late = asyncio.create_task(request("late", 5))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, *waiting[1:], late)
+    assert order == ["first", "high-1", "high-2", "late"]
+    assert gate.in_flight == 0 and gate.waiting == 0
+    no_queue = AdmissionGate(max_inflight=0)
+    with pytest.raises(Overloaded):
+        async with no_queue.admitted():
+            pass

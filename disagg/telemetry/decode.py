@@ -13,7 +13,7 @@ from opentelemetry import context as otel_context
 from disagg.kv.framing import event_of
 from disagg.kv.transports import transport_name
 from disagg.pb.disagg.v1 import worker_pb2
-from disagg.telemetry.metrics import DecodeMetrics, current
+from disagg.telemetry.metrics import DecodeMetrics, current, priority_label
 from disagg.telemetry.prefill import PrefillTimes
 from disagg.telemetry.spans import Clock, mb_per_s, recording, span_between
 
@@ -276,6 +276,8 @@ def _record_decode_phases(
     if m is not None:
         if admitted:
             m.queue_wait.observe(times.queue_seconds)
+            priority = priority_label(seq.output.params.priority)
+            m.queue_wait_by_priority.labels(priority).observe(times.queue_seconds)
             m.kv_load.observe(times.kv_load_seconds)
         for size in steps:
             m.batch_size.observe(size)

@@ -17,7 +17,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from disagg.pb.disagg.v1 import gateway_pb2
 from disagg.rpc.interceptors import StreamBehavior
-from disagg.telemetry.metrics import GatewayMetrics, count_error, current
+from disagg.telemetry.metrics import GatewayMetrics, count_error, current, priority_label
 from disagg.telemetry.propagation import carrier
 from disagg.telemetry.setup import state as tracing
 from disagg.telemetry.spans import grpc_code, mark_error, tracer
@@ -50,6 +50,7 @@ class GatewayRequest:
                 self.first_token_at = now
                 if m is not None:
                     m.ttft.labels(self.model).observe(now - self.started)
+                    m.ttft_by_priority.labels(priority_label(self.request.priority)).observe(now - self.started)
                 if self.span is not None and self.span.is_recording():
                     self.span.add_event("gen_ai.first_token", {"gen_ai.server.time_to_first_token": now - self.started})
                 n_gaps, gap = n - 1, 0.0

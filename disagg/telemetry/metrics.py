@@ -38,6 +38,19 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BYTES_BUCKETS = tuple(float(1 << n) for n in range(14, 32, 2))  # 16 KiB .. 2 GiB
 SHARE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
+PRIORITY_LABEL_LIMIT = 8  # priorities beyond +-8 share one label each way: a client cannot multiply the series
+
+
+def priority_label(priority: int) -> str:
+    """The `priority` label of a request's priority class: its value within +-PRIORITY_LABEL_LIMIT, else "<-8" or
+    ">8"."""
+    if priority < -PRIORITY_LABEL_LIMIT:
+        return f"<-{PRIORITY_LABEL_LIMIT}"
+    if priority > PRIORITY_LABEL_LIMIT:
+        return f">{PRIORITY_LABEL_LIMIT}"
+    return str(priority)
+
+
 _registry = CollectorRegistry()
 
 
@@ -81,6 +94,18 @@ class GatewayMetrics(ComponentMetrics):
         )
         self.e2e = _latency(
             "gen_ai_server_request_duration_seconds", "End-to-end request duration at the gateway", reg, model
+        )
+        self.ttft_by_priority = _latency(
+            "disagg_time_to_first_token_by_priority_seconds",
+            "Time from request to the first token sent to the client, by the request's priority class",
+            reg,
+            ("priority",),
+        )
+        self.admission_wait = _latency(
+            "disagg_admission_wait_seconds",
+            "Time a request waited for one of the gateway's --max-inflight places, by priority class",
+            reg,
+            ("priority",),
         )
         self.requests = Counter(
             "disagg_requests", "Finished requests by finish reason", ["model", "finish_reason"], registry=reg
@@ -145,6 +170,12 @@ class WorkerMetrics(ComponentMetrics):
             reg,
         )
         self.queue_length = Gauge("disagg_queue_length", "Requests waiting in the worker's queue", registry=reg)
+        self.queue_wait_by_priority = _latency(
+            "disagg_queue_wait_by_priority_seconds",
+            "Time a request waited in the worker's queue before its first forward pass, by priority class",
+            reg,
+            ("priority",),
+        )
         self.kv_bytes = Counter(
             "disagg_kv_transferred_bytes",
             "KV cache bytes handed over (sent by prefill, received by decode)",

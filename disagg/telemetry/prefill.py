@@ -11,7 +11,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 
 from disagg.pb.disagg.v1 import worker_pb2
-from disagg.telemetry.metrics import PrefillMetrics, WorkerMetrics, current
+from disagg.telemetry.metrics import PrefillMetrics, WorkerMetrics, current, priority_label
 from disagg.telemetry.spans import Clock, mb_per_s, recording, span_between
 
 
@@ -68,6 +68,7 @@ def record_prefill(job: Any, result: Any) -> PrefillTimes:
     started = times.started
     if (m := current(PrefillMetrics)) is not None:
         m.queue_wait.observe(times.queue_seconds)
+        m.queue_wait_by_priority.labels(priority_label(job.priority)).observe(times.queue_seconds)
         m.forward.observe(times.forward_seconds)
         m.batch_size.observe(times.batch_size)
         m.prompt_tokens.inc(times.tokens)
