@@ -22,7 +22,9 @@ from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
 from disagg.tools.client import channel, complete
 from disagg.tools.cluster import Child, free_port, spawn, stop, wait_healthy
-from gateway.servicer import GatewayServicer, Progress, WorkerRefused
+from gateway.progress import Progress
+from gateway.servicer import GatewayServicer
+from gateway.worker_calls import WorkerRefused
 from gateway.worker_pool import LoadReading, WorkerPool
 from tests.conftest import GPT2_ARGS, start_cluster
 from tests.reliability_helpers import start_extra, wait_idle
@@ -122,9 +124,9 @@ async def test_all_decode_workers_refused_is_resource_exhausted_naming_each():
     servicer = GatewayServicer(GatewayConfig(), WorkerPool("prefill", (C,), RelayPrefillStub), pool)
     progress = Progress(worker_pb2.PrefillRequest(request_id="r"))
     for address in (A, B):
-        servicer._refused(progress, WorkerRefused(pool.workers[address], f"KV budget full at {address}"))
+        servicer.routes.refused(progress, WorkerRefused(pool.workers[address], f"KV budget full at {address}"))
     with pytest.raises(Overloaded) as caught:
-        servicer._pick_decode(progress)
+        servicer.routes.pick_decode(progress)
     assert A in str(caught.value) and B in str(caught.value) and "KV budget" in str(caught.value)
     await pool.close()
     await servicer.prefill.close()

@@ -41,7 +41,8 @@ def _request(prompt: str) -> worker_pb2.PrefillRequest:
 
 
 def _serve(router: PrefixRouter, address: str, prompt: str) -> None:
-    """What _attempt does after the worker's SequenceStart (token ids: one per 4 bytes, as a tokenizer would)."""
+    """What the disaggregated attempt does after the worker's SequenceStart (token ids: one per 4 bytes, as a
+    tokenizer would)."""
     raw = prompt.encode()
     start = worker_pb2.SequenceStart(prompt_token_ids=[sum(raw[i : i + 4]) for i in range(0, len(raw), 4)])
     start.kv_layout.model_fingerprint = FINGERPRINT
@@ -206,7 +207,7 @@ async def test_flags_and_servicer_wiring() -> None:
 
 async def test_decode_affinity_sends_the_next_turn_to_the_worker_that_decoded_the_last() -> None:
     """Conditional disaggregation: the decode router remembers prompt + reply under the worker that decoded them."""
-    from gateway.servicer import DECODE_AFFINITY_KEYS
+    from gateway.routes import DECODE_AFFINITY_KEYS
 
     pool: WorkerPool[RelayDecodeStub] = WorkerPool("decode", (A, B), RelayDecodeStub, clock=Clock())
     router = PrefixRouter(pool, RoutingOptions(exact=False), fingerprint=DECODE_AFFINITY_KEYS)
