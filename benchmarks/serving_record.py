@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def _policy_text(args: argparse.Namespace, aggregated: bool = False) -> str:
-    prefill, decode = cfg.BatchPolicy(max_batch_size=16), cfg.BatchPolicy()
+    prefill, decode = cfg.role_defaults(cfg.BatchPolicy, "prefill"), cfg.role_defaults(cfg.BatchPolicy, "decode")
 
     def flag(extra: str, name: str, default: object) -> object:
         words = shlex.split(extra)

@@ -360,6 +360,13 @@ def option_default(cls: type[DataclassInstance], name: str, role: Role) -> FlagV
     raise KeyError(f"{cls.__name__} has no option {name!r}")
 
 
+def role_defaults(cls: type[Options], role: Role) -> Options:
+    """`cls` as `role` has it when no flag or variable is given (a prefill worker's BatchPolicy batches 16)."""
+    parser = argparse.ArgumentParser()
+    add_flags(parser, cls, role=role, environ={})
+    return from_args(cls, parser.parse_args([]))
+
+
 def _from_env(name: str, kind: type, default: FlagValue, environ: Mapping[str, str]) -> FlagValue:
     value = environ.get(env_var(name))
     if value is None:

@@ -99,6 +99,13 @@ def test_flags_come_from_the_fields_with_each_commands_defaults(no_disagg_env: N
     assert option_default(GatewayConfig, "kv_transport", "gateway") == "relayed"
     assert option_default(GatewayConfig, "http_port", "up") == cfg.OPENAI_HTTP_PORT
     assert option_default(ModelOptions, "load_format", "bench") == "dummy"
+    assert cfg.role_defaults(BatchPolicy, "prefill") == BatchPolicy(max_batch_size=16)
+    decode_defaults = cfg.role_defaults(WorkerConfig, "decode")
+    assert (decode_defaults.port, decode_defaults.batch, decode_defaults.model) == (
+        50071,
+        BatchPolicy(),
+        ModelOptions(),
+    )
     generate = _parser(TlsOptions, "generate").parse_args([])
     assert not hasattr(generate, "tls_require_client_cert")  # a server's setting, not a client's
 
