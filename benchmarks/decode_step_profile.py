@@ -19,9 +19,9 @@ import torch
 from torch.profiler import profile
 
 from benchmarks.report import module_command, publish, run_header
-from disagg.config import ModelOptions
+from disagg.config import ModelOptions, WorkerConfig, add_flags
 from disagg.model.decode_batch import DecodeBatch
-from disagg.model.lm_head import GREEDY_SCREENS, greedy_head
+from disagg.model.lm_head import greedy_head
 from disagg.model.runtime import load_for_serving
 
 
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--greedy-screen", default="auto", choices=GREEDY_SCREENS)
+    add_flags(parser, ModelOptions, role="bench", only=["dtype"])
+    add_flags(parser, WorkerConfig, role="bench", only=["greedy_screen"])
     parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
     return parser
 
