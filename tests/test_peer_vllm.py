@@ -1,6 +1,7 @@
-"""benchmarks/peer_vllm.py without vLLM: the record and ratio code over `vllm bench serve` results saved from a real
-smoke run (tests/data/peer_vllm/), the commands both servers get, the server lifecycle on a real process, and the
-dummy model folder vLLM serves in place of disagg's `--load-format dummy`."""
+"""benchmarks/peer_vllm.py (with peer_record.py and peer_servers.py) without vLLM: the record and ratio code over
+`vllm bench serve` results saved from a real smoke run (tests/data/peer_vllm/), the commands both servers get, the
+server lifecycle on a real process, and the dummy model folder vLLM serves in place of disagg's `--load-format
+dummy`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks import peer_record, peer_servers
 from benchmarks import peer_vllm as peer
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "peer_vllm"
@@ -20,8 +22,8 @@ MODEL = peer.PeerModel("distilgpt2", pathlib.Path("/models/distilgpt2"), ("--mod
 VENV = pathlib.Path("/venvs/vllm")
 
 
-def _server(name: str, runs: list[dict]) -> peer.Server:
-    server = peer.Server(name, ["serve", name], {"X": "1"}, 8000, started_seconds=12.5)
+def _server(name: str, runs: list[dict]) -> peer_servers.Server:
+    server = peer_servers.Server(name, ["serve", name], {"X": "1"}, 8000, started_seconds=12.5)
     server.runs = runs
     return server
 
@@ -29,11 +31,11 @@ def _server(name: str, runs: list[dict]) -> peer.Server:
 def _smoke_runs() -> tuple[dict, dict]:
     """The two rounds of the committed smoke run (concurrency 4, 8 prompts), as `measure` records them."""
     vllm = peer.load_run("vllm_tuned", 4, 8, "vllm bench serve ...", DATA / "vllm_tuned_c4.json")
-    ours = peer.load_run(peer.DISAGG, 4, 8, "vllm bench serve ...", DATA / "disagg_c4.json")
+    ours = peer.load_run(peer_record.DISAGG, 4, 8, "vllm bench serve ...", DATA / "disagg_c4.json")
     return vllm, ours
 
 
-def _record(servers: list[peer.Server]) -> dict:
+def _record(servers: list[peer_servers.Server]) -> dict:
     header = dict(
         command="python -m benchmarks.peer_vllm --quick",
         date="2026-12-07 11:38:20 UTC",
@@ -53,40 +55,40 @@ def _record(servers: list[peer.Server]) -> dict:
 
 def test_summary_keeps_the_metrics_and_drops_per_request_arrays():
     raw = json.loads((DATA / "disagg_c4.json").read_text())
-    summary = peer.summarize(raw)
+    summary = peer_record.summarize(raw)
     assert summary["output_throughput"] == raw["output_throughput"]
     assert summary["p50_tpot_ms"] == raw["p50_tpot_ms"] and summary["p99_itl_ms"] == raw["p99_itl_ms"]
     assert summary["completed"] == 8 and summary["failed"] == 0
     assert "latencies" in raw and "latencies" not in summary
-    assert set(summary) <= set(peer.SUMMARY_KEYS)
-    for key, _, _ in peer.COLUMNS:  # every table column comes from what the real result holds
+    assert set(summary) <= set(peer_record.SUMMARY_KEYS)
+    for key, _, _ in peer_record.COLUMNS:  # every table column comes from what the real result holds
         assert key in summary, key
 
 
 def test_ratios_pair_only_rounds_at_the_same_concurrency():
     vllm, ours = _smoke_runs()
     lonely = dict(vllm, concurrency=32)  # vLLM measured at 32, disagg not: no ratio for 32
-    rows = peer.ratios([vllm, ours, lonely])
+    rows = peer_record.ratios([vllm, ours, lonely])
     assert [(r["concurrency"], r["baseline"]) for r in rows] == [(4, "vllm_tuned")]
     row = rows[0]
     assert row["output_throughput"] == pytest.approx(ours["metrics"]["output_throughput"] / 43.2, rel=1e-3)
     assert row["p50_tpot_ms"] == pytest.approx(ours["metrics"]["p50_tpot_ms"] / vllm["metrics"]["p50_tpot_ms"])
-    assert set(row) == {"concurrency", "server", "baseline", *(key for key, _, _ in peer.COLUMNS)}
+    assert set(row) == {"concurrency", "server", "baseline", *(key for key, _, _ in peer_record.COLUMNS)}
 
 
 def test_ratios_against_each_vllm_setting():
     vllm, ours = _smoke_runs()
     default = dict(vllm, server="vllm_default")
     default["metrics"] = dict(vllm["metrics"], output_throughput=vllm["metrics"]["output_throughput"] / 2)
-    rows = peer.ratios([vllm, default, ours])
+    rows = peer_record.ratios([vllm, default, ours])
     assert [r["baseline"] for r in rows] == ["vllm_default", "vllm_tuned"]
     assert rows[0]["output_throughput"] == pytest.approx(2 * rows[1]["output_throughput"])
 
 
 def test_markdown_has_a_table_per_concurrency_with_both_servers_and_the_ratio():
     vllm, ours = _smoke_runs()
-    record = _record([_server("vllm_tuned", [vllm]), _server(peer.DISAGG, [ours])])
-    markdown = peer.render_markdown(record)
+    record = _record([_server("vllm_tuned", [vllm]), _server(peer_record.DISAGG, [ours])])
+    markdown = peer_record.render_markdown(record)
     assert "## Concurrency 4 (8 prompts)" in markdown
     assert "| vllm_tuned | 8/0 | 43.2 | 70.2 | 114.4 | 1504.4 |" in markdown
     assert "| disagg | 8/0 | 59.9 | 51.4 |" in markdown
@@ -98,11 +100,11 @@ def test_markdown_has_a_table_per_concurrency_with_both_servers_and_the_ratio():
 
 def test_write_record_writes_json_markdown_and_png(tmp_path: pathlib.Path):
     vllm, ours = _smoke_runs()
-    record = _record([_server("vllm_tuned", [vllm]), _server(peer.DISAGG, [ours])])
+    record = _record([_server("vllm_tuned", [vllm]), _server(peer_record.DISAGG, [ours])])
     prefix = tmp_path / "out" / "peer_vllm_distilgpt2_float32_quick"
-    peer.write_record(record, prefix)
+    peer_record.write_record(record, prefix)
     assert json.loads(pathlib.Path(f"{prefix}.json").read_text()) == json.loads(json.dumps(record))
-    assert pathlib.Path(f"{prefix}.md").read_text() == peer.render_markdown(record)
+    assert pathlib.Path(f"{prefix}.md").read_text() == peer_record.render_markdown(record)
     assert pathlib.Path(f"{prefix}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -122,7 +124,7 @@ def test_agreement_line_reports_the_measurement():
             }
         },
     }
-    line = peer.agreement_line(agreement)
+    line = peer_record.agreement_line(agreement)
     assert "bfloat16 vs float32: 200/256 greedy tokens match (78.1%), 3/8 sequences identical" in line
 
 
@@ -179,15 +181,15 @@ def test_server_lifecycle_on_a_real_process(tmp_path: pathlib.Path):
         f"import runpy; sys.argv = ['http.server', '{port}', '--bind', '127.0.0.1', '--directory', "
         f"{str(tmp_path / 'site')!r}]; runpy.run_module('http.server', run_name='__main__')"
     )
-    server = peer.Server("fake", [sys.executable, "-c", script], {}, port)
-    with peer.running(server, tmp_path / "fake.log", timeout=60) as up:
-        assert peer._ready(up.base_url + "/v1/models")
+    server = peer_servers.Server("fake", [sys.executable, "-c", script], {}, port)
+    with peer_servers.running(server, tmp_path / "fake.log", timeout=60) as up:
+        assert peer_servers._ready(up.base_url + "/v1/models")
         pid = int(child_pid.read_text())
         group = os.getpgid(pid)
-        assert pid in peer.live_group_members(group) and group != os.getpgid(0)  # a session of its own
-    assert not peer._ready(server.base_url + "/v1/models")
+        assert pid in peer_servers.live_group_members(group) and group != os.getpgid(0)  # a session of its own
+    assert not peer_servers._ready(server.base_url + "/v1/models")
     assert _gone_or_zombie(pid)  # the child the leader left behind was killed with the session
-    assert peer.live_group_members(group) == []
+    assert peer_servers.live_group_members(group) == []
 
 
 def _gone_or_zombie(pid: int) -> bool:
@@ -200,8 +202,8 @@ def _gone_or_zombie(pid: int) -> bool:
 
 
 def test_a_server_that_dies_while_starting_is_reported(tmp_path: pathlib.Path):
-    server = peer.Server("broken", [sys.executable, "-c", "raise SystemExit(3)"], {}, peer.free_port())
-    starting = peer.running(server, tmp_path / "broken.log", timeout=60)
+    server = peer_servers.Server("broken", [sys.executable, "-c", "raise SystemExit(3)"], {}, peer.free_port())
+    starting = peer_servers.running(server, tmp_path / "broken.log", timeout=60)
     with pytest.raises(RuntimeError, match=r"broken exited with 3 while starting; see .*broken.log"):
         starting.__enter__()
 
