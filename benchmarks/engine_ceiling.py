@@ -23,7 +23,7 @@ from benchmarks.report import module_command, publish, run_header
 from benchmarks.workloads import Workload, make_prompts
 from disagg.config import BatchPolicy, ModelOptions
 from disagg.engine.aggregated import AggregatedEngine, Prompt
-from disagg.engine.decode import DecodeSequence, TokenEvent
+from disagg.engine.decode import DecodeSequence, DecodeSetup, TokenEvent
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
 from disagg.model.runtime import load_for_serving
@@ -34,7 +34,9 @@ def aggregated_closed_loop(
     lm: LoadedModel, prompts: list[list[int]], concurrency: int, output_tokens: int, greedy_screen: str = "auto"
 ) -> float:
     """Seconds for every prompt through the aggregated engine, `concurrency` in flight (a new one as one ends)."""
-    engine = AggregatedEngine(lm, BatchPolicy(max_batch_size=max(64, concurrency)), greedy_screen=greedy_screen)
+    engine = AggregatedEngine(
+        lm, BatchPolicy(max_batch_size=max(64, concurrency)), DecodeSetup(greedy_screen=greedy_screen)
+    )
     pending = list(prompts)
     done = threading.Semaphore(0)
     lock = threading.Lock()

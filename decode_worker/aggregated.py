@@ -22,11 +22,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_worker.forks import Deliver, response_of, sequence_id
+from decode_worker.forks import response_of, sequence_id
 from decode_worker.servicer import final_kv_bytes
+from decode_worker.token_events import TokenEvents
 from disagg import telemetry
 from disagg.engine.aggregated import AggregatedEngine, Prompt
-from disagg.engine.decode import DecodeSequence, TokenEvent
+from disagg.engine.decode import DecodeSequence
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.model.grammar import model_grammars
 from disagg.model.loading import LoadedModel
@@ -42,14 +43,6 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
         self.lm, self.engine, self.budget = lm, engine, budget
         self.grammars = model_grammars(lm)  # structured output: each grammar compiled once, on first use
         self.active = 0  # Generate calls in progress
-
-    def load(self) -> dict[str, int]:
-        return dict(
-            active_sequences=self.active,
-            queued=self.engine.queued,
-            kv_bytes=self.budget.used,  # reserved by queued sequences + what the running slab holds
-            kv_budget_bytes=self.budget.limit,
-        )
 
     async def Generate(
         self, request: worker_pb2.AggregatedServiceGenerateRequest, context: grpc.aio.ServicerContext
@@ -76,48 +69,36 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
             if self.engine.kv_cache:  # before anything is allocated for it: refused here, nothing was sent
                 nbytes = final_kv_bytes(self.lm, start) * params.n
                 reservation = self.budget.reserve(nbytes, f"sequence {prefill.request_id}")
-            events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
-
-            def deliver_to(index: int) -> Deliver:  # called on this loop: the engine notifies it once per step
-                return lambda event: events.put_nowait((index, event))
-
-            running: dict[int, DecodeSequence] = {}
+            parent = telemetry.call_context()
+            # (`queued` is set below, before any of its sequences can end)
+            events = TokenEvents(self.engine, lambda seq: telemetry.record_aggregated(queued, seq, parent))
             lm = self.lm
             for index in range(params.n):
                 sequence_params = for_sequence(params, index)
                 output = new_output(lm.tokenizer, sequence_params, lm.eos_token_ids, self.grammars, generated)
-                running[index] = DecodeSequence(
+                events.running[index] = DecodeSequence(
                     sequence_id(prefill.request_id, index),
                     input_ids,
                     output,
                     kv=None,  # computed by the engine's prefill
-                    deliver=deliver_to(index),
+                    deliver=events.deliver_to(index),
                     reservation=reservation,  # one for all n (the budget counts it once)
                 )
-            queued, parent = Prompt(list(running.values())), telemetry.call_context()
+            queued = Prompt(list(events.running.values()))
             self.engine.submit_prompt(queued)  # may refuse: queue full
-            try:
+            with events:
                 yield worker_pb2.AggregatedServiceGenerateResponse(start=start)
                 first = True
-                while running:
-                    index, event = await events.get()
-                    if isinstance(event, BaseException):
-                        raise event
-                    if event.finish_reason is not None:
-                        telemetry.record_aggregated(queued, running.pop(index), parent)
+                async for index, event in events:
                     response = worker_pb2.AggregatedServiceGenerateResponse(tokens=response_of(index, event))
                     if first and index == 0:  # (set by the engine before it delivered this first token)
                         response.cached_tokens, first = queued.cached_tokens, False
                         response.prefill_phases.CopyFrom(aggregated_prefill_times(queued).to_pb())
-                    if not running:  # the call's last message: no handoff, queued from the prefill's end
+                    if not events.running:  # the call's last message: no handoff, queued from the prefill's end
                         decoded = [s for s in queued.sequences if s.admitted_at] or queued.sequences
                         times = decode_times(decoded, queued_from=aggregated_prefill_times(queued).ended)
                         response.tokens.phases.CopyFrom(times.to_pb(None))
                     yield response
-            finally:
-                for seq in running.values():  # client gone, deadline passed or a failure: free the KV now
-                    self.engine.cancel(seq.request_id)
-                    telemetry.record_aggregated(queued, seq, parent)
         finally:
             if reservation is not None:  # exactly once, whichever way the call ends
                 reservation.release()

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decode_worker.forks import Deliver, forked_sequences, response_of
+from decode_worker.forks import forked_sequences, response_of
+from decode_worker.token_events import TokenEvents
 from disagg import telemetry
-from disagg.engine.decode import DecodeEngine, TokenEvent
+from disagg.engine.decode import DecodeEngine
 from disagg.handoff.inbox import KvInbox
 from disagg.handoff.receive import Handoff, receive_handoff
 from disagg.kv.budget import KvBudget, Reservation
@@ -51,14 +52,6 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.inbox = KvInbox(lm.fingerprint, budget)
         self.grammars = model_grammars(lm)  # structured output: each grammar compiled once, on first use
         self.active = 0  # Decode calls in progress: receiving KV, waiting or running
-
-    def load(self) -> dict[str, int]:
-        return dict(
-            active_sequences=self.active,
-            queued=len(self.engine.waiting),
-            kv_bytes=self.budget.used,  # reserved by waiting and pushed sequences + what the running slab holds
-            kv_budget_bytes=self.budget.limit,
-        )
 
     async def PushKv(
         self, request_iterator: AsyncIterator[HandoffMessage], context: grpc.aio.ServicerContext
@@ -127,32 +120,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:
         """The handoff's sequences through the batch; the call's last message reports the phases (and `transfer`).
         Each sequence's spans go under the call's trace context, kept in `call` (this call's own stream)."""
-        events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
-
-        def deliver_to(index: int) -> Deliver:  # called on this loop: the engine notifies it once per step
-            return lambda event: events.put_nowait((index, event))
-
         if (grammar := sampling_from_pb(handoff.start.sampling).grammar) is not None:  # compiled off the event loop
             await asyncio.to_thread(self.grammars.prepare, grammar)  # (cached: once per grammar)
+        events = TokenEvents(self.engine, lambda seq: telemetry.record_decode(seq, call))
         # n > 1: n sequences sharing the received KV
-        running = forked_sequences(self.lm, handoff, deliver_to, self.grammars)
-        sequences = list(running.values())
+        events.running.update(forked_sequences(self.lm, handoff, events.deliver_to, self.grammars))
+        sequences = list(events.running.values())
         for seq in sequences:
             seq.reservation = reservation  # one reservation for all n (the budget counts it once)
-        try:
-            for seq in running.values():
-                self.engine.submit(seq)  # may refuse (queue full): the ones already in are cancelled below
-            while running:
-                index, event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if event.finish_reason is not None:  # record now: a closed stream is finalized later, maybe much later
-                    telemetry.record_decode(running.pop(index), call)
+        with events:
+            for seq in sequences:
+                self.engine.submit(seq)  # may refuse (queue full): the ones already in are cancelled on leaving
+            async for index, event in events:
                 response = response_of(index, event)
-                if not running:  # the call's last message
+                if not events.running:  # the call's last message
                     response.phases.CopyFrom(decode_times(sequences).to_pb(transfer))
                 yield response
-        finally:
-            for seq in running.values():  # client gone, deadline passed or a failure: free the sequences' KV now
-                self.engine.cancel(seq.request_id)
-                telemetry.record_decode(seq, call)

@@ -15,7 +15,7 @@ import torch
 
 from disagg.config import BatchPolicy
 from disagg.engine.aggregated import AggregatedEngine, Prompt
-from disagg.engine.decode import DecodeSequence, TokenEvent
+from disagg.engine.decode import DecodeSequence, DecodeSetup, TokenEvent
 from disagg.kv.budget import KvBudget
 from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import OutputStream
@@ -74,7 +74,7 @@ def engine_of() -> Iterator:
 
     def make(lm: LoadedModel, **kwargs) -> AggregatedEngine:
         budget = kwargs.pop("budget", None)
-        engine = AggregatedEngine(lm, BatchPolicy(**kwargs), budget=budget)
+        engine = AggregatedEngine(lm, BatchPolicy(**kwargs), DecodeSetup(budget=budget))
         engines.append(engine)
         return engine
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from disagg.config import BatchPolicy
-from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent
+from disagg.engine.decode import DecodeEngine, DecodeSequence, DecodeSetup, TokenEvent
 from disagg.errors import Overloaded
 from disagg.kv.budget import KvBudget
 from disagg.model.output_stream import OutputStream
@@ -69,7 +69,7 @@ def test_the_slab_never_holds_more_than_the_budget_and_waiting_sequences_join_la
     per_token = 2 * 6 * 12 * 64 * 4  # distilgpt2, fp32
     budget = KvBudget(160 * per_token)  # room for ~3 of these sequences at once, not 8
     samples: list[int] = []
-    engine = DecodeEngine(gpt2_model, BatchPolicy(max_batch_size=16), budget=budget)
+    engine = DecodeEngine(gpt2_model, BatchPolicy(max_batch_size=16), DecodeSetup(budget=budget))
     collector = Collector()
     stop = threading.Event()
 
@@ -144,7 +144,7 @@ def test_one_wake_up_per_step_for_all_its_tokens(gpt2_model):
             calls.append(1)
         deliver()
 
-    engine = DecodeEngine(gpt2_model, BatchPolicy(max_batch_size=8), notify=notify)
+    engine = DecodeEngine(gpt2_model, BatchPolicy(max_batch_size=8), DecodeSetup(notify=notify))
     collector = Collector()
     engine.start()
     try:

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from disagg.config import BatchPolicy
 from disagg.engine.aggregated import AggregatedEngine, Prompt
-from disagg.engine.decode import DecodeSequence, TokenEvent
+from disagg.engine.decode import DecodeSequence, DecodeSetup, TokenEvent
 from disagg.model.decode_batch import DecodeBatch
 from disagg.model.lm_head import ExactGreedyHead, LmHead, greedy_head, splittable
 from disagg.model.loading import LoadedModel
@@ -126,7 +126,7 @@ def run_engine(
     lm: LoadedModel, screen: str, requests: dict[str, tuple[list[int], SamplingParams]], kv_cache: bool = True
 ) -> dict:
     """Each request's tokens and logprobs through an aggregated engine, all in one batch."""
-    engine = AggregatedEngine(lm, BatchPolicy(max_batch_size=8), kv_cache=kv_cache, greedy_screen=screen)
+    engine = AggregatedEngine(lm, BatchPolicy(max_batch_size=8), DecodeSetup(kv_cache=kv_cache, greedy_screen=screen))
     out: dict[str, list[TokenEvent]] = {name: [] for name in requests}
     done = {name: threading.Event() for name in requests}
     for name, (ids, params) in requests.items():

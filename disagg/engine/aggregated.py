@@ -23,15 +23,13 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 from disagg.config import BatchPolicy
 from disagg.engine.batching import similar_length_batch, take_indices
-from disagg.engine.decode import DecodeEngine, DecodeSequence, KvBatch, TokenEvent, _deliver_all
+from disagg.engine.decode import DecodeEngine, DecodeSequence, DecodeSetup, KvBatch, TokenEvent, _deliver_all
 from disagg.errors import Overloaded
-from disagg.kv.budget import KvBudget
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import token_logprobs
@@ -75,18 +73,15 @@ class AggregatedEngine(DecodeEngine):
         self,
         lm: LoadedModel,
         policy: BatchPolicy,
-        kv_cache: bool = True,
-        budget: KvBudget | None = None,
-        notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
+        setup: DecodeSetup | None = None,
         prefix_cache: PrefixCache | None = None,
-        greedy_screen: str = "auto",
-        model_runner: str = "native",
     ):
-        super().__init__(lm, policy, kv_cache, budget, notify, greedy_screen, model_runner)
+        super().__init__(lm, policy, setup)
         self.prompts: deque[Prompt] = deque()
         self.last_prefill: PrefillStats | None = None
         # the prefix cache needs the prompts' KV: off with the KV cache
-        self.prefix_cache = prefix_cache if kv_cache and prefix_cache is not None and prefix_cache.enabled else None
+        enabled = self.kv_cache and prefix_cache is not None and prefix_cache.enabled
+        self.prefix_cache = prefix_cache if enabled else None
 
     def uncached_tokens(self, input_ids: list[int]) -> int:
         """Of `input_ids`, the tokens a prefill here would compute now (the rest are in the prefix cache)."""

@@ -71,31 +71,40 @@ class StepStats:
     seconds: float
 
 
+def _call_here(deliver: Callable[[], object]) -> object:
+    return deliver()
+
+
+@dataclass(frozen=True)
+class DecodeSetup:
+    """What a decode engine is built with besides its model and batch policy; the aggregated engine (a decode
+    engine that also prefills) takes the same."""
+
+    kv_cache: bool = True  # False: every step recomputes the sequences' KV (the baseline without a cache)
+    budget: KvBudget | None = None  # the worker's KV budget (None: unlimited, still counted)
+    # notify(fn) runs fn where the sequences' `deliver` callbacks belong (the servicer passes its event loop's
+    # call_soon_threadsafe; by default they are called on the engine thread)
+    notify: Callable[[Callable[[], object]], object] = _call_here
+    # how greedy rows pick their token (disagg.model.lm_head.greedy_head: "auto", "bf16", "off")
+    greedy_screen: str = "auto"
+    # "native" steps GPT-2 and Llama models with the project's forward pass over a paged KV pool
+    # (disagg/model/native.py, paged_batch.py; other architectures keep HF's), "hf" with HF's modules over the
+    # left-padded slab
+    model_runner: str = "native"
+
+
 class DecodeEngine(EngineThread[DecodeSequence]):
     name = "decode"
 
-    def __init__(
-        self,
-        lm: LoadedModel,
-        policy: BatchPolicy,
-        kv_cache: bool = True,
-        budget: KvBudget | None = None,
-        notify: Callable[[Callable[[], object]], object] = lambda deliver: deliver(),
-        greedy_screen: str = "auto",
-        model_runner: str = "native",
-    ):
-        """`notify(fn)` runs fn where the sequences' `deliver` callbacks belong (the servicer passes its event
-        loop's call_soon_threadsafe; by default they are called on the engine thread). `greedy_screen`: how greedy
-        rows pick their token (disagg.model.lm_head.greedy_head: "auto", "bf16", "off"). `model_runner`: "native"
-        steps GPT-2 and Llama models with the project's forward pass over a paged KV pool (disagg/model/native.py,
-        paged_batch.py; other architectures keep HF's), "hf" with HF's modules over the left-padded slab."""
+    def __init__(self, lm: LoadedModel, policy: BatchPolicy, setup: DecodeSetup | None = None):
         super().__init__(policy)
-        if model_runner not in MODEL_RUNNERS:
-            raise ValueError(f"model_runner must be one of {MODEL_RUNNERS}, got {model_runner!r}")
-        self.lm, self.kv_cache, self.notify = lm, kv_cache, notify
-        self.head = greedy_head(lm.model, greedy_screen)
-        self.budget = budget if budget is not None else KvBudget(0)
-        self.batch: KvBatch | RecomputeBatch = self._new_batch(model_runner)
+        setup = setup or DecodeSetup()
+        if setup.model_runner not in MODEL_RUNNERS:
+            raise ValueError(f"model_runner must be one of {MODEL_RUNNERS}, got {setup.model_runner!r}")
+        self.lm, self.kv_cache, self.notify = lm, setup.kv_cache, setup.notify
+        self.head = greedy_head(lm.model, setup.greedy_screen)
+        self.budget = setup.budget if setup.budget is not None else KvBudget(0)
+        self.batch: KvBatch | RecomputeBatch = self._new_batch(setup.model_runner)
         self.running: dict[str, DecodeSequence] = {}
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()

@@ -39,6 +39,11 @@ class EngineThread(Generic[Job]):
         self._worked = False  # ran work since the last trim of freed memory
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the engine (what a worker reports as its queue)."""
+        return len(self.waiting)
+
     def start(self) -> None:
         self._thread.start()
 
