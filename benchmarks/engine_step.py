@@ -7,8 +7,10 @@ attention), fp32, as the decode workers load them (load_for_serving): every row 
 (random K/V, the same for every system) and the step's time is measured per step, the systems interleaved round by
 round in this one process, medians (and minimums) over every timed step. The systems:
 - `hf_slab`: DecodeBatch.step_hidden, HF's modules over the left-padded slab (the decode step before issue 23);
-- `native_kernel`: PagedDecodeBatch, the native forward pass with the paged attention kernel (the default now);
-- `native_gather`: the same, attention by gathering each row's blocks and two matmuls (the kernel's fallback);
+- `native_kernel`: PagedDecodeBatch, the native forward pass with the paged attention kernel and oneDNN-prepacked
+  projection weights (the default now);
+- `native_unpacked`: the same with HF's own weights and matmul calls (the prepacking's A/B);
+- `native_gather`: the default with attention by gathering each row's blocks and two matmuls (the kernel's A/B);
 - `native_compiled` (with --compile): the kernel step compiled by torch.compile (disagg/model/compiled.py), whose
   cold compile (an empty Inductor cache) and warm start (a new process on that cache) are timed too.
 Only the body's step is timed: the head (lm_head's greedy screen) is the same for every system.
@@ -75,7 +77,13 @@ def systems(lm: LoadedModel, compiled: Callable | None) -> dict[str, Builder]:
         return build
 
     kernel, gather = NativeModel(lm.model, "kernel"), NativeModel(lm.model, "matmul")
-    found: dict[str, Builder] = {"hf_slab": slab, "native_kernel": paged(kernel), "native_gather": paged(gather)}
+    unpacked = NativeModel(lm.model, "kernel", pack_weights=False)
+    found: dict[str, Builder] = {
+        "hf_slab": slab,
+        "native_kernel": paged(kernel),
+        "native_unpacked": paged(unpacked),
+        "native_gather": paged(gather),
+    }
     if compiled is not None:
         found["native_compiled"] = paged(kernel, compiled)
     return found

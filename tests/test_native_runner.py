@@ -29,6 +29,17 @@ TEXTS = [
 ]
 
 
+_REFERENCES: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
+
+
+def cached_reference(lm: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
+    """generate()'s tokens, computed once per model, prompt and length in this session."""
+    key = (lm.name, tuple(ids), max_new_tokens)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = reference(lm, ids, max_new_tokens)
+    return _REFERENCES[key]
+
+
 def greedy_run(batch: PagedDecodeBatch, head: LmHead, steps: int) -> list[list[int]]:
     """Every row's tokens over `steps` decode steps (rows in the batch's order at the start)."""
     order = list(batch.seq_ids)
@@ -78,11 +89,12 @@ def test_prefill_logits_match_hf(request, model):
             torch.testing.assert_close(v, ev, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["kernel", "matmul"])
+@pytest.mark.parametrize(("attention", "packed"), [("kernel", True), ("kernel", False), ("matmul", True)])
 @pytest.mark.parametrize("model", MODELS)
-def test_decode_logits_match_the_hf_slab_and_greedy_matches_generate(request, model, attention):
-    """The same handed-over caches stepped by HF's modules over the slab and natively over the pool: logits within
-    tolerance each step; the greedy tokens are generate()'s."""
+def test_decode_logits_match_the_hf_slab_and_greedy_matches_generate(request, model, attention, packed):
+    """The same handed-over caches stepped by HF's modules over the slab and natively over the pool (attention by
+    the kernel or by gathering; prepacked weights or HF's): logits within tolerance each step; the greedy tokens
+    are generate()'s."""
     lm: LoadedModel = request.getfixturevalue(model)
     head = LmHead(lm.model)
     prompts = [lm.tokenizer.encode(t) for t in TEXTS]
@@ -91,7 +103,7 @@ def test_decode_logits_match_the_hf_slab_and_greedy_matches_generate(request, mo
     joiners = [(str(i), o.kv, first) for i, (o, first) in enumerate(zip(outs, firsts))]
     slab = DecodeBatch(*lm.kv_shape(), lm.dtype, lm.device)
     slab.add_many(joiners)
-    paged = PagedDecodeBatch(NativeModel(lm.model, attention), lm.dtype, lm.device)
+    paged = PagedDecodeBatch(NativeModel(lm.model, attention, pack_weights=packed), lm.dtype, lm.device)
     paged.add_many(joiners)
     steps = 11
     tokens: list[list[int]] = [[f] for f in firsts]
@@ -105,7 +117,7 @@ def test_decode_logits_match_the_hf_slab_and_greedy_matches_generate(request, mo
         for row, token in zip(tokens, picked):
             row.append(token)
     for ids, row in zip(prompts, tokens):
-        assert row == reference(lm, ids, steps + 1)
+        assert row == cached_reference(lm, ids, steps + 1)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -136,7 +148,7 @@ def test_sequences_join_and_leave_mid_batch_and_keep_their_alone_output(request,
         step()
     for seq_id, tokens in got.items():
         ids = prompts[int(seq_id)]
-        assert tokens == reference(lm, ids, len(tokens)), seq_id
+        assert tokens == cached_reference(lm, ids, len(tokens)), seq_id
     for seq_id in list(batch.seq_ids):
         batch.remove(seq_id)
     assert batch.pool.num_used == 0 and batch.kv_bytes == 0
@@ -158,7 +170,7 @@ def test_forks_share_the_prompt_blocks_and_copy_only_the_tail(gpt2_model):
     a_tokens, b_tokens = greedy_run(batch, head, 6)
     assert a.ids[:-1] == b.ids[:-1] and a.ids[-1] != b.ids[-1]  # full blocks shared, the tail copied
     assert batch.pool.num_used == used + 1
-    assert [first, *a_tokens] == [first, *b_tokens] == reference(lm, ids, 7)
+    assert [first, *a_tokens] == [first, *b_tokens] == cached_reference(lm, ids, 7)
 
 
 @pytest.mark.parametrize("model", MODELS)
