@@ -8,6 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from disagg.config import BatchPolicy
+from disagg.engine.aggregated import AggregatedEngine
+from disagg.engine.decode import DecodeSetup
+from disagg.kv.budget import KvBudget
 from disagg.kv.prefix_cache import block_keys
 from disagg.model.block_pool import BlockPool
 from disagg.model.decode_batch import DecodeBatch
@@ -18,7 +22,7 @@ from disagg.model.paged_attention import load as load_kernel
 from disagg.model.paged_batch import PagedDecodeBatch
 from disagg.model.paged_kv import PagedKvStorage
 from disagg.model.prefill import prefill
-from tests.test_aggregated import reference
+from tests.test_aggregated import Collector, reference
 
 MODELS = ["gpt2_model", "llama_model"]
 TEXTS = [
@@ -207,3 +211,35 @@ def test_prefix_hit_shares_blocks_and_computes_only_the_rest(request, model):
     for (k, v), (ek, ev) in zip(storage.read_sequence(second), expected.kv):
         torch.testing.assert_close(k, ek, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(v, ev, rtol=1e-4, atol=1e-4)
+
+
+def test_the_pool_gives_its_memory_back_when_the_batch_empties(gpt2_model):
+    lm = gpt2_model
+    out = prefill(lm.model, [lm.tokenizer.encode(TEXTS[1])])[0]
+    batch = PagedDecodeBatch(NativeModel(lm.model), lm.dtype, lm.device, block_tokens=4)
+    initial = batch.pool_bytes
+    batch.add_many([(str(i), list(out.kv), 5) for i in range(20)])  # 20 x 5 or more blocks > the 64 it starts with
+    assert batch.pool_bytes > initial and batch.kv_bytes > 0
+    for seq_id in list(batch.seq_ids):
+        batch.remove(seq_id)
+    assert batch.pool_bytes == initial and batch.kv_bytes == 0 and batch.pool.num_used == 0
+
+
+def test_a_lone_sequence_runs_when_its_blocks_round_past_the_kv_budget(gpt2_model):
+    """The budget is exactly the sequence's reservation (prompt + max_new_tokens, not a multiple of the block
+    size): its blocks for that length are more than the limit, and it runs anyway, alone."""
+    lm = gpt2_model
+    ids = lm.tokenizer.encode(TEXTS[1])
+    new_tokens = 5
+    assert (len(ids) + new_tokens) % 16
+    layers, heads, head_dim = lm.kv_shape()
+    budget = KvBudget(2 * layers * heads * head_dim * (len(ids) + new_tokens) * 4)
+    engine = AggregatedEngine(lm, BatchPolicy(), DecodeSetup(budget=budget))
+    collector = Collector()
+    engine.submit_prompt(collector.prompt(lm, "lone", ids, new_tokens, budget))
+    engine.start()
+    try:
+        collector.wait("lone", timeout=60)
+    finally:
+        engine.stop()
+    assert collector.tokens("lone") == cached_reference(lm, ids, new_tokens)

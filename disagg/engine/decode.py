@@ -164,6 +164,9 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         promise no later step breaks; the pool takes them as the rows grow)."""
         finals = [len(s.context) + self._steps_left(s) for s in joining]
         committed = batch.blocks_for([*batch.final_tokens, *finals]) * batch.bytes_per_block
+        if not batch.seq_ids and len(joining) == 1 and self.budget.limit:
+            # its reservation fit the limit; only its last block's unused slots may not: a lone sequence always runs
+            committed = min(committed, self.budget.limit)
         return finals if self.budget.join_slab(committed, [s.reservation for s in joining]) else None
 
     def _plan_slab(self, batch: DecodeBatch, joining: list[DecodeSequence]) -> tuple[int, int] | None:

@@ -8,9 +8,9 @@ set_last_tokens), but each row is a block table (disagg/model/block_pool.py) int
 - a step reserves a block for a row only when it crosses a block boundary (copy-on-write first where a fork shares
   its partly filled last block), then runs every row in one forward pass.
 
-The pool's tensors grow by doubling, up to `max_blocks` when the KV budget sets one; what the budget counts is the
-blocks promised to the rows (each row's blocks for its final length, `committed_bytes`), so a promise is never
-broken by a later step.
+The pool's tensors grow by doubling, up to `max_blocks` when the KV budget sets one, and go back to their initial
+size when the batch empties; what the budget counts is the blocks promised to the rows (each row's blocks for its
+final length, `kv_bytes`), so a promise is never broken by a later step.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class PagedDecodeBatch:
         shape = native.shape
         self.max_blocks = max_blocks
         initial = min(_INITIAL_BLOCKS, max_blocks) if max_blocks else _INITIAL_BLOCKS
+        self._initial_blocks = initial
         self.pool = BlockPool(initial, block_tokens)
         self.storage = PagedKvStorage(
             shape.layers, shape.kv_heads, shape.head_dim, block_tokens, initial, dtype, device
@@ -131,6 +132,18 @@ class PagedDecodeBatch:
         self.final_tokens[row], self._last[row] = self.final_tokens[last], self._last[last]
         del self.seq_ids[last], self.tables[last], self.final_tokens[last], self._last[last]
         self._block_tables = None
+        if not self.seq_ids and self.pool.num_blocks > self._initial_blocks:  # idle: memory back, as the slab did
+            shape = self.native.shape
+            self.pool = BlockPool(self._initial_blocks, self.block_tokens)
+            self.storage = PagedKvStorage(
+                shape.layers,
+                shape.kv_heads,
+                shape.head_dim,
+                self.block_tokens,
+                self._initial_blocks,
+                self.dtype,
+                self.device,
+            )
 
     def _prepare_step(self) -> torch.Tensor:
         """Room for every row's next token (a new block at a block boundary, copy-on-write of a shared tail);
