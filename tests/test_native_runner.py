@@ -10,7 +10,7 @@ import torch
 
 from disagg.config import BatchPolicy
 from disagg.engine.aggregated import AggregatedEngine
-from disagg.engine.decode import DecodeSetup
+from disagg.engine.decode import DecodeEngine, DecodeSetup
 from disagg.kv.budget import KvBudget
 from disagg.kv.prefix_cache import block_keys
 from disagg.model.block_pool import BlockPool
@@ -23,6 +23,7 @@ from disagg.model.paged_batch import PagedDecodeBatch
 from disagg.model.paged_kv import PagedKvStorage
 from disagg.model.prefill import prefill
 from tests.test_aggregated import Collector, reference
+from tests.test_batching import Collector as BatchingCollector
 
 MODELS = ["gpt2_model", "llama_model"]
 TEXTS = [
@@ -243,3 +244,28 @@ def test_a_lone_sequence_runs_when_its_blocks_round_past_the_kv_budget(gpt2_mode
     finally:
         engine.stop()
     assert collector.tokens("lone") == cached_reference(lm, ids, new_tokens)
+
+
+def test_joiners_are_paced_by_the_kv_tokens_they_copy(gpt2_model):
+    """While others decode, a step copies at most `join_tokens_per_step` KV tokens into the pool (at least one
+    joiner): a burst of long handoffs is spread over steps (the running streams' largest gap stays a few steps)."""
+    lm = gpt2_model
+    engine = DecodeEngine(lm, BatchPolicy(max_batch_size=8))
+    engine.join_tokens_per_step = 100
+    collector = BatchingCollector()
+    ids = lm.tokenizer.encode(TEXTS[1] * 4)  # ~70 tokens: one joiner per step, two would pass 100
+    assert 50 < len(ids) <= 100
+    engine.submit(collector.sequence(lm, "running", ids, 12))
+    engine.run_once()  # alone: joins and steps
+    for name in "abc":
+        engine.submit(collector.sequence(lm, name, ids, 4))
+    joined = []
+    for _ in range(3):
+        engine.run_once()
+        assert engine.last_step is not None
+        joined.append(engine.last_step.joined)
+    assert joined == [1, 1, 1]
+    while engine.busy():
+        engine.run_once()
+    for name in ["running", "a", "b", "c"]:
+        assert collector.tokens(name) == cached_reference(lm, ids, len(collector.tokens(name)) + 1)[1:], name

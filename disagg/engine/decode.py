@@ -34,6 +34,7 @@ from disagg.model.sampling import SamplingParams, sample_batch
 
 # Columns a roomy slab keeps beyond the longest remaining run: a joiner that needs a few more does not reallocate.
 _SPARE_COLUMNS = 64
+JOIN_TOKENS_PER_STEP = 1024  # DecodeEngine.join_tokens_per_step
 KvBatch = DecodeBatch | PagedDecodeBatch  # the batches that hold KV (RecomputeBatch recomputes it)
 
 
@@ -95,6 +96,10 @@ class DecodeSetup:
 
 class DecodeEngine(EngineThread[DecodeSequence]):
     name = "decode"
+    # KV tokens copied into the pool per step while others are decoding: joiners beyond it wait a step, so a burst of
+    # long handoffs is spread over steps instead of stalling every running stream for all of their copies at once
+    # (one joiner always goes; an empty batch takes them all)
+    join_tokens_per_step = JOIN_TOKENS_PER_STEP
 
     def __init__(self, lm: LoadedModel, policy: BatchPolicy, setup: DecodeSetup | None = None):
         super().__init__(policy)
@@ -193,6 +198,8 @@ class DecodeEngine(EngineThread[DecodeSequence]):
             candidates = list(itertools.islice(self.waiting, max(0, self.policy.max_batch_size - len(self.running))))
         if not candidates:
             return 0
+        if isinstance(self.batch, PagedDecodeBatch) and self.running:  # paced: see JOIN_TOKENS_PER_STEP
+            candidates = _paced(candidates, self.join_tokens_per_step)
         joining: list[DecodeSequence] = []
         plan: tuple[int, int] | list[int] | None = None
         if self.kv_cache:
@@ -308,6 +315,18 @@ class DecodeEngine(EngineThread[DecodeSequence]):
             last = [(seq, event) for seq, event in events if seq.request_id in finished]
             self.notify(functools.partial(_deliver_all, last))
         self.last_step = StepStats(len(seqs), joined, len(finished), time.perf_counter() - started)
+
+
+def _paced(candidates: list[DecodeSequence], tokens: int) -> list[DecodeSequence]:
+    """The leading candidates whose KV (context tokens) adds up to at most `tokens`, at least the first one."""
+    taken: list[DecodeSequence] = []
+    total = 0
+    for seq in candidates:
+        total += len(seq.context)
+        if taken and total > tokens:
+            break
+        taken.append(seq)
+    return taken
 
 
 def _deliver_all(events: list[tuple[DecodeSequence, TokenEvent | BaseException]]) -> None:

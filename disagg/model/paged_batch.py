@@ -46,14 +46,11 @@ class PagedDecodeBatch:
         (default `native.decode`, eager; disagg/model/compiled.py compiles it)."""
         self.native, self.dtype, self.device = native, dtype, device
         self.decode: DecodeFn = decode or native.decode
-        shape = native.shape
         self.max_blocks = max_blocks
         initial = min(_INITIAL_BLOCKS, max_blocks) if max_blocks else _INITIAL_BLOCKS
         self._initial_blocks = initial
         self.pool = BlockPool(initial, block_tokens)
-        self.storage = PagedKvStorage(
-            shape.layers, shape.kv_heads, shape.head_dim, block_tokens, initial, dtype, device
-        )
+        self.storage = self._new_storage(initial)
         self.seq_ids: list[str] = []
         self.tables: list[BlockTable] = []
         self.final_tokens: list[int] = []  # each row's KV tokens at its last step (what the budget promised it)
@@ -62,6 +59,13 @@ class PagedDecodeBatch:
 
     def __len__(self) -> int:
         return len(self.seq_ids)
+
+    def _new_storage(self, num_blocks: int) -> PagedKvStorage:
+        s = self.native.shape
+        zeroed = self.native.attention != "kernel"  # (the gathering attentions read unwritten slots)
+        return PagedKvStorage(
+            s.layers, s.kv_heads, s.head_dim, self.block_tokens, num_blocks, self.dtype, self.device, zeroed
+        )
 
     @property
     def block_tokens(self) -> int:
@@ -101,6 +105,8 @@ class PagedDecodeBatch:
         length at its last step (default: its cache + 1). Joiners handed the same KV object (n > 1 forks of one
         prompt) share its blocks: copied once, then forked."""
         finals = final_tokens or [kv[0][0].shape[2] + 1 for _, kv, _ in joiners]
+        distinct = {id(kv): kv[0][0].shape[2] for _, kv, _ in joiners}
+        self._ensure_free(sum(self.pool.blocks_for(tokens) for tokens in distinct.values()))  # grown once for all
         first_of: dict[int, BlockTable] = {}
         for (seq_id, kv, last_token), final in zip(joiners, finals):
             tokens = kv[0][0].shape[2]
@@ -108,7 +114,6 @@ class PagedDecodeBatch:
             if sibling is not None:
                 table = self.pool.fork(sibling)
             else:
-                self._ensure_free(self.pool.blocks_for(tokens))
                 table = self.pool.new_table()
                 self.pool.reserve(table, tokens)
                 self.storage.write_sequence(table, kv, 0)
@@ -133,17 +138,8 @@ class PagedDecodeBatch:
         del self.seq_ids[last], self.tables[last], self.final_tokens[last], self._last[last]
         self._block_tables = None
         if not self.seq_ids and self.pool.num_blocks > self._initial_blocks:  # idle: memory back, as the slab did
-            shape = self.native.shape
             self.pool = BlockPool(self._initial_blocks, self.block_tokens)
-            self.storage = PagedKvStorage(
-                shape.layers,
-                shape.kv_heads,
-                shape.head_dim,
-                self.block_tokens,
-                self._initial_blocks,
-                self.dtype,
-                self.device,
-            )
+            self.storage = self._new_storage(self._initial_blocks)
 
     def _prepare_step(self) -> torch.Tensor:
         """Room for every row's next token (a new block at a block boundary, copy-on-write of a shared tail);

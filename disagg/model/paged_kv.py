@@ -26,13 +26,21 @@ class PagedKvStorage:
         num_blocks: int,
         dtype: torch.dtype,
         device: torch.device,
+        zeroed: bool = True,
     ):
+        """`zeroed`: blocks start as zeros, for attentions that read slots nobody wrote (the gathering ones weigh
+        them 0, and 0 x NaN from uninitialised memory would poison a row); the kernel reads only written slots,
+        so without it a new block costs nothing until it is written (the OS maps the memory lazily)."""
         self.num_layers, self.kv_heads, self.head_dim, self.block_size = num_layers, kv_heads, head_dim, block_size
-        self.dtype, self.device = dtype, device
-        shape = (kv_heads, num_blocks, block_size, head_dim)
+        self.dtype, self.device, self.zeroed = dtype, device, zeroed
         with torch.inference_mode(False):  # normal tensors: written in place by inference-mode steps and by copies
-            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.keys = [self._new(num_blocks) for _ in range(num_layers)]
+            self.values = [self._new(num_blocks) for _ in range(num_layers)]
+
+    def _new(self, num_blocks: int) -> torch.Tensor:
+        shape = (self.kv_heads, num_blocks, self.block_size, self.head_dim)
+        make = torch.zeros if self.zeroed else torch.empty
+        return make(shape, dtype=self.dtype, device=self.device)
 
     @property
     def num_blocks(self) -> int:
@@ -54,9 +62,9 @@ class PagedKvStorage:
         old = self.num_blocks
         for tensors in (self.keys, self.values):
             for i, tensor in enumerate(tensors):
-                grown = torch.zeros((self.kv_heads, num_blocks, self.block_size, self.head_dim), dtype=self.dtype)
+                grown = self._new(num_blocks)
                 grown[:, :old] = tensor
-                tensors[i] = grown.to(self.device)
+                tensors[i] = grown
 
     def copy_blocks(self, pairs: CopyPairs) -> None:
         """Copy-on-write: each (source, destination) block's K and V, every layer."""
