@@ -3,7 +3,8 @@
 Every generation goes through the same pipeline as gRPC: `telemetry.observe_generate(servicer.Generate)`, i.e.
 the gateway's validation, worker choice, retries and migration, deadlines, stream interval, root span and
 metrics. This module only speaks HTTP: the bearer token (the gateway's --auth-token), TLS (its certificates),
-JSON bodies (gateway.openai_protocol), SSE, and the mapping of the pipeline's statuses to HTTP (one table there).
+JSON bodies (gateway.openai_protocol, gateway.openai_responses), SSE, and the mapping of the pipeline's statuses
+to HTTP (one table, in gateway.openai_protocol).
 
 Starlette rather than FastAPI: the handlers are five, the request schema is checked by hand anyway (OpenAI's
 error envelope naming the field, not FastAPI's 422 body), and every layer less is CPU left to the model on a
@@ -36,6 +37,7 @@ from disagg.pb.disagg.v1 import gateway_pb2
 from disagg.rpc.interceptors import status_of
 from disagg.rpc.streams import ReadAhead
 from gateway import openai_protocol as oa
+from gateway import openai_responses as bodies
 from gateway.servicer import GatewayServicer
 from gateway.worker_pool import WorkerPool
 
@@ -198,7 +200,7 @@ class OpenAiApi:
         first: gateway_pb2.GenerateResponse,
         responses: ReadAhead,
     ) -> Response:
-        choices = [oa.Choice() for _ in range(max(1, parsed.request.n))]
+        choices = [bodies.Choice() for _ in range(max(1, parsed.request.n))]
         usage = gateway_pb2.Usage()
         metrics: gateway_pb2.RequestMetrics | None = None
 
@@ -231,8 +233,8 @@ class OpenAiApi:
             return _error(self._count(request, exc))
         finally:
             gone.cancel()
-        body = oa.with_metrics(oa.whole(parsed, request_id, choices, usage), metrics)
-        return _json(body, headers=oa.metrics_headers(body.get(oa.METRICS_KEY, {})))
+        body = bodies.with_metrics(bodies.whole(parsed, request_id, choices, usage), metrics)
+        return _json(body, headers=bodies.metrics_headers(body.get(bodies.METRICS_KEY, {})))
 
     async def _events(
         self,
@@ -244,7 +246,7 @@ class OpenAiApi:
         """SSE: one chunk per message, the usage chunk if asked, [DONE]; a failure mid-stream is an error event.
         The request's metrics go in the last chunk: the usage chunk, else the one of the last message."""
         request_id = first.request_id
-        choices = [oa.Choice() for _ in range(max(1, parsed.request.n))]
+        choices = [bodies.Choice() for _ in range(max(1, parsed.request.n))]
         started: set[int] = set()
         usage = metrics = None
 
@@ -257,15 +259,15 @@ class OpenAiApi:
             own = response.metrics if response.HasField("metrics") else None  # (the last message's)
             if own is not None:
                 metrics = own
-            body = oa.chunk(parsed, request_id, response, choices[response.index], is_first)
-            return _sse(body if parsed.include_usage else oa.with_metrics(body, own))
+            body = bodies.chunk(parsed, request_id, response, choices[response.index], is_first)
+            return _sse(body if parsed.include_usage else bodies.with_metrics(body, own))
 
         try:
             yield encode(first)
             async for response in responses:
                 yield encode(response)
             if parsed.include_usage and usage is not None:
-                yield _sse(oa.with_metrics(oa.usage_chunk(parsed, request_id, usage), metrics))
+                yield _sse(bodies.with_metrics(bodies.usage_chunk(parsed, request_id, usage), metrics))
         except Exception as exc:  # the status line is gone: say it in-band, then end the stream properly
             yield _sse(self._count(request, exc).body())
         finally:

@@ -27,7 +27,7 @@ from disagg.rpc.convert import add_decode_phases, metrics_to_dict
 from disagg.telemetry.decode import decode_times
 from disagg.tools.client import channel, complete
 from disagg.tools.cluster import Child, free_port, stop
-from gateway import openai_protocol as oa
+from gateway import openai_responses as bodies
 from tests.conftest import GPT2_ARGS, RunningCluster, start_cluster
 from tests.reliability_helpers import start_extra, worker_load
 from tests.test_openai_api import HttpGateway, start_http_gateway
@@ -237,10 +237,10 @@ async def test_http_headers_and_body_carry_the_grpc_fields_for_the_same_prompt(m
         max_tokens=NEW_TOKENS,
         extra_body={"ignore_eos": True},
     )
-    body = raw.parse().model_extra[oa.METRICS_KEY]
-    headers = {k: v for k, v in raw.headers.items() if k.startswith(oa.METRICS_HEADER_PREFIX)}
+    body = raw.parse().model_extra[bodies.METRICS_KEY]
+    headers = {k: v for k, v in raw.headers.items() if k.startswith(bodies.METRICS_HEADER_PREFIX)}
     # one header per field, the body's numbers
-    assert headers == {oa.METRICS_HEADER_PREFIX + name.replace("_", "-"): str(body[name]) for name in FIELDS}
+    assert headers == {bodies.METRICS_HEADER_PREFIX + name.replace("_", "-"): str(body[name]) for name in FIELDS}
     assert float(headers["x-disagg-prefill-ms"]) > 0 and int(headers["x-disagg-kv-bytes"]) == kv_bytes(40)
     # the same fields as the gRPC message, and the same values wherever they do not depend on timing
     grpc_dict = metrics_to_dict(over_grpc)
@@ -272,14 +272,14 @@ async def test_final_sse_chunk_carries_the_metrics(metrics_cluster, include_usag
         return list(stream)
 
     received = await asyncio.to_thread(chunks)
-    carrying = [i for i, c in enumerate(received) if c.model_extra and oa.METRICS_KEY in c.model_extra]
+    carrying = [i for i, c in enumerate(received) if c.model_extra and bodies.METRICS_KEY in c.model_extra]
     assert carrying == [len(received) - 1]  # the last chunk only
     last = received[-1]
     if include_usage:
         assert last.choices == [] and last.usage.completion_tokens == NEW_TOKENS
     else:
         assert last.choices[0].finish_reason == "length"
-    metrics = last.model_extra[oa.METRICS_KEY]
+    metrics = last.model_extra[bodies.METRICS_KEY]
     assert list(metrics) == FIELDS
     assert metrics["kv_bytes"] == kv_bytes(40) and metrics["decode_tokens"] == NEW_TOKENS - 1
     assert metrics["prefill_ms"] > 0 and metrics["decode_ms"] > 0 and metrics["total_ms"] > 0
@@ -342,7 +342,7 @@ def test_metrics_as_json_and_headers():
     assert list(as_dict) == FIELDS
     assert (as_dict["prefill_location"], as_dict["prefill_ms"], as_dict["decode_ms"]) == ("local", 12.346, 500.0)
     assert as_dict["decode_tokens_per_second"] == 40.0 and as_dict["decode_worker"] == "w:1"
-    headers = oa.metrics_headers(as_dict)
+    headers = bodies.metrics_headers(as_dict)
     assert headers["x-disagg-prefill-ms"] == "12.346" and headers["x-disagg-prefill-location"] == "local"
 
 
