@@ -75,6 +75,9 @@ class _Handoff:
                 continue
             if self.decode_call is None:
                 raise ProtocolError(f"prefill worker sent {kind} before SequenceStart")
+            if kind == "prompt_logprobs":  # for the client only: the decode worker does not need them
+                self.progress.note_prompt_logprobs(message.prompt_logprobs)
+                continue
             if kind == "first_token":
                 yield self._first_token(message.first_token)
                 if self.progress.done:

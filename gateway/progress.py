@@ -34,6 +34,8 @@ class Progress:
     started: float = field(default_factory=time.perf_counter)
     attempts: int = 0
     phases: gateway_pb2.RequestMetrics = field(default_factory=gateway_pb2.RequestMetrics)  # the current attempt's
+    # The prompt's logprobs from the prefill (when asked), until the first response carries them
+    prompt_logprobs: list[gateway_pb2.TokenLogprob] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -59,6 +61,12 @@ class Progress:
         tokens: only the first one counts, and at most the prompt)."""
         if self.cached_tokens is None:
             self.cached_tokens = min(tokens, len(self.prompt_token_ids or ()))
+
+    def note_prompt_logprobs(self, prompt: worker_pb2.PromptLogprobs) -> None:
+        """The prefill's prompt logprobs (sent once: a resumed prefill does not compute them again), for the next
+        response to the client, the request's first."""
+        if not self.sent_any:
+            self.prompt_logprobs = list(prompt.logprobs)
 
     def note_prefill(
         self, location: gateway_pb2.PrefillLocation, worker: Worker[Any], phases: worker_pb2.PrefillPhases
@@ -96,6 +104,7 @@ class Progress:
         )
         if not self.sent_any:
             response.request_id, self.sent_any = self.request.request_id, True
+            response.prompt_logprobs.extend(self.prompt_logprobs)
         if finish_reason:
             self.finished.add(index)
             if self.done:

@@ -18,10 +18,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
+from disagg import telemetry
 from disagg.config import GatewayConfig
-from disagg.errors import Overloaded
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2_grpc
 from disagg.rpc.services import RelayDecodeStub, RelayPrefillStub
+from gateway.admission import AdmissionGate
 from gateway.disaggregated import disaggregated_attempt
 from gateway.prefix_routing import PrefixRouter
 from gateway.progress import Progress
@@ -45,12 +46,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Disaggregated (prefill and decode pools) or, with `aggregated`, aggregated mode (that pool only)."""
         self.config = config
         self.routes = Routes(config, prefill, decode, aggregated)
-        self.in_flight = 0
+        # --max-inflight places; with --admission-queue, requests wait for one in priority order
+        self.admission = AdmissionGate(config.max_inflight, config.admission_queue)
+        telemetry.watch_admission(self.admission)
         self.attempt: Attempt = disaggregated_attempt
         if aggregated is not None:
             self.attempt = aggregated_attempt
         elif config.local_prefill_tokens > 0:
             self.attempt = conditional_attempt
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
 
     @property
     def prefill(self) -> WorkerPool[RelayPrefillStub]:
@@ -82,14 +89,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
-        if self.in_flight >= self.config.max_inflight:
-            raise Overloaded(f"gateway has {self.in_flight} requests in flight (--max-inflight); retry later")
         progress = Progress(to_prefill_request(request, self.config))
-        deadline = Deadline(context, self.config.request_timeout_seconds)
-        self.in_flight += 1
-        try:
-            async with contextlib.aclosing(resuming(self.routes, self.attempt, progress, deadline)) as responses:
-                async for response in responses:
-                    yield response
-        finally:
-            self.in_flight -= 1
+        deadline = Deadline(context, self.config.request_timeout_seconds)  # (the wait for a place counts)
+        attempts = resuming(self.routes, self.attempt, progress, deadline)
+        async with self.admission.admitted(request.priority), contextlib.aclosing(attempts) as responses:
+            async for response in responses:
+                yield response

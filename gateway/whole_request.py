@@ -106,6 +106,8 @@ async def whole_attempt(
             progress.note_cached(message.cached_tokens)
             if message.HasField("prefill_phases"):
                 progress.note_prefill(location, worker, message.prefill_phases)
+            if message.HasField("prompt_logprobs"):
+                progress.note_prompt_logprobs(message.prompt_logprobs)
             yield routes.respond(worker, progress, message.tokens)
             if progress.done:
                 return

@@ -23,7 +23,7 @@ from disagg.telemetry.gateway import (
     record_routing,
 )
 from disagg.telemetry.interceptor import server_interceptors
-from disagg.telemetry.metrics import count_error, watch_engine, watch_prefix_cache
+from disagg.telemetry.metrics import count_error, watch_admission, watch_engine, watch_prefix_cache
 from disagg.telemetry.prefill import KvSerialize, record_prefill
 from disagg.telemetry.propagation import REQUEST_ID_KEY, call_metadata, trace_metadata
 from disagg.telemetry.setup import configure_logging, registry, setup, setup_tracing, shutdown_tracing, state
@@ -54,6 +54,7 @@ __all__ = [
     "shutdown_tracing",
     "state",
     "trace_metadata",
+    "watch_admission",
     "watch_engine",
     "watch_prefix_cache",
 ]

@@ -107,6 +107,9 @@ class GatewayMetrics(ComponentMetrics):
             reg,
             ("priority",),
         )
+        self.admission_waiting = Gauge(
+            "disagg_admission_waiting", "Requests waiting for a place in flight (--admission-queue)", registry=reg
+        )
         self.requests = Counter(
             "disagg_requests", "Finished requests by finish reason", ["model", "finish_reason"], registry=reg
         )
@@ -285,6 +288,13 @@ def watch_engine(engine: Any) -> None:
     if (d := current(DecodeMetrics)) is not None:
         d.running.set_function(lambda: len(engine.running))
         d.greedy_screen_kept.set_function(lambda: _screen_kept_per_row(getattr(engine, "head", None)))
+
+
+def watch_admission(gate: Any) -> None:
+    """The requests waiting in the gateway's admission queue (read at scrape time); `gate` is a
+    gateway.admission.AdmissionGate."""
+    if (m := current(GatewayMetrics)) is not None:
+        m.admission_waiting.set_function(lambda: gate.waiting)
 
 
 def _screen_kept_per_row(head: Any) -> float:
