@@ -15,9 +15,10 @@ from disagg.kv.budget import KvBudget
 from disagg.kv.prefix_cache import block_keys
 from disagg.model.block_pool import BlockPool
 from disagg.model.decode_batch import DecodeBatch
-from disagg.model.lm_head import LmHead
+from disagg.model.lm_head import ExactGreedyHead, LmHead
 from disagg.model.loading import LoadedModel
 from disagg.model.native import NativeModel, native_family
+from disagg.model.native_prefill import Prefiller
 from disagg.model.paged_attention import load as load_kernel
 from disagg.model.paged_batch import PagedDecodeBatch
 from disagg.model.paged_kv import PagedKvStorage
@@ -269,3 +270,39 @@ def test_joiners_are_paced_by_the_kv_tokens_they_copy(gpt2_model):
         engine.run_once()
     for name in ["running", "a", "b", "c"]:
         assert collector.tokens(name) == cached_reference(lm, ids, len(collector.tokens(name)) + 1)[1:], name
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_native_prefill_gives_hf_prefills_results(request, model):
+    """The Prefiller engines use: native against HF, both with the greedy screen, on prompts of different lengths
+    (unpadded against left-padded), after a known prefix, layer by layer, and every position's logits."""
+    lm: LoadedModel = request.getfixturevalue(model)
+    screen = ExactGreedyHead(lm.model)
+    hf, native = Prefiller(lm.model, screen, None), Prefiller(lm.model, screen, NativeModel(lm.model, "matmul"))
+    prompts = [lm.tokenizer.encode(t) for t in TEXTS]
+    reported: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_layer(row: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        reported[(row, layer)] = (keys, values)
+
+    marked = [False, True, False, False]
+    expected = hf.batch(prompts, all_positions=marked)
+    got = native.batch(prompts, on_layer=on_layer, all_positions=marked)
+    layers = lm.kv_shape()[0]
+    assert len(reported) == len(prompts) * layers
+    for row, (a, b) in enumerate(zip(expected, got)):
+        assert b.greedy_token == a.greedy_token
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+        for layer, ((k, v), (ek, ev)) in enumerate(zip(b.kv, a.kv)):
+            torch.testing.assert_close(k, ek, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(v, ev, rtol=1e-4, atol=1e-4)
+            assert torch.equal(reported[(row, layer)][0], k) and torch.equal(reported[(row, layer)][1], v)
+    n = len(prompts[1])
+    torch.testing.assert_close(got[1].position_logits(0, n), expected[1].position_logits(0, n), rtol=1e-4, atol=1e-4)
+    known = 5
+    prefix = [(k[:, :, :known], v[:, :, :known]) for k, v in expected[1].kv]
+    after = native.after_prefix(prompts[1], prefix)
+    assert after.greedy_token == expected[1].greedy_token
+    torch.testing.assert_close(after.logits, expected[1].logits, rtol=1e-4, atol=1e-4)
+    for (k, v), (pk, pv) in zip(after.kv, prefix):  # the known prefix comes back as it went in
+        assert torch.equal(k[:, :, :known], pk) and torch.equal(v[:, :, :known], pv)

@@ -33,7 +33,8 @@ from disagg.errors import Overloaded
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import token_logprobs
-from disagg.model.prefill import prefill, prefill_after_prefix
+from disagg.model.native_prefill import Prefiller
+from disagg.model.paged_batch import PagedDecodeBatch
 
 
 @dataclass
@@ -77,6 +78,8 @@ class AggregatedEngine(DecodeEngine):
         prefix_cache: PrefixCache | None = None,
     ):
         super().__init__(lm, policy, setup)
+        native = self.batch.native if isinstance(self.batch, PagedDecodeBatch) else None  # (the decode step's)
+        self.prefiller = Prefiller(lm.model, self.head, native)
         self.prompts: deque[Prompt] = deque()
         self.last_prefill: PrefillStats | None = None
         # the prefix cache needs the prompts' KV: off with the KV cache
@@ -176,9 +179,9 @@ class AggregatedEngine(DecodeEngine):
         prompts = [p for p, _ in group]
         hit = group[0][1]
         if hit.blocks:
-            outputs = [prefill_after_prefix(self.lm.model, prompts[0].input_ids, hit.kv(), head=self.head)]
+            outputs = [self.prefiller.after_prefix(prompts[0].input_ids, hit.kv())]
         else:
-            outputs = prefill(self.lm.model, [p.input_ids for p in prompts], want_kv=self.kv_cache, head=self.head)
+            outputs = self.prefiller.batch([p.input_ids for p in prompts], want_kv=self.kv_cache)
         seconds = time.perf_counter() - started
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         joining: list[DecodeSequence] = []

@@ -16,8 +16,10 @@ from disagg.model.kv_layers import KvLayers
 from disagg.model.lm_head import greedy_head
 from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import TokenLogprobs, prompt_logprobs, token_logprobs
+from disagg.model.native import NativeModel, native_family
+from disagg.model.native_prefill import Prefiller
 from disagg.model.output_stream import OutputStream
-from disagg.model.prefill import PrefillOutput, prefill, prefill_after_prefix
+from disagg.model.prefill import PrefillOutput
 
 
 @dataclass
@@ -99,11 +101,17 @@ class PrefillEngine(EngineThread[PrefillJob]):
         kv_cache: bool = True,
         prefix_cache: PrefixCache | None = None,
         greedy_screen: str = "auto",
+        model_runner: str = "native",
     ):
-        """`greedy_screen`: how greedy first tokens are picked (disagg.model.lm_head.greedy_head)."""
+        """`greedy_screen`: how greedy first tokens are picked (disagg.model.lm_head.greedy_head); `model_runner`:
+        "native" prefills GPT-2 and Llama models with the project's forward pass (disagg/model/native_prefill.py),
+        "hf" (and every other architecture) with HF's."""
         super().__init__(policy)
         self.lm, self.kv_cache = lm, kv_cache
         self.head = greedy_head(lm.model, greedy_screen)
+        native = model_runner == "native" and native_family(lm.model) is not None
+        # (attention "matmul": the decode kernel plays no part in a prefill)
+        self.prefiller = Prefiller(lm.model, self.head, NativeModel(lm.model, "matmul") if native else None)
         # the prefix cache needs the prompts' KV: off with the KV cache
         self.prefix_cache = prefix_cache if kv_cache and prefix_cache is not None and prefix_cache.enabled else None
         self._undelivered: list[PrefillJob] = []  # of the batch in run_once
@@ -158,12 +166,10 @@ class PrefillEngine(EngineThread[PrefillJob]):
                 if sink is not None:
                     sink(layer, keys, values)
 
-        outputs = prefill(
-            self.lm.model,
+        outputs = self.prefiller.batch(
             [job.input_ids for job in batch],
             want_kv=self.kv_cache,
             on_layer=on_layer,
-            head=self.head,
             all_positions=[job.prompt_logprobs is not None for job in batch],
         )
         seconds = time.perf_counter() - started
@@ -180,7 +186,7 @@ class PrefillEngine(EngineThread[PrefillJob]):
             def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
                 sink(layer, keys, values)
 
-        out = prefill_after_prefix(self.lm.model, job.input_ids, hit.kv(), on_layer=on_layer, head=self.head)
+        out = self.prefiller.after_prefix(job.input_ids, hit.kv(), on_layer=on_layer)
         self._finish(job, out, hit, time.perf_counter() - started, 1, started_at)
 
     def _finish(

@@ -344,11 +344,20 @@ class NativeModel:
     # -- prefill: many tokens per sequence, causal ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, sequences: list[list[int]], tables: list[BlockTable], storage: PagedKvStorage) -> torch.Tensor:
+    def prefill(
+        self,
+        sequences: list[list[int]],
+        tables: list[BlockTable],
+        storage: PagedKvStorage,
+        after_layer: Callable[[int], object] | None = None,
+        every_position: bool = False,
+    ) -> torch.Tensor:
         """The tokens of each sequence after the `table.num_tokens` whose KV the pool already holds (a prefix-cache
-        hit, or none), in one forward pass of all their tokens: their KV written into the pool at their tables'
-        slots (room reserved by the caller), each attending causally to its own sequence. Returns the last
-        token's hidden state of each sequence [sequences, hidden]; advancing the tables is the caller's."""
+        hit, or none), in one forward pass of all their tokens, unpadded: their KV written into the pool at their
+        tables' slots (room reserved by the caller), each attending causally to its own sequence. Returns the last
+        token's hidden state of each sequence [sequences, hidden], or with `every_position` every computed token's
+        [tokens, hidden] (the sequences' in order); advancing the tables is the caller's. `after_layer(i)` is called
+        once layer i's K/V are in the pool (layer-wise streaming reads them there)."""
         device = storage.device
         starts = [table.num_tokens for table in tables]
         if any(not 0 <= start < len(seq) for start, seq in zip(starts, sequences)):
@@ -364,8 +373,11 @@ class NativeModel:
         for i, layer in enumerate(self.layers):
             attend = functools.partial(self._prefill_attention, storage, i, slots, segments)
             hidden = self._block(layer, hidden, positions, attend)
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        return self._norm(hidden[last], self.norm_w, self.norm_b)
+            if after_layer is not None:
+                after_layer(i)
+        if not every_position:
+            hidden = hidden[torch.tensor(lengths, device=device).cumsum(0) - 1]
+        return self._norm(hidden, self.norm_w, self.norm_b)
 
     def _prefill_attention(
         self,
