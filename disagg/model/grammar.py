@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -142,8 +142,9 @@ def mask_rows(logits: torch.Tensor, rows: Sequence[int], grammars: Sequence[Sequ
 
 
 def model_grammars(lm: LoadedModel) -> GrammarCompiler:
-    """The compiler for a loaded model's tokenizer and logits (one per worker process)."""
-    return GrammarCompiler(lm.tokenizer, int(lm.config.get_text_config(decoder=True).vocab_size))
+    """The compiler for a loaded model's tokenizer and logits (one per worker process). The model is read when the
+    first grammar needs it, not here: a servicer is built alike whether or not grammars are ever used."""
+    return GrammarCompiler.deferred(lambda: (lm.tokenizer, int(lm.config.get_text_config(decoder=True).vocab_size)))
 
 
 class GrammarCompiler:
@@ -154,14 +155,24 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, capacity: int = 256):
         """`tokenizer`: the model's (a fast HF tokenizer); `vocab_size`: the width of the model's logits."""
         self.tokenizer, self.vocab_size, self.capacity = tokenizer, vocab_size, capacity
+        self._load: Callable[[], tuple[Any, int]] | None = None  # (tokenizer, vocab_size), for `deferred`
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[GrammarSpec, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = 0  # specs compiled (a cache miss each)
 
+    @classmethod
+    def deferred(cls, load: Callable[[], tuple[Any, int]], capacity: int = 256) -> GrammarCompiler:
+        """A compiler whose tokenizer and vocabulary width come from `load()`, called once, on first use."""
+        compiler = cls(None, 0, capacity)
+        compiler._load = load
+        return compiler
+
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll_tokenizer is None:
+                if self._load is not None:
+                    self.tokenizer, self.vocab_size = self._load()
                 vocab = max(self.vocab_size, len(self.tokenizer))
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=vocab)
             return self._ll_tokenizer
