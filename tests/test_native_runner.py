@@ -299,6 +299,10 @@ def test_native_prefill_gives_hf_prefills_results(request, model):
             assert torch.equal(reported[(row, layer)][0], k) and torch.equal(reported[(row, layer)][1], v)
     n = len(prompts[1])
     torch.testing.assert_close(got[1].position_logits(0, n), expected[1].position_logits(0, n), rtol=1e-4, atol=1e-4)
+    same_length = [ids[:3] for ids in prompts[1:]]  # (no padding: the rows as they are)
+    for a, b in zip(hf.batch(same_length), native.batch(same_length)):
+        assert b.greedy_token == a.greedy_token
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
     known = 5
     prefix = [(k[:, :, :known], v[:, :, :known]) for k, v in expected[1].kv]
     after = native.after_prefix(prompts[1], prefix)

@@ -3,7 +3,8 @@
 One graph serves every batch: the step is traced with dynamic sizes (rows, blocks per row, pool blocks), so a new
 batch size or a longer sequence never recompiles, and nothing is padded to a bucket. Inductor fuses the small ops
 between the matmuls (norms, RoPE, residual adds, activations, the slot arithmetic) into a few C++ loops; the
-matmuls stay oneDNN/BLAS calls and the attention the paged kernel (a custom op Inductor calls as it is).
+matmuls stay BLAS calls and the attention the paged kernel (a custom op Inductor calls as it is). The model's weights
+must be HF's own (`NativeModel(..., pack_weights=False)`): Inductor does not take oneDNN's prepacked ones.
 
 Compiling costs minutes on 2 cores the first time; Inductor's FX graph cache under `$DISAGG_CACHE_DIR/inductor`
 (~/.cache/disagg/inductor) makes later starts of the same model and torch version re-trace only (Dynamo), not
@@ -36,6 +37,8 @@ def compile_decode(native: NativeModel, mode: str = "default") -> DecodeFn:
     `inductor_cache_dir()` unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if native.packed:  # (Inductor lowers oneDNN's packed matmul only for weights it packed itself)
+        raise ValueError("compile a NativeModel built with pack_weights=False")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
     compiled = torch.compile(native.decode, dynamic=True, mode=None if mode == "default" else mode)
     return compiled

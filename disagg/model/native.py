@@ -103,6 +103,42 @@ class Projection:
 
 
 @dataclass
+class _PrefillPlan:
+    """Where a prefill's tokens go and what each attends to, the same for every layer."""
+
+    slots: torch.Tensor  # [tokens]: each new token's slot in the pool
+    cold_index: torch.Tensor  # [sequences, longest]: the sequences with nothing before them, right-padded (token rows)
+    cold_valid: torch.Tensor  # [sequences, longest]: which entries of cold_index are real tokens
+    cold_tokens: torch.Tensor  # [their tokens]: the rows they fill, in cold_valid's order
+    after_prefix: list[tuple[int, int, int, torch.Tensor]]  # (first row, tokens, first position, context slots)
+    uniform: int | None = None  # the number of sequences when all are cold and of one length (rows as they are)
+
+    @classmethod
+    def of(
+        cls,
+        storage: PagedKvStorage,
+        tables: list[BlockTable],
+        starts: list[int],
+        lengths: list[int],
+        slots: torch.Tensor,
+    ) -> _PrefillPlan:
+        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+        cold = [(offset, n) for offset, n, start in zip(offsets, lengths, starts) if start == 0]
+        longest = max((n for _, n in cold), default=0)
+        steps = torch.arange(longest)
+        index = torch.stack([offset + steps.clamp(max=n - 1) for offset, n in cold]) if cold else steps[None]
+        valid = torch.stack([steps < n for _, n in cold]) if cold else steps[None] < 0
+        after = [
+            (offset, n, start, storage.slots(table, 0, start + n))
+            for offset, n, start, table in zip(offsets, lengths, starts, tables)
+            if start > 0
+        ]
+        device = slots.device
+        uniform = len(cold) if not after and len(set(lengths)) == 1 else None
+        return cls(slots, index.to(device), valid.to(device), index[valid].to(device), after, uniform)
+
+
+@dataclass
 class LayerWeights:
     """One transformer block: norms (the HF model's tensors) and projections (its weights, or views of its fused
     rows, possibly prepacked)."""
@@ -368,10 +404,10 @@ class NativeModel:
             [storage.slots(table, start, len(seq)) for seq, table, start in zip(sequences, tables, starts)]
         )
         lengths = [len(seq) - start for seq, start in zip(sequences, starts)]
-        segments = list(zip(sequences, tables, starts, lengths))
+        plan = _PrefillPlan.of(storage, tables, starts, lengths, slots)
         hidden = self._embed(tokens, positions)
         for i, layer in enumerate(self.layers):
-            attend = functools.partial(self._prefill_attention, storage, i, slots, segments)
+            attend = functools.partial(self._prefill_attention, storage, i, plan)
             hidden = self._block(layer, hidden, positions, attend)
             if after_layer is not None:
                 after_layer(i)
@@ -380,36 +416,32 @@ class NativeModel:
         return self._norm(hidden, self.norm_w, self.norm_b)
 
     def _prefill_attention(
-        self,
-        storage: PagedKvStorage,
-        layer: int,
-        slots: torch.Tensor,
-        segments: list[tuple[list[int], BlockTable, int, int]],
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        self, storage: PagedKvStorage, layer: int, plan: _PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        """Store the new tokens' K/V, then each sequence's causal attention (`segments`: sequence, table, first new
-        position, new tokens): [tokens, heads * D]."""
+        """Store the new tokens' K/V, then every sequence's causal attention: [tokens, heads * D]. The sequences with
+        nothing before them in one call, right-padded to the longest (causal masking alone keeps a real query off
+        the padding, and the padded queries' rows are dropped); each one after a known prefix alone, over its whole
+        context read from the pool."""
         s = self.shape
-        storage.write(layer, slots, k.transpose(0, 1), v.transpose(0, 1))
-        outs, offset = [], 0
-        for seq, table, start, n in segments:
+        storage.write(layer, plan.slots, k.transpose(0, 1), v.transpose(0, 1))
+        if plan.uniform is not None:  # sequences of one length, nothing before them: no padding to make
+            pq, pk, pv = (t.view(plan.uniform, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+            attended = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=True)
+            return attended.transpose(1, 2).reshape(q.shape[0], s.heads * s.head_dim)
+        out = q.new_empty(q.shape[0], s.heads * s.head_dim)
+        if plan.cold_tokens.numel():
+            pq, pk, pv = (t[plan.cold_index].transpose(1, 2) for t in (q, k, v))  # [sequences, heads, longest, D]
+            attended = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=True)
+            out[plan.cold_tokens] = attended.transpose(1, 2)[plan.cold_valid].reshape(-1, s.heads * s.head_dim)
+        for offset, n, start, context in plan.after_prefix:
             seq_q = q[offset : offset + n].transpose(0, 1)[None]  # [1, heads, n, D]
-            if start == 0:  # nothing before: its own K/V, as computed
-                seq_k = k[offset : offset + n].transpose(0, 1)[None]
-                seq_v = v[offset : offset + n].transpose(0, 1)[None]
-                out = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, is_causal=True, enable_gqa=True)
-            else:  # after a cached prefix: the whole context from the pool, causal from `start` on
-                context = storage.slots(table, 0, len(seq))
-                seq_k = storage.keys[layer].view(s.kv_heads, -1, s.head_dim).index_select(1, context)[None]
-                seq_v = storage.values[layer].view(s.kv_heads, -1, s.head_dim).index_select(1, context)[None]
-                query_positions = torch.arange(start, len(seq), device=q.device)[:, None]
-                allowed = torch.arange(len(seq), device=q.device)[None, :] <= query_positions
-                out = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, attn_mask=allowed, enable_gqa=True)
-            outs.append(out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim))
-            offset += n
-        return torch.cat(outs)
+            seq_k = storage.keys[layer].view(s.kv_heads, -1, s.head_dim).index_select(1, context)[None]
+            seq_v = storage.values[layer].view(s.kv_heads, -1, s.head_dim).index_select(1, context)[None]
+            query_positions = torch.arange(start, start + n, device=q.device)[:, None]
+            allowed = torch.arange(start + n, device=q.device)[None, :] <= query_positions
+            attended = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, attn_mask=allowed, enable_gqa=True)
+            out[offset : offset + n] = attended[0].transpose(0, 1).reshape(n, s.heads * s.head_dim)
+        return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
