@@ -196,11 +196,12 @@ class WorkerConfig(ServerOptions):
     )
     model_runner: str = option(
         "native",
-        "the decode step's forward pass: 'native' runs GPT-2 and Llama models with the project's own (fused "
-        "projections, RoPE tables, grouped-query attention read straight from a paged KV pool; other "
-        "architectures keep HF's), 'hf' runs HF's modules over a left-padded KV slab",
+        "the forward pass: 'native' runs GPT-2 and Llama models with the project's own (matmuls with prepacked "
+        "weights, fused projections, RoPE tables; a prefill is one unpadded pass, a decode step reads "
+        "grouped-query attention straight from a paged KV pool; other architectures keep HF's), 'hf' runs HF's "
+        "modules (a left-padded prefill, a decode step over a left-padded KV slab)",
         choices=MODEL_RUNNERS,
-        roles=("decode",),
+        roles=("prefill", "decode"),
     )
     prefix_cache_mb: int = option(
         256,

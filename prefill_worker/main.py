@@ -20,7 +20,7 @@ from prefill_worker.servicer import PrefillServicer
 async def serve(config: WorkerConfig, segments: SharedMemorySegments) -> None:
     lm = load_for_serving(config.model)
     prefix_cache = PrefixCache(lm.fingerprint, config.prefix_cache_mb << 20, config.prefix_block_tokens)
-    engine = PrefillEngine(lm, config.batch, config.kv_cache, prefix_cache, config.greedy_screen)
+    engine = PrefillEngine(lm, config.batch, config.kv_cache, prefix_cache, config.greedy_screen, config.model_runner)
     engine.start()
     telemetry.watch_engine(engine)
     telemetry.watch_prefix_cache(prefix_cache)
