@@ -4,8 +4,8 @@
 
 For each model (distilgpt2 shapes with seeded dummy weights, and the bundled SmolLM2-135M, Llama with grouped-query
 attention), fp32, as the decode workers load them (load_for_serving): every row holds a --context-token cache
-(random K/V, the same for every system) and the step's time is measured per step, the systems interleaved round by
-round in this one process, medians (and minimums) over every timed step. The systems:
+(random K/V, the same for every system) and the step's time is measured per step, the systems taking turns step by
+step in this one process, medians (and minimums) over every timed step. The systems:
 - `hf_slab`: DecodeBatch.step_hidden, HF's modules over the left-padded slab (the decode step before issue 23);
 - `native_kernel`: PagedDecodeBatch, the native forward pass with the paged attention kernel and oneDNN-prepacked
   projection weights (the default now);
@@ -106,19 +106,21 @@ def systems(lm: LoadedModel, compiled: Callable | None) -> dict[str, Builder]:
 
 
 def time_steps(builders: dict[str, Builder], joiners: list, rounds: int, steps: int) -> dict[str, list[float]]:
-    """Seconds of each timed step, per system: every round builds each system's batch afresh (the same caches),
-    runs 2 untimed steps, then `steps` timed ones; systems interleaved within each round."""
+    """Seconds of each timed step, per system: every round builds each system's batch afresh (the same caches) and
+    runs 2 untimed steps of each, then `steps` timed ones, the systems taking turns step by step (a burst of load
+    from elsewhere falls on all of them)."""
     times: dict[str, list[float]] = {name: [] for name in builders}
     for _ in range(rounds):
-        for name, build in builders.items():
-            step = build(joiners)
+        stepping = {name: build(joiners) for name, build in builders.items()}
+        for step in stepping.values():
             step()
             step()
-            for _ in range(steps):
+        for _ in range(steps):
+            for name, step in stepping.items():
                 started = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - started)
-            del step
+        del stepping
     return times
 
 
@@ -162,7 +164,7 @@ def measure_model(name: str, args: argparse.Namespace, cache_dir: str) -> dict:
         print(name, rows, results[str(rows)])
     extra: dict[str, dict] = {}
     if args.prefill:
-        extra["prefill"] = measure_prefill(lm, args.prefill_batches, args.prefill_tokens, args.rounds)
+        extra["prefill"] = measure_prefill(lm, args.prefill_batches, args.prefill_tokens, args.prefill_rounds)
     if args.stalls:
         extra["stalls"] = measure_stalls(lm, args.stall_context, args.rounds)
         print(name, extra["stalls"])
@@ -250,22 +252,29 @@ def measure_prefill(lm: LoadedModel, batches: list[int], tokens: int, rounds: in
 def render_markdown(record: dict) -> str:
     header = record
     lines = [
-        "# Decode step: HF slab vs the native runner on the paged pool (issue 23)",
+        "# The forward pass: HF's modules against the native runner (issue 23)",
         "",
         f"`{header['command']}`, {header['date']}, {header['hardware']}, {header['threads']} threads, 1-min load "
         f"average before {header['load_average_before'][0]:.2f} (the machine was shared with other work: ratios "
         "within one row are the measurement, absolute times are not). fp32, caches of "
         f"{record['args']['context']} tokens per row, the body's step only (the head is the same for all); "
-        f"{record['args']['rounds']} interleaved rounds x {record['args']['steps']} timed steps, median (min) ms.",
+        f"{record['args']['rounds']} rounds x {record['args']['steps']} timed steps, the systems taking turns step by "
+        "step, median (min) ms.",
         "",
     ]
     for model, result in record["models"].items():
         names = list(next(iter(result["steps"].values())))
         lines += [f"## {model} ({result['model']}; layers, kv_heads, head_dim = {tuple(result['kv_shape'])})", ""]
         if "cold_compile_s" in result:
+            gains = [
+                steps["native_compiled"]["median_ms"] / steps["native_kernel"]["median_ms"]
+                for steps in result["steps"].values()
+            ]
             lines += [
                 f"Compiled step: cold compile {result['cold_compile_s']} s (empty Inductor cache), warm start "
-                f"{result['warm_start_s']} s (a new process on that cache, Dynamo re-traces).",
+                f"{result['warm_start_s']} s (a new process on that cache, Dynamo re-traces). native_compiled / "
+                f"native_kernel: {', '.join(f'{g:.2f}x' for g in gains)} by batch (above 1: the eager default with "
+                "prepacked weights is faster; Inductor does not take the prepacked weights).",
                 "",
             ]
         lines += ["| batch | " + " | ".join(names) + " | hf_slab / native_kernel |", "|---" * (len(names) + 2) + "|"]
@@ -277,7 +286,8 @@ def render_markdown(record: dict) -> str:
         if "prefill" in result:
             lines += [
                 f"Prefill of N prompts of {record['args']['prefill_tokens']} tokens (first tokens through the greedy "
-                "screen, KV kept), HF's left-padded pass against the native one, median (min) ms:",
+                f"screen, KV kept), HF's left-padded pass against the native one, {record['args']['prefill_rounds']} "
+                "interleaved rounds, median (min) ms:",
                 "",
                 "| prompts | hf | native | hf / native |",
                 "|---|---|---|---|",
@@ -317,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill", action="store_true", help="also prefill: HF's against the native one")
     parser.add_argument("--prefill-batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prefill-tokens", type=int, default=128)
+    parser.add_argument("--prefill-rounds", type=int, default=9)
     parser.add_argument("--stall-context", type=int, default=900, help="tokens of every cache in --stalls")
     parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
     return parser

@@ -5,6 +5,10 @@ sharing blocks, a prefix hit computing only the rest."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -310,3 +314,17 @@ def test_native_prefill_gives_hf_prefills_results(request, model):
     torch.testing.assert_close(after.logits, expected[1].logits, rtol=1e-4, atol=1e-4)
     for (k, v), (pk, pv) in zip(after.kv, prefix):  # the known prefix comes back as it went in
         assert torch.equal(k[:, :, :known], pk) and torch.equal(v[:, :, :known], pv)
+
+
+@pytest.mark.cluster  # two processes and one ~40-60 s build of the kernel on 2 cores
+def test_two_processes_build_the_kernel_once(tmp_path):
+    code = "import logging, sys\nlogging.basicConfig(level=logging.INFO)\n"
+    code += "from disagg.model.paged_attention import load\nprint(load())\n"
+    env = {**os.environ, "DISAGG_CACHE_DIR": str(tmp_path)}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, **pipes) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [out.strip() for out, _ in outs] == ["True", "True"], [err[-2000:] for _, err in outs]
+    assert "waiting for another process" in "".join(err for _, err in outs)
+    (built,) = [p for p in (tmp_path / "torch_extensions").iterdir() if p.is_dir()]
+    assert (built / f"{built.name}.so").exists()

@@ -1,8 +1,9 @@
 """The decode attention kernel over the paged KV pool (csrc/paged_attention.cpp), built once per machine.
 
 `torch.utils.cpp_extension` compiles the C++ source with the host's instruction set (-march=native) into
-`~/.cache/disagg/torch_extensions/` (or $DISAGG_CACHE_DIR) on first use, ~40 s on 2 cores; later processes load the
-built library in well under a second. The library's name carries a hash of the source and of the CPU's model and
+`~/.cache/disagg/torch_extensions/` (or $DISAGG_CACHE_DIR) on first use, ~40 s on 2 cores, once however many
+processes start together (a build that dies leaves nothing that blocks the next); later processes load the built
+library in well under a second. The library's name carries a hash of the source and of the CPU's model and
 flags, so a cache shared between different machines never loads code built for another CPU. Where no C++ compiler
 is found the build fails once and `load()` returns False: the native model then gathers the blocks and attends
 with matmuls (disagg/model/native.py), slower but the same math.
@@ -15,9 +16,13 @@ import hashlib
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import torch
+
+from disagg.model.build_once import build_folder_once
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +43,32 @@ def _build_dir() -> pathlib.Path:
     return cache / "torch_extensions"
 
 
+def _compile(name: str, folder: pathlib.Path) -> None:
+    """Compile the kernel into `folder`/`name`.so, in a child process: `cpp_extension.load` also loads what it built,
+    and this process loads the library from its final folder only (a namespace registers once per process)."""
+    code = (
+        "import sys\n"
+        "from torch.utils import cpp_extension\n"
+        "cpp_extension.load(sys.argv[1], [sys.argv[2]], extra_cflags=['-O3', '-march=native', '-fopenmp'], "
+        "build_directory=sys.argv[3], is_python_module=False)\n"
+    )
+    command = [sys.executable, "-c", code, name, str(_SOURCE), str(folder)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
 @functools.cache
 def load() -> bool:
-    """Build (first time on this machine) and load the kernel; False when it cannot be built here."""
-    from torch.utils import cpp_extension
-
+    """Build (the first time on this machine: once, however many processes start together, see
+    disagg/model/build_once.py) and load the kernel; False when it cannot be built here."""
     digest = hashlib.blake2b(_SOURCE.read_bytes() + _cpu_signature() + torch.__version__.encode(), digest_size=6)
     name = f"disagg_paged_attention_{digest.hexdigest()}"
-    folder = _build_dir() / name
-    folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        cpp_extension.load(
-            name,
-            [str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            build_directory=str(folder),
-            is_python_module=False,
-        )
-    except Exception as exc:  # no compiler, no headers: the gather path runs instead
-        log.warning("paged attention kernel unavailable (%s); decode attention gathers blocks instead", exc)
+        folder = build_folder_once(_build_dir() / name, functools.partial(_compile, name), f"{name}.so")
+        torch.ops.load_library(str(folder / f"{name}.so"))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # no compiler, no headers: gather instead
+        detail = exc.stderr[-2000:] if isinstance(exc, subprocess.CalledProcessError) else exc
+        log.warning("paged attention kernel unavailable (%s); decode attention gathers blocks instead", detail)
         return False
     # for torch.compile's tracing: the output's shape and dtype are the query's
     torch.library.register_fake("disagg::paged_decode_attention")(lambda query, *_: torch.empty_like(query))
