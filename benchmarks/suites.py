@@ -101,6 +101,8 @@ SUITES: dict[str, tuple[Recipe, ...]] = {
         _module("engine_ceiling_c32", "engine_ceiling", "--concurrency 32 --requests 64"),
         _module("engine_ceiling_c64", "engine_ceiling", "--concurrency 64 --requests 64"),
     ),
+    # The native model runner (issue 23): its decode step, prefill and joins against HF's, both models.
+    "engine_step": (_module("engine_step", "engine_step", "--stalls --compile --prefill"),),
     # bfloat16: the cluster against generate() in bf16, and greedy agreement with fp32 on the bundled real model.
     "bf16": (
         _disagg_bench(
