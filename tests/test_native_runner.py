@@ -328,3 +328,27 @@ def test_two_processes_build_the_kernel_once(tmp_path):
     assert "waiting for another process" in "".join(err for _, err in outs)
     (built,) = [p for p in (tmp_path / "torch_extensions").iterdir() if p.is_dir()]
     assert (built / f"{built.name}.so").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_run_natively(dtype):
+    """bfloat16 and float16 models: weights prepacked where oneDNN packs that dtype on this CPU (float16 needs
+    AVX512-FP16 or AVX-NE-CONVERT), HF's own otherwise; the step runs and greedy tokens match HF's slab here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64)).eval()
+    model = model.to(dtype)
+    native = NativeModel(model)
+    out = prefill(model, [[5, 6, 7, 8, 9]])[0]
+    joiners = [("a", out.kv, int(out.logits.argmax()))]
+    paged = PagedDecodeBatch(native, dtype, torch.device("cpu"))
+    slab = DecodeBatch(2, 4, 16, dtype, torch.device("cpu"))
+    paged.add_many(joiners)
+    slab.add_many(joiners)
+    head = LmHead(model)
+    for _ in range(4):
+        expected = head.logits(slab.step_hidden(model)).argmax(-1).tolist()
+        assert head.logits(paged.step_hidden()).argmax(-1).tolist() == expected
+        slab.set_last_tokens(expected)
+        paged.set_last_tokens(expected)

@@ -204,7 +204,7 @@ class NativeModel:
         self.norm_b: torch.Tensor | None = None
         self.cos: torch.Tensor | None = None  # Llama's RoPE tables [positions, head_dim]
         self.sin: torch.Tensor | None = None
-        pack = pack_weights and device.type == "cpu" and torch.backends.mkldnn.is_available()
+        pack = pack_weights and device.type == "cpu" and _can_pack(next(model.parameters()).dtype)
         self.packed = pack
         with torch.no_grad():
             self.layers = self._take_gpt2(model, pack) if family == "gpt2" else self._take_llama(model, pack)
@@ -442,6 +442,18 @@ class NativeModel:
             attended = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, attn_mask=allowed, enable_gqa=True)
             out[offset : offset + n] = attended[0].transpose(0, 1).reshape(n, s.heads * s.head_dim)
         return out
+
+
+@functools.cache
+def _can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks `dtype` weights on this CPU (float16 needs AVX512-FP16 or AVX-NE-CONVERT)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
