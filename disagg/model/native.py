@@ -2,9 +2,8 @@
 
 HF's modules run a decode step as a dozen small eager ops per layer and, for grouped-query attention, `repeat_kv`
 copies every layer's K/V to the query heads' count each step. Here the same math runs as few, larger ops:
-- projections fused where it pays: Llama's q/k/v as one matmul and gate/up as one (the HF modules' weights become
-  views of the fused tensors, so both forward passes share the memory); GPT-2's `c_attn` is fused already and its
-  Conv1D weights ([in, out]) are used as they are, through the same `addmm` HF calls;
+- projections fused where it pays (Llama's q/k/v as one matmul and gate/up as one; GPT-2's `c_attn` is fused
+  already) and prepacked for oneDNN's matmul (disagg/model/native_weights.py);
 - RoPE from cos/sin tables computed once, indexed by position (HF recomputes them every step);
 - attention with native GQA over the pool's layout (disagg/model/paged_kv.py): the query heads of a group are the
   rows of one matmul against their KV head's keys, nothing repeated.
@@ -23,15 +22,14 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedModel
 
 from disagg.model import paged_attention
 from disagg.model.block_pool import BlockTable
+from disagg.model.native_weights import LayerWeights, can_pack, take_weights
 from disagg.model.paged_kv import PagedKvStorage
 
 _FAMILIES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
@@ -76,32 +74,6 @@ class _DecodeStep:
     mask: torch.Tensor | None  # [rows, blocks * block_size] additive, for the gathering attentions; None: kernel
 
 
-class Projection:
-    """x @ W^T + b of one weight: as HF's module computes it (GPT-2's Conv1D weight [in, out] through `addmm`,
-    Llama's Linear [out, in] through `linear`), or with a copy of the weight prepacked for oneDNN's matmul, which on
-    this project's CPUs runs a decode step's small-M matmuls ~1.2-1.7x faster than `linear` (benchmarks/
-    engine_step.py) and can apply an activation in the same call."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool, pack: bool):
-        self.weight, self.bias, self.conv1d = weight, bias, conv1d
-        self.packed: torch.Tensor | None = None
-        if pack:
-            linear_weight = (weight.t() if conv1d else weight).contiguous()
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear_weight, None)
-
-    def __call__(self, x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
-        """x [tokens, in] -> [tokens, out]; `gelu_tanh`: the tanh GELU of the result (GPT-2's MLP)."""
-        if self.packed is not None:
-            attr, algorithm = ("gelu", "tanh") if gelu_tanh else ("none", "")
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], algorithm)
-        if self.conv1d:
-            assert self.bias is not None
-            out = torch.addmm(self.bias, x, self.weight)
-        else:
-            out = F.linear(x, self.weight, self.bias)
-        return F.gelu(out, approximate="tanh") if gelu_tanh else out
-
-
 @dataclass
 class _PrefillPlan:
     """Where a prefill's tokens go and what each attends to, the same for every layer."""
@@ -138,44 +110,6 @@ class _PrefillPlan:
         return cls(slots, index.to(device), valid.to(device), index[valid].to(device), after, uniform)
 
 
-@dataclass
-class LayerWeights:
-    """One transformer block: norms (the HF model's tensors) and projections (its weights, or views of its fused
-    rows, possibly prepacked)."""
-
-    norm1_w: torch.Tensor
-    norm1_b: torch.Tensor | None
-    qkv: Projection
-    o: Projection
-    norm2_w: torch.Tensor
-    norm2_b: torch.Tensor | None
-    up: Projection  # GPT-2: c_fc; Llama: gate and up fused
-    down: Projection
-
-
-def _fuse_rows(*linears: nn.Linear) -> torch.Tensor:
-    """One [sum(out), in] weight for several Linear layers, each layer's weight made a view of its rows (no second
-    copy of the weights; HF's forward computes exactly what it did)."""
-    weights = [linear.weight.detach() for linear in linears]
-    rows, columns = sum(w.shape[0] for w in weights), weights[0].shape[1]
-    first = weights[0]
-    offsets = [first.storage_offset() + sum(w.shape[0] for w in weights[:i]) * columns for i in range(len(weights))]
-    if all(
-        w.is_contiguous()
-        and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        and w.storage_offset() == offset
-        for w, offset in zip(weights, offsets)
-    ):  # fused before (another NativeModel of this model): the same tensor again
-        return torch.as_strided(first, (rows, columns), (columns, 1), first.storage_offset())
-    fused = torch.cat(weights)
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)
-        start += rows
-    return fused
-
-
 class NativeModel:
     """The native forward pass of a GPT-2 or Llama HF model, sharing its weights."""
 
@@ -200,67 +134,10 @@ class NativeModel:
         eps = cfg.layer_norm_epsilon if family == "gpt2" else cfg.rms_norm_eps
         self.shape = Shape(cfg.num_hidden_layers, cfg.hidden_size, heads, kv_heads, head_dim, eps)
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.positions: torch.Tensor | None = None  # GPT-2's learned position embeddings
-        self.norm_b: torch.Tensor | None = None
-        self.cos: torch.Tensor | None = None  # Llama's RoPE tables [positions, head_dim]
-        self.sin: torch.Tensor | None = None
-        pack = pack_weights and device.type == "cpu" and _can_pack(next(model.parameters()).dtype)
-        self.packed = pack
-        with torch.no_grad():
-            self.layers = self._take_gpt2(model, pack) if family == "gpt2" else self._take_llama(model, pack)
-
-    def _take_gpt2(self, model: PreTrainedModel, pack: bool) -> list[LayerWeights]:
-        body: Any = model.transformer  # (HF's modules, typed loosely)
-        self.embed, self.positions = body.wte.weight.detach(), body.wpe.weight.detach()
-        self.norm_w, self.norm_b = body.ln_f.weight.detach(), body.ln_f.bias.detach()
-
-        def conv1d(module: Any) -> Projection:
-            return Projection(module.weight.detach(), module.bias.detach(), conv1d=True, pack=pack)
-
-        return [
-            LayerWeights(
-                norm1_w=block.ln_1.weight.detach(),
-                norm1_b=block.ln_1.bias.detach(),
-                qkv=conv1d(block.attn.c_attn),
-                o=conv1d(block.attn.c_proj),
-                norm2_w=block.ln_2.weight.detach(),
-                norm2_b=block.ln_2.bias.detach(),
-                up=conv1d(block.mlp.c_fc),
-                down=conv1d(block.mlp.c_proj),
-            )
-            for block in body.h
-        ]
-
-    def _take_llama(self, model: PreTrainedModel, pack: bool) -> list[LayerWeights]:
-        body: Any = model.model
-        cfg = model.config
-        self.embed, self.norm_w = body.embed_tokens.weight.detach(), body.norm.weight.detach()
-        theta, dim = cfg.rope_parameters["rope_theta"], self.shape.head_dim
-        # As LlamaRotaryEmbedding computes them (float32), once for every position instead of every step
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        freqs = torch.arange(cfg.max_position_embeddings, dtype=torch.float)[:, None] * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1).to(self.embed.device)
-        self.cos, self.sin = emb.cos().to(self.embed.dtype), emb.sin().to(self.embed.dtype)
-
-        def linear(weight: torch.Tensor) -> Projection:
-            return Projection(weight, None, conv1d=False, pack=pack)
-
-        layers = []
-        for block in body.layers:
-            attn, mlp = block.self_attn, block.mlp
-            layers.append(
-                LayerWeights(
-                    norm1_w=block.input_layernorm.weight.detach(),
-                    norm1_b=None,
-                    qkv=linear(_fuse_rows(attn.q_proj, attn.k_proj, attn.v_proj)),
-                    o=linear(attn.o_proj.weight.detach()),
-                    norm2_w=block.post_attention_layernorm.weight.detach(),
-                    norm2_b=None,
-                    up=linear(_fuse_rows(mlp.gate_proj, mlp.up_proj)),
-                    down=linear(mlp.down_proj.weight.detach()),
-                )
-            )
-        return layers
+        self.packed = pack_weights and device.type == "cpu" and can_pack(next(model.parameters()).dtype)
+        weights = take_weights(model, family, self.packed)
+        self.embed, self.positions, self.cos, self.sin = weights.embed, weights.positions, weights.cos, weights.sin
+        self.norm_w, self.norm_b, self.layers = weights.norm_w, weights.norm_b, weights.layers
 
     # -- the pieces of a block -----------------------------------------------------------------------------------
 
@@ -442,18 +319,6 @@ class NativeModel:
             attended = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, attn_mask=allowed, enable_gqa=True)
             out[offset : offset + n] = attended[0].transpose(0, 1).reshape(n, s.heads * s.head_dim)
         return out
-
-
-@functools.cache
-def _can_pack(dtype: torch.dtype) -> bool:
-    """Whether oneDNN prepacks `dtype` weights on this CPU (float16 needs AVX512-FP16 or AVX-NE-CONVERT)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), None)
-    except RuntimeError:
-        return False
-    return True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
