@@ -34,6 +34,7 @@ from disagg.model.loading import LoadedModel
 from disagg.model.output_stream import new_output
 from disagg.model.sampling import for_sequence
 from disagg.pb.disagg.v1 import worker_pb2, worker_pb2_grpc
+from disagg.rpc.convert import prompt_logprobs_to_pb
 from disagg.rpc.prompt import resolve_request
 from disagg.telemetry.decode import aggregated_prefill_times, decode_times
 
@@ -55,7 +56,8 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
             input_ids, generated, params = resolved.input_ids, resolved.generated, resolved.params
             if request.max_uncached_tokens:
                 total = len(input_ids)
-                uncached = self.engine.uncached_tokens(input_ids)
+                wants_prompt_logprobs = params.prompt_logprobs is not None and not generated
+                uncached = total if wants_prompt_logprobs else self.engine.uncached_tokens(input_ids)  # (bypassed)
                 if uncached > request.max_uncached_tokens or total - uncached < request.min_cached_share * total:
                     declined = worker_pb2.LocalPrefillDeclined(prompt_tokens=total, uncached_tokens=uncached)
                     if (cache := self.engine.prefix_cache) is not None:  # a handoff here may leave these out
@@ -85,6 +87,8 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
                     reservation=reservation,  # one for all n (the budget counts it once)
                 )
             queued = Prompt(list(events.running.values()))
+            if not generated:  # (a resumed sequence's prompt logprobs were sent by its first prefill)
+                queued.prompt_logprobs = params.prompt_logprobs
             self.engine.submit_prompt(queued)  # may refuse: queue full
             with events:
                 yield worker_pb2.AggregatedServiceGenerateResponse(start=start)
@@ -94,6 +98,8 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServiceServicer):
                     if first and index == 0:  # (set by the engine before it delivered this first token)
                         response.cached_tokens, first = queued.cached_tokens, False
                         response.prefill_phases.CopyFrom(aggregated_prefill_times(queued).to_pb())
+                        if queued.prompt_logprob_values is not None:
+                            response.prompt_logprobs.CopyFrom(prompt_logprobs_to_pb(queued.prompt_logprob_values))
                     if not events.running:  # the call's last message: no handoff, queued from the prefill's end
                         decoded = [s for s in queued.sequences if s.admitted_at] or queued.sequences
                         times = decode_times(decoded, queued_from=aggregated_prefill_times(queued).ended)

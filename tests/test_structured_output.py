@@ -1,13 +1,19 @@
 """Prompt logprobs, grammars and priority across the prefill/decode handoff, through real processes and the real
-`openai` SDK: echo + logprobs equal to HF's own log-softmax with and without a cached prefix, vLLM's prompt_logprobs,
-bad grammars refused naming the problem, and the gateway's admission in priority order."""
+`openai` SDK: json_schema and json_object outputs that validate (greedy and sampled, both routes, distilgpt2 shapes
+and SmolLM2), the first token constrained by the prefill worker, a sequence migrated mid-stream still valid, echo +
+logprobs equal to HF's own log-softmax with and without a cached prefix, vLLM's prompt_logprobs, bad grammars
+refused naming the problem, and the gateway's admission in priority order."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import signal
 import urllib.request
 from collections.abc import Iterator
 
+import jsonschema
 import openai
 import pytest
 import torch
@@ -17,6 +23,7 @@ from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.client import channel, complete
 from disagg.tools.cluster import stop
 from tests.conftest import GPT2_ARGS, RunningCluster, start_cluster
+from tests.test_failover import busy_decode_worker, revive
 from tests.test_openai_api import HttpGateway, start_http_gateway, sync_client
 
 # Every string bounded, every number bounded, every array bounded: a finite language, so even a model with random
@@ -52,8 +59,119 @@ def gpt2_front(structured_cluster) -> Iterator[HttpGateway]:
     stop([gateway.child])
 
 
+@pytest.fixture(scope="module")
+def llama_front(llama_cluster) -> Iterator[HttpGateway]:
+    gateway = start_http_gateway(llama_cluster, "smollm2-135m-instruct")
+    yield gateway
+    stop([gateway.child])
+
+
 def sampling_cases() -> list[dict]:
     return [{"temperature": 0}, *({"temperature": 1.0, "seed": seed} for seed in SEEDS)]
+
+
+FRONTS = {"distilgpt2": "gpt2_front", "smollm2-135m-instruct": "llama_front"}
+
+
+@pytest.mark.parametrize("model", FRONTS)
+def test_json_schema_outputs_validate_greedy_and_sampled_on_both_routes(request, model):
+    """Strict json_schema on chat (SmolLM2) and completions, greedy and three seeds at temperature 1 (n = 2 once:
+    each fork under its own matcher): every output parses and validates and ends at the schema's end (stop)."""
+    client = sync_client(request.getfixturevalue(FRONTS[model]))
+    question = "Describe a person as JSON with name, age, pets and verified."
+    for case in sampling_cases():
+        chats = []
+        if model != "distilgpt2":  # (it has no chat template)
+            chats = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=150,
+                response_format=JSON_SCHEMA_FORMAT,
+                **case,
+            ).choices
+        completion = client.completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=150,
+            n=2 if case.get("seed") == SEEDS[0] else 1,
+            extra_body={"response_format": JSON_SCHEMA_FORMAT},
+            **case,
+        )
+        texts = [c.message.content for c in chats] + [c.text for c in completion.choices]
+        reasons = [c.finish_reason for c in [*chats, *completion.choices]]
+        assert reasons == ["stop"] * len(texts), (case, texts)
+        for text in texts:
+            jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_object_outputs_are_json_objects(llama_front):
+    """json_object on SmolLM2 (real weights: an unbounded grammar that a model with random weights rarely closes),
+    greedy and sampled, both routes."""
+    client = sync_client(llama_front)
+    model = "smollm2-135m-instruct"
+    ask = "Give the capital of France as a JSON object with a single key capital."
+    for case in sampling_cases():
+        chat = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": ask}],
+            max_tokens=200,
+            response_format={"type": "json_object"},
+            **case,
+        )
+        choice = chat.choices[0]
+        assert choice.finish_reason == "stop", (case, choice.message.content)
+        assert isinstance(json.loads(choice.message.content), dict)
+    completion = client.completions.create(
+        model=model,
+        prompt=ask + "\n",
+        max_tokens=200,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    assert isinstance(json.loads(completion.choices[0].text), dict)
+
+
+async def generate_all(address: str, **fields) -> list[gateway_pb2.GenerateResponse]:
+    async with channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        return [r async for r in stub.Generate(gateway_pb2.GenerateRequest(**fields), timeout=120)]
+
+
+async def test_the_prefill_worker_constrains_the_first_token(structured_cluster):
+    """The model's own first token here is not "{"; with a JSON schema it is, and it was picked by a prefill worker
+    (the design card's path: the first token comes from prefill, the rest from a decode worker)."""
+    address = structured_cluster.address
+    free = await generate_all(address, prompt=PROMPT, max_new_tokens=1, temperature=0)
+    assert not free[0].text.startswith("{")
+    schema = gateway_pb2.Grammar(json_schema=json.dumps(PERSON))
+    constrained = await generate_all(address, prompt=PROMPT, max_new_tokens=150, temperature=0, grammar=schema)
+    assert constrained[0].text.startswith("{")
+    metrics = constrained[-1].metrics
+    assert metrics.prefill_worker in [c.address for c in structured_cluster.cluster.prefill]
+    assert metrics.decode_worker in [c.address for c in structured_cluster.cluster.decode]
+    jsonschema.validate(json.loads("".join(r.text for r in constrained)), PERSON)
+
+
+@pytest.mark.parametrize("case", [{"temperature": 0}, {"temperature": 1.0, "seed": 4}])
+async def test_a_sequence_migrated_mid_stream_still_matches_its_grammar(structured_cluster, case):
+    """The decode worker streaming a regex-constrained sequence is killed: the gateway resumes it elsewhere (the
+    new prefill replays the tokens sent, which rebuilds the matcher's state) and the whole output still matches."""
+    pattern = r'\{"digits": "[0-9]{240}"\}'
+    request = gateway_pb2.GenerateRequest(
+        prompt=PROMPT, max_new_tokens=200, grammar=gateway_pb2.Grammar(regex=pattern), **case
+    )
+    texts, killed = [], None
+    async with channel(structured_cluster.address) as ch:
+        async for response in gateway_pb2_grpc.GatewayStub(ch).Generate(request, timeout=300):
+            texts.append(response.text)
+            if len(texts) >= 5 and killed is None:
+                killed = await busy_decode_worker(structured_cluster)
+                killed.process.send_signal(signal.SIGKILL)
+            final = response
+    assert killed is not None
+    await revive(structured_cluster, killed)
+    assert re.fullmatch(pattern, "".join(texts)), "".join(texts)
+    assert final.finish_reason == "eos" and final.metrics.attempts > 1
 
 
 def hf_log_softmax(lm: LoadedModel, tokens: list[int]) -> torch.Tensor:

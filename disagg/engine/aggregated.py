@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import cast
 
 from disagg.config import BatchPolicy
 from disagg.engine.batching import similar_length_batch, take_indices
 from disagg.engine.decode import DecodeEngine, DecodeSequence, DecodeSetup, KvBatch, TokenEvent, _deliver_all
+from disagg.engine.queueing import PriorityQueue
 from disagg.errors import Overloaded
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.model.loading import LoadedModel
-from disagg.model.logprobs import token_logprobs
+from disagg.model.logprobs import TokenLogprobs, prompt_logprobs, token_logprobs
 from disagg.model.native_prefill import Prefiller
 from disagg.model.paged_batch import PagedDecodeBatch
 
@@ -52,10 +52,19 @@ class Prompt:
     prefill_seconds: float = 0.0  # the forward pass it took part in (set by the engine)
     prefill_batch_size: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (set by the engine)
+    # Alternatives per position of the prompt's logprobs (None: not asked): the whole prompt is computed, the prefix
+    # cache bypassed; the engine sets `prompt_logprob_values` before the first token is delivered.
+    prompt_logprobs: int | None = None
+    prompt_logprob_values: list[TokenLogprobs] | None = None
 
     @property
     def input_ids(self) -> list[int]:
         return self.sequences[0].context
+
+    @property
+    def priority(self) -> int:
+        """Lower is prefilled earlier (disagg.engine.queueing)."""
+        return self.sequences[0].priority
 
 
 @dataclass
@@ -80,7 +89,7 @@ class AggregatedEngine(DecodeEngine):
         super().__init__(lm, policy, setup)
         native = self.batch.native if isinstance(self.batch, PagedDecodeBatch) else None  # (the decode step's)
         self.prefiller = Prefiller(lm.model, self.head, native)
-        self.prompts: deque[Prompt] = deque()
+        self.prompts: PriorityQueue[Prompt] = PriorityQueue()
         self.last_prefill: PrefillStats | None = None
         # the prefix cache needs the prompts' KV: off with the KV cache
         enabled = self.kv_cache and prefix_cache is not None and prefix_cache.enabled
@@ -116,7 +125,7 @@ class AggregatedEngine(DecodeEngine):
             with self.lock:
                 for prompt in self.prompts:
                     prompt.sequences = [s for s in prompt.sequences if s.request_id not in cancelled]
-                self.prompts = deque(p for p in self.prompts if p.sequences)
+                self.prompts = PriorityQueue(p for p in self.prompts if p.sequences)
         return cancelled
 
     def _take_prompts(self) -> list[Prompt]:
@@ -138,7 +147,7 @@ class AggregatedEngine(DecodeEngine):
                 [len(p.input_ids) for p in queue], self.policy.token_budget, len(queue), fits
             )
             taken, rest = take_indices(queue, indices)
-            self.prompts = deque(rest)
+            self.prompts = PriorityQueue(rest)  # (in service order: equal priorities keep it)
         return taken
 
     def _prefill(self) -> None:
@@ -149,7 +158,10 @@ class AggregatedEngine(DecodeEngine):
         if not taken:
             return
         cache = self.prefix_cache
-        hits = [cache.acquire(p.input_ids) if cache is not None else PrefixHit() for p in taken]
+        hits = [
+            cache.acquire(p.input_ids) if cache is not None and p.prompt_logprobs is None else PrefixHit()
+            for p in taken
+        ]
         groups = [[(p, h)] for p, h in zip(taken, hits) if h.blocks]  # short suffixes first: soonest first tokens
         if cold := [(p, h) for p, h in zip(taken, hits) if not h.blocks]:
             groups.append(cold)
@@ -181,7 +193,11 @@ class AggregatedEngine(DecodeEngine):
         if hit.blocks:
             outputs = [self.prefiller.after_prefix(prompts[0].input_ids, hit.kv())]
         else:
-            outputs = self.prefiller.batch([p.input_ids for p in prompts], want_kv=self.kv_cache)
+            outputs = self.prefiller.batch(
+                [p.input_ids for p in prompts],
+                want_kv=self.kv_cache,
+                all_positions=[p.prompt_logprobs is not None for p in prompts],
+            )
         seconds = time.perf_counter() - started
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         joining: list[DecodeSequence] = []
@@ -189,9 +205,13 @@ class AggregatedEngine(DecodeEngine):
         for (prompt, prompt_hit), out in zip(group, outputs):
             prompt.prefill_started, prompt.prefill_seconds = started_at, seconds
             prompt.prefill_batch_size, prompt.cached_tokens = len(group), prompt_hit.tokens
+            if prompt.prompt_logprobs is not None:
+                prompt.prompt_logprob_values = prompt_logprobs(
+                    out.position_logits, prompt.input_ids, prompt.prompt_logprobs, self.lm.tokenizer
+                )
             for seq in prompt.sequences:
                 params = seq.output.params
-                token = out.first_token(params, step=len(seq.output.tokens))
+                token = out.first_token(params, len(seq.output.tokens), seq.output.grammar)
                 text = seq.output.append(token)
                 logprobs = (
                     token_logprobs(out.logits, token, params.top_logprobs, self.lm.tokenizer)

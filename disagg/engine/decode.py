@@ -23,6 +23,7 @@ from disagg.config import MODEL_RUNNERS, BatchPolicy
 from disagg.engine.thread import EngineThread
 from disagg.kv.budget import KvBudget, Reservation
 from disagg.model.decode_batch import DecodeBatch, RecomputeBatch
+from disagg.model.grammar import SequenceGrammar, mask_rows
 from disagg.model.kv_layers import KvLayers
 from disagg.model.lm_head import greedy_head
 from disagg.model.loading import LoadedModel
@@ -62,6 +63,11 @@ class DecodeSequence:
     kv_loaded_at: float = 0.0  # its KV cache was copied into the batch
     last_token_at: float = 0.0  # its latest token was sampled
     batch_sizes: list[int] = field(default_factory=list)  # running batch size at each step it took part in
+
+    @property
+    def priority(self) -> int:
+        """Lower joins the batch earlier (disagg.engine.queueing)."""
+        return self.output.params.priority
 
 
 @dataclass
@@ -245,17 +251,20 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         self.budget.set_slab(self.batch.kv_bytes)
         return len(joining)
 
-    def _step(self, params: list[SamplingParams], steps: list[int]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def _step(
+        self, params: list[SamplingParams], steps: list[int], grammars: list[SequenceGrammar | None]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
         """One forward step of the batch; each row's next token and, where asked, its logprobs. With a split head,
-        greedy rows without logprobs get their token from it and only the other rows compute full logits."""
+        greedy rows without logprobs or grammar get their token from it and only the other rows compute full
+        logits. Rows with a grammar sample from logits masked by it; their logprobs are the raw logits'."""
         if self.head is None:
             logits = self.batch.step(self.lm.model)
             full = list(range(len(params)))
             tokens = [0] * len(params)
         else:
             hidden = self.batch.step_hidden(self.lm.model)
-            full = [i for i, p in enumerate(params) if not p.greedy or p.logprobs]  # they need every logit
-            screened = [i for i, p in enumerate(params) if p.greedy and not p.logprobs]
+            screened = [i for i, p in enumerate(params) if p.greedy and not p.logprobs and grammars[i] is None]
+            full = sorted(set(range(len(params))) - set(screened))  # they need every logit
             tokens = [0] * len(params)
             for i, token in zip(screened, self.head.greedy(hidden[screened]) if screened else []):
                 tokens[i] = token
@@ -263,7 +272,12 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         logprobs: list[TokenLogprobs | None] = [None] * len(params)
         if full:
             rows_params, rows_steps = [params[i] for i in full], [steps[i] for i in full]
-            rows_tokens = sample_batch(logits, rows_params, rows_steps)
+            masked = [(row, g) for row, g in enumerate(grammars[i] for i in full) if g is not None]
+            sampled_from = logits
+            if masked:  # only these rows are copied and masked; the others' logits are read as they are
+                sampled_from = logits.clone()
+                mask_rows(sampled_from, [row for row, _ in masked], [g for _, g in masked])
+            rows_tokens = sample_batch(sampled_from, rows_params, rows_steps)
             rows_logprobs = batch_logprobs(logits, rows_tokens, rows_params, self.lm.tokenizer)
             for i, token, token_logprobs in zip(full, rows_tokens, rows_logprobs):
                 tokens[i], logprobs[i] = token, token_logprobs
@@ -285,7 +299,9 @@ class DecodeEngine(EngineThread[DecodeSequence]):
         started = time.perf_counter()
         seqs = [self.running[seq_id] for seq_id in self.batch.seq_ids]
         try:
-            tokens, logprobs = self._step([s.output.params for s in seqs], [len(s.output.tokens) for s in seqs])
+            tokens, logprobs = self._step(
+                [s.output.params for s in seqs], [len(s.output.tokens) for s in seqs], [s.output.grammar for s in seqs]
+            )
         except Exception as exc:
             failed = list(self.running.values())
             for seq in failed:
