@@ -83,7 +83,7 @@ def test_prefix_hit_shares_the_cached_blocks():
     tokens = list(range(100, 111))  # 11 tokens: 2 full blocks + 3
     keys = block_keys(tokens, FINGERPRINT, 4)
     first = written(pool, len(tokens))
-    assert pool.cache_blocks(first, keys, tokens) == 2
+    assert pool.cache_blocks(first, keys, tokens) == keys[:2]
     prompt = [*tokens[:8], 7, 7, 7, 7, 7]  # the same first two blocks, then different
     hit = pool.cached_prefix(block_keys(prompt, FINGERPRINT, 4), prompt)
     assert hit == first.ids[:2]

@@ -27,6 +27,7 @@ from typing import cast
 
 from disagg.config import BatchPolicy
 from disagg.engine.batching import similar_length_batch, take_indices
+from disagg.engine.cached_prefill import CachedPrefill
 from disagg.engine.decode import DecodeEngine, DecodeSequence, DecodeSetup, KvBatch, TokenEvent, _deliver_all
 from disagg.engine.queueing import PriorityQueue
 from disagg.errors import Overloaded
@@ -35,6 +36,7 @@ from disagg.model.loading import LoadedModel
 from disagg.model.logprobs import TokenLogprobs, prompt_logprobs, token_logprobs
 from disagg.model.native_prefill import Prefiller
 from disagg.model.paged_batch import PagedDecodeBatch
+from disagg.model.prefill import PrefillOutput
 
 
 @dataclass
@@ -94,6 +96,7 @@ class AggregatedEngine(DecodeEngine):
         # the prefix cache needs the prompts' KV: off with the KV cache
         enabled = self.kv_cache and prefix_cache is not None and prefix_cache.enabled
         self.prefix_cache = prefix_cache if enabled else None
+        self.cached = CachedPrefill(lm, self.prefiller, self.prefix_cache)
 
     def uncached_tokens(self, input_ids: list[int]) -> int:
         """Of `input_ids`, the tokens a prefill here would compute now (the rest are in the prefix cache)."""
@@ -157,11 +160,7 @@ class AggregatedEngine(DecodeEngine):
         taken = self._take_prompts()
         if not taken:
             return
-        cache = self.prefix_cache
-        hits = [
-            cache.acquire(p.input_ids) if cache is not None and p.prompt_logprobs is None else PrefixHit()
-            for p in taken
-        ]
+        hits = [self.cached.acquire(p.input_ids, bypass=p.prompt_logprobs is not None) for p in taken]
         groups = [[(p, h)] for p, h in zip(taken, hits) if h.blocks]  # short suffixes first: soonest first tokens
         if cold := [(p, h) for p, h in zip(taken, hits) if not h.blocks]:
             groups.append(cold)
@@ -181,23 +180,27 @@ class AggregatedEngine(DecodeEngine):
                     self.notify(functools.partial(_deliver_all, failed))
                     raise
         finally:
-            for hit in hits:
-                if cache is not None:
-                    cache.release(hit)
+            self.cached.release(hits)
 
     def _prefill_group(self, group: list[tuple[Prompt, PrefixHit]]) -> PrefillStats:
         """One forward pass: one prompt after its cached prefix, or prompts with nothing cached, batched."""
         started, started_at = time.perf_counter(), time.monotonic()
         prompts = [p for p, _ in group]
-        hit = group[0][1]
-        if hit.blocks:
-            outputs = [self.prefiller.after_prefix(prompts[0].input_ids, hit.kv())]
-        else:
-            outputs = self.prefiller.batch(
-                [p.input_ids for p in prompts],
-                want_kv=self.kv_cache,
-                all_positions=[p.prompt_logprobs is not None for p in prompts],
-            )
+        outputs, keep = self.cached.run(
+            [p.input_ids for p in prompts],
+            [h for _, h in group],
+            want_kv=self.kv_cache,
+            all_positions=[p.prompt_logprobs is not None for p in prompts],
+        )
+        try:
+            return self._deliver_first_tokens(group, outputs, started, started_at)
+        finally:
+            keep()  # after the first tokens left: off their path
+
+    def _deliver_first_tokens(
+        self, group: list[tuple[Prompt, PrefixHit]], outputs: list[PrefillOutput], started: float, started_at: float
+    ) -> PrefillStats:
+        """Each prompt's sequences' first tokens (and prompt logprobs), delivered; those that go on queued."""
         seconds = time.perf_counter() - started
         events: list[tuple[DecodeSequence, TokenEvent | BaseException]] = []
         joining: list[DecodeSequence] = []
@@ -226,10 +229,6 @@ class AggregatedEngine(DecodeEngine):
         with self.lock:
             self.waiting.extend(joining)
         self.notify(functools.partial(_deliver_all, events))  # first tokens leave before the next pass
-        if self.prefix_cache is not None:  # after the first tokens left: off their path
-            for prompt, out in zip(prompts, outputs):
-                if out.kv is not None:
-                    self.prefix_cache.insert(prompt.input_ids, out.kv)
         tokens = max(len(p.input_ids) - h.tokens for p, h in group) * len(group)  # (computed, padded)
         return PrefillStats(len(group), tokens, seconds)
 

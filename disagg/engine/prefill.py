@@ -10,6 +10,7 @@ import torch
 
 from disagg.config import BatchPolicy
 from disagg.engine.batching import similar_length_batch, take_indices
+from disagg.engine.cached_prefill import CachedPrefill
 from disagg.engine.thread import EngineThread
 from disagg.kv.prefix_cache import PrefixCache, PrefixHit
 from disagg.model.kv_layers import KvLayers
@@ -114,6 +115,7 @@ class PrefillEngine(EngineThread[PrefillJob]):
         self.prefiller = Prefiller(lm.model, self.head, NativeModel(lm.model, "matmul") if native else None)
         # the prefix cache needs the prompts' KV: off with the KV cache
         self.prefix_cache = prefix_cache if kv_cache and prefix_cache is not None and prefix_cache.enabled else None
+        self.cached = CachedPrefill(lm, self.prefiller, self.prefix_cache)
         self._undelivered: list[PrefillJob] = []  # of the batch in run_once
 
     def _take_batch(self) -> list[PrefillJob]:
@@ -132,30 +134,24 @@ class PrefillEngine(EngineThread[PrefillJob]):
         batch = self._take_batch()
         if not batch:
             return
-        cache = self.prefix_cache
-        hits = [
-            cache.acquire(job.input_ids) if cache is not None and job.prompt_logprobs is None else PrefixHit()
-            for job in batch
-        ]
+        hits = [self.cached.acquire(job.input_ids, bypass=job.prompt_logprobs is not None) for job in batch]
         self._undelivered = list(batch)
         try:
             for job, hit in zip(batch, hits):  # hits first: short suffixes, their first tokens come soonest
                 if hit.blocks:
-                    self._forward_after_prefix(job, hit)
+                    self._forward([job], [hit])
             cold = [(job, hit) for job, hit in zip(batch, hits) if not hit.blocks]
             if cold:
-                self._forward_batch([job for job, _ in cold], [hit for _, hit in cold])
+                self._forward([job for job, _ in cold], [hit for _, hit in cold])
         except Exception as exc:
             for job in self._undelivered:
                 job.deliver(exc)
             raise
         finally:
-            for hit in hits:
-                if cache is not None:
-                    cache.release(hit)
+            self.cached.release(hits)
 
-    def _forward_batch(self, batch: list[PrefillJob], hits: list[PrefixHit]) -> None:
-        """Prompts with nothing cached: one left-padded forward pass."""
+    def _forward(self, batch: list[PrefillJob], hits: list[PrefixHit]) -> None:
+        """One forward pass: one prompt after its cached prefix, or prompts with nothing cached."""
         started, started_at = time.perf_counter(), time.monotonic()
         layer_sinks = [job.on_kv_layer for job in batch]
         on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None
@@ -166,28 +162,19 @@ class PrefillEngine(EngineThread[PrefillJob]):
                 if sink is not None:
                     sink(layer, keys, values)
 
-        outputs = self.prefiller.batch(
+        outputs, keep = self.cached.run(
             [job.input_ids for job in batch],
+            hits,
             want_kv=self.kv_cache,
             on_layer=on_layer,
             all_positions=[job.prompt_logprobs is not None for job in batch],
         )
         seconds = time.perf_counter() - started
-        for job, out, hit in zip(batch, outputs, hits):
-            self._finish(job, out, hit, seconds, len(batch), started_at)
-
-    def _forward_after_prefix(self, job: PrefillJob, hit: PrefixHit) -> None:
-        """A prompt whose first `hit.tokens` tokens are cached: only the rest goes through the model."""
-        started, started_at = time.perf_counter(), time.monotonic()
-        sink = job.on_kv_layer
-        on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-        if sink is not None:
-
-            def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-                sink(layer, keys, values)
-
-        out = self.prefiller.after_prefix(job.input_ids, hit.kv(), on_layer=on_layer)
-        self._finish(job, out, hit, time.perf_counter() - started, 1, started_at)
+        try:
+            for job, out, hit in zip(batch, outputs, hits):
+                self._finish(job, out, hit, seconds, len(batch), started_at)
+        finally:
+            keep()  # after delivery: off the first tokens' path (the KV is whole even if a delivery failed)
 
     def _finish(
         self, job: PrefillJob, out: PrefillOutput, hit: PrefixHit, seconds: float, batch_size: int, started_at: float
@@ -214,5 +201,3 @@ class PrefillEngine(EngineThread[PrefillJob]):
                 prompt_logprobs=prompt,
             )
         )
-        if self.prefix_cache is not None and out.kv is not None:  # after delivery: off the first token's path
-            self.prefix_cache.insert(job.input_ids, out.kv)

@@ -22,7 +22,7 @@ Not thread-safe: one engine thread owns a pool.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from disagg.errors import Overloaded
@@ -51,10 +51,11 @@ class _CachedBlock:
 class BlockPool:
     """`num_blocks` blocks of `block_size` tokens; ids 0..num_blocks-1."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, on_evict: Callable[[bytes], object] | None = None):
+        """`on_evict(key)`: called when a cached block is reused for other KV (or cleared)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a pool needs blocks and tokens per block, got {num_blocks} x {block_size}")
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.on_evict = num_blocks, block_size, on_evict
         self.refcount = [0] * num_blocks
         # Free blocks in eviction order (head first): never-used and evicted ones, then cached ones by last use.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -114,6 +115,8 @@ class BlockPool:
         if cached is not None:
             del self._by_key[cached.key]
             self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(cached.key)
 
     def _take(self, block: int) -> None:
         """One more reference to a block that exists (shared, or a cached one taken back from the free list)."""
@@ -190,11 +193,11 @@ class BlockPool:
 
     # -- prefix caching ------------------------------------------------------------------------------------------
 
-    def cache_blocks(self, table: BlockTable, keys: Sequence[bytes], tokens: Sequence[int]) -> int:
+    def cache_blocks(self, table: BlockTable, keys: Sequence[bytes], tokens: Sequence[int]) -> list[bytes]:
         """Mark `table`'s full blocks as holding the prefix `keys` names (keys[i] for block i; `tokens` the
         sequence's token ids, at least len(keys) blocks of them). A key already held by another block stays
-        there (this copy is not cached); returns how many blocks became cached."""
-        size, added = self.block_size, 0
+        there (this copy is not cached); returns the keys that became cached."""
+        size, added = self.block_size, []
         full = min(len(keys), table.num_tokens // size, len(tokens) // size)
         for i in range(full):
             block, key = table.ids[i], keys[i]
@@ -202,7 +205,7 @@ class BlockPool:
                 continue
             self._cached[block] = _CachedBlock(key, tuple(tokens[i * size : (i + 1) * size]))
             self._by_key[key] = block
-            added += 1
+            added.append(key)
         return added
 
     def cached_prefix(self, keys: Sequence[bytes], tokens: Sequence[int]) -> list[int]:
@@ -223,12 +226,23 @@ class BlockPool:
     def is_cached(self, block: int) -> bool:
         return block in self._cached
 
+    def cached_keys(self) -> list[bytes]:
+        return list(self._by_key)
+
+    def has_key(self, key: bytes) -> bool:
+        return key in self._by_key
+
+    @property
+    def num_held_cached(self) -> int:
+        """Cached blocks some sequence (or a pinned hit) holds now."""
+        return sum(1 for block in self._cached if self.refcount[block])
+
     def key_of(self, block: int) -> bytes | None:
         cached = self._cached.get(block)
         return cached.key if cached is not None else None
 
     def clear_cache(self) -> int:
-        """Forget every cached block nobody holds (they stay free); returns how many."""
+        """Forget every cached block nobody holds (they stay free); returns how many (`on_evict` hears each)."""
         idle = [block for block in self._cached if self.refcount[block] == 0]
         for block in idle:
             self._evict(block)

@@ -2,9 +2,10 @@
 from one unpadded pass over every prompt's tokens (no left padding to the longest prompt) with the native model's
 matmuls (oneDNN-prepacked weights).
 
-Each call writes the prompts' KV into a scratch pool of its own (the native attention reads its K/V there, a cached
-prefix included) and copies each prompt's out as KvLayers, as HF's cache is copied out by `prefill`: the handoff,
-the prefix cache and the decode batch take KV in that form.
+The prompts' KV is written into a paged pool: the caller's (`placed`: the prefix cache's, whose tables start with
+the cached blocks, read where they are) or a scratch pool of the call's own (a known prefix copied in first). Each
+prompt's KV is also copied out as KvLayers, as HF's cache is by `prefill`: the handoff and the decode batch take KV
+in that form.
 """
 
 from __future__ import annotations
@@ -34,30 +35,26 @@ def native_prefill(
     want_kv: bool = True,
     on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     all_positions: Sequence[bool] = (),
+    placed: tuple[PagedKvStorage, list[BlockTable]] | None = None,
 ) -> list[PrefillOutput]:
     """`prefill`'s results for `prompts`, prompt i after its known KV `prefixes[i]` (each [1, kv_heads, P,
-    head_dim]; None or missing: nothing known) as `prefill_after_prefix` takes it. `head`: the split head the first
-    tokens come from (an ExactGreedyHead screens greedy ones; a plain LmHead gives the logits on first use).
+    head_dim]; None or missing: nothing known) as `prefill_after_prefix` takes it, or with `placed` (a pool and one
+    table per prompt, holding its known tokens' KV and room for the rest) in that pool, advancing the tables.
+    `head`: the split head the first tokens come from (an ExactGreedyHead screens greedy ones; a plain LmHead gives
+    the logits on first use).
 
     `on_layer(row, layer, keys, values)`, if given, receives each prompt's whole K and V of each layer (its known
     prefix included) while the forward pass continues. The prompts marked in `all_positions` keep every computed
     position's hidden state (PrefillOutput.position_logits), for their prompt logprobs.
     """
     s = native.shape
-    known = [p[0][0].shape[2] if p is not None else 0 for p in [*prefixes, *[None] * (len(prompts) - len(prefixes))]]
+    if placed is not None:
+        storage, tables = placed
+    else:
+        storage, tables = _scratch(native, prompts, prefixes)
+    known = [table.num_tokens for table in tables]
     if any(not 0 <= k < len(ids) for k, ids in zip(known, prompts)):
         raise ValueError("a known prefix must leave at least one token of its prompt to compute")
-    pool = BlockPool(sum(-(-len(ids) // _BLOCK_TOKENS) for ids in prompts), _BLOCK_TOKENS)
-    device, dtype = native.embed.device, native.embed.dtype
-    storage = PagedKvStorage(s.layers, s.kv_heads, s.head_dim, _BLOCK_TOKENS, pool.num_blocks, dtype, device, False)
-    tables: list[BlockTable] = []
-    for ids, prefix, count in zip(prompts, [*prefixes, *[None] * len(prompts)], known):
-        table = pool.new_table()
-        pool.reserve(table, len(ids))
-        if prefix is not None and count:
-            storage.write_sequence(table, prefix, 0)
-            pool.advance(table, count)
-        tables.append(table)
     slots = [storage.slots(table, 0, len(ids)) for table, ids in zip(tables, prompts)]
 
     def report(layer: int) -> None:
@@ -75,13 +72,34 @@ def native_prefill(
     greedy = head.greedy(lasts) if isinstance(head, ExactGreedyHead) else [None] * len(prompts)
     results = []
     for row, table in enumerate(tables):
-        pool.advance(table, computed[row])
+        BlockPool.advance(table, computed[row])
         kv = storage.read_sequence(table) if want_kv else None
         result = PrefillOutput(kv, None, lasts[row], head, greedy[row])
         if every and row < len(all_positions) and all_positions[row]:
             result.positions, result.positions_head = hidden[int(ends[row]) - computed[row] : int(ends[row])], head
         results.append(result)
     return results
+
+
+def _scratch(
+    native: NativeModel, prompts: list[list[int]], prefixes: Sequence[KvLayers | None]
+) -> tuple[PagedKvStorage, list[BlockTable]]:
+    """A pool of the call's own with room for every prompt, each one's known prefix copied in."""
+    s = native.shape
+    pool = BlockPool(sum(-(-len(ids) // _BLOCK_TOKENS) for ids in prompts), _BLOCK_TOKENS)
+    device, dtype = native.embed.device, native.embed.dtype
+    storage = PagedKvStorage(s.layers, s.kv_heads, s.head_dim, _BLOCK_TOKENS, pool.num_blocks, dtype, device, False)
+    tables: list[BlockTable] = []
+    for ids, prefix in zip(prompts, [*prefixes, *[None] * (len(prompts) - len(prefixes))]):
+        table = pool.new_table()
+        pool.reserve(table, len(ids))
+        if prefix is not None and prefix[0][0].shape[2]:
+            if not prefix[0][0].shape[2] < len(ids):
+                raise ValueError("a known prefix must leave at least one token of its prompt to compute")
+            storage.write_sequence(table, prefix, 0)
+            pool.advance(table, prefix[0][0].shape[2])
+        tables.append(table)
+    return storage, tables
 
 
 class Prefiller:
@@ -100,15 +118,23 @@ class Prefiller:
         want_kv: bool = True,
         on_layer: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         all_positions: Sequence[bool] = (),
+        placed: tuple[PagedKvStorage, list[BlockTable]] | None = None,
     ) -> list[PrefillOutput]:
-        """`prefill(model, prompts, ...)`'s results."""
+        """`prefill(model, prompts, ...)`'s results; `placed`: in that pool (`native_prefill`), native only."""
         if self.native is None:
+            assert placed is None, "HF's forward pass keeps its own cache"
             return prefill(
                 self.model, prompts, want_kv=want_kv, on_layer=on_layer, head=self.head, all_positions=all_positions
             )
         assert self._native_head is not None
         return native_prefill(
-            self.native, self._native_head, prompts, want_kv=want_kv, on_layer=on_layer, all_positions=all_positions
+            self.native,
+            self._native_head,
+            prompts,
+            want_kv=want_kv,
+            on_layer=on_layer,
+            all_positions=all_positions,
+            placed=placed,
         )
 
     def after_prefix(
