@@ -66,6 +66,8 @@ _OPENAI += " --prefill-args '--prefix-cache-mb 0' --repeats 2"
 _THRESHOLD = "--output-tokens 64 --num-requests 24 --concurrency 4 --prefix-cache off --local-prefill both"
 _THRESHOLD += " --local-prefill-tokens 1024 --gateway-args '--local-prefill-min-cached 0'"
 _MULTI_TURN = f"{_DUMMY} --baseline none --workload multi-turn --conversations 8 --concurrency 4"
+# The decode step before (8f6335e) and after (e76a2c7) grammars entered it, requests without one, concurrency 32.
+_GRAMMAR_AB = "--concurrency 32 --num-requests 96 --prompt-tokens 128 --output-tokens 64 --baseline none"
 _HELD = f"{_DUMMY} --baseline none --workload multi-turn --turns 3 --conversations 16 --concurrency 4"
 _HELD += " --prompt-tokens 300 --output-tokens 32 --history tokens --local-prefill on --handoff-held-prefix both"
 
@@ -158,9 +160,11 @@ SUITES: dict[str, tuple[Recipe, ...]] = {
             "--name 'aggregated vs disaggregated under SLOs'",
         ),
     ),
-    # The prefix cache: its compute saving in one process, multi-turn TTFT with it on and off, KV-aware routing.
+    # The prefix cache: its compute saving in one process, TTFT with a long cached prefix, multi-turn TTFT with it on
+    # and off, KV-aware routing.
     "prefix_cache": (
         _module("prefix_compute", "prefix_compute"),
+        _module("prefix_ttft", "prefix_ttft"),
         _disagg_bench(
             "prefix_multi_turn",
             f"{_DUMMY} --workload multi-turn --conversations 8 --concurrency 4 --prefix-cache both --baseline none "
@@ -219,6 +223,19 @@ SUITES: dict[str, tuple[Recipe, ...]] = {
             f"{_OPENAI} --concurrency 64 --num-requests 64 --gateway-args '--stream-interval-tokens 8' "
             "--name 'gRPC vs HTTP, concurrency 64, stream interval 8 tokens'",
         ),
+    ),
+    # Structured output, prompt logprobs and priority (issue 24): what each costs, and what it changes for the rest.
+    "structured_output": (
+        _module("prompt_logprobs_cost", "structured_output", "prompt-logprobs"),
+        _module("grammar_step_cost", "structured_output", "step"),
+        Recipe(
+            "grammar_ab_c32",
+            (
+                *("python", "-m", "benchmarks.git_ab", "--refs", "8f6335e,e76a2c7", "--rounds", "3"),
+                *("--out", f"{RESULTS}/grammar_ab_c32", "--", *shlex.split(f"{_DUMMY} {_GRAMMAR_AB}")),
+            ),
+        ),
+        _module("priority", "priority"),
     ),
     # The KV handoff's cost per prompt length, transport and wire format; lossy formats' greedy agreement.
     "handoff": (Recipe("handoff", ("disagg", "bench", "handoff", "--out", f"{RESULTS}/handoff")),),
