@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import signal
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -152,16 +153,32 @@ async def test_the_prefill_worker_constrains_the_first_token(structured_cluster)
     jsonschema.validate(json.loads("".join(r.text for r in constrained)), PERSON)
 
 
+async def all_decode_workers_healthy(gateway: HttpGateway, count: int, timeout: float = 60) -> None:
+    """Until the gateway's readiness lists `count` healthy decode workers (a revived one is seen at its next check)."""
+    url = gateway.base_url.removesuffix("/v1") + "/health"
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            body = json.loads(urllib.request.urlopen(url, timeout=5).read())
+        except urllib.error.HTTPError as unavailable:  # 503 while a kind has no healthy worker
+            body = json.loads(unavailable.read())
+        if len(body["healthy_workers"].get("decode", [])) >= count:
+            return
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.2)
+
+
 @pytest.mark.parametrize("case", [{"temperature": 0}, {"temperature": 1.0, "seed": 4}])
-async def test_a_sequence_migrated_mid_stream_still_matches_its_grammar(structured_cluster, case):
+async def test_a_sequence_migrated_mid_stream_still_matches_its_grammar(structured_cluster, gpt2_front, case):
     """The decode worker streaming a regex-constrained sequence is killed: the gateway resumes it elsewhere (the
     new prefill replays the tokens sent, which rebuilds the matcher's state) and the whole output still matches."""
+    await all_decode_workers_healthy(gpt2_front, 2)  # (a worker killed by the case before is back in its pool)
     pattern = r'\{"digits": "[0-9]{240}"\}'
     request = gateway_pb2.GenerateRequest(
         prompt=PROMPT, max_new_tokens=200, grammar=gateway_pb2.Grammar(regex=pattern), **case
     )
     texts, killed = [], None
-    async with channel(structured_cluster.address) as ch:
+    async with channel(gpt2_front.grpc_address) as ch:
         async for response in gateway_pb2_grpc.GatewayStub(ch).Generate(request, timeout=300):
             texts.append(response.text)
             if len(texts) >= 5 and killed is None:
