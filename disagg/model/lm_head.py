@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from disagg.config import GREEDY_SCREENS
+from disagg.model.native_weights import can_pack
 
 _U = 2.0**-8  # bfloat16 unit roundoff (8 significant bits, round to nearest)
 _F32 = 2.0**-24  # float32 unit roundoff
@@ -40,6 +41,13 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` reordered for oneDNN's matmul, on a CPU that prepacks its dtype; else None."""
+    if weight.device.type != "cpu" or not can_pack(weight.dtype):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
 def splittable(model: PreTrainedModel) -> bool:
@@ -76,7 +84,10 @@ class ExactGreedyHead(LmHead):
     def __init__(self, model: PreTrainedModel):
         super().__init__(model)
         weight = self.weight
-        self.screen = weight.to(torch.bfloat16)  # one copy (vocab x hidden x 2 bytes), made once
+        screen = weight.to(torch.bfloat16)  # one copy (vocab x hidden x 2 bytes), made once
+        # prepacked for oneDNN where the CPU can (the same bf16 products, computed faster), else kept plain
+        self._packed_screen = _packed(screen)
+        self._screen = screen if self._packed_screen is None else None
         # Row norms rounded up (float64, then a relative margin far above float32's rounding).
         self.row_norms = (weight.double().norm(dim=1) * (1 + 1e-5)).float()
         self.max_row_norm = float(self.row_norms.max())
@@ -85,13 +96,21 @@ class ExactGreedyHead(LmHead):
         self.screened_tokens = 0  # tokens scored in float32 since start (how well the screen prunes)
         self.rows = 0
 
+    def screen_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The bfloat16 screen's scores of every token [rows, vocab] (bf16 products, float32 accumulation)."""
+        x = hidden.to(torch.bfloat16)
+        if self._packed_screen is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_screen, None, "none", [], "")
+        assert self._screen is not None
+        return torch.nn.functional.linear(x, self._screen)
+
     @torch.inference_mode()
     def greedy(self, hidden: torch.Tensor) -> list[int]:
         hidden = hidden.float()
         norms = hidden.double().norm(dim=1) * (1 + 1e-5)
         if not torch.isfinite(norms).all():  # NaN/inf in: the plain argmax says what it says
             return super().greedy(hidden)
-        scores = torch.nn.functional.linear(hidden.to(torch.bfloat16), self.screen)  # [rows, vocab] bf16
+        scores = self.screen_scores(hidden)  # [rows, vocab] bf16
         low, high = scores.amin(dim=1).double(), scores.amax(dim=1).double()  # (2 reductions beat one aminmax)
         if not (torch.isfinite(low).all() and torch.isfinite(high).all()):  # overflowed in bfloat16
             return super().greedy(hidden)
