@@ -67,7 +67,8 @@ _THRESHOLD = "--output-tokens 64 --num-requests 24 --concurrency 4 --prefix-cach
 _THRESHOLD += " --local-prefill-tokens 1024 --gateway-args '--local-prefill-min-cached 0'"
 _MULTI_TURN = f"{_DUMMY} --baseline none --workload multi-turn --conversations 8 --concurrency 4"
 # The decode step before (8f6335e) and after (e76a2c7) grammars entered it, requests without one, concurrency 32.
-_GRAMMAR_AB = "--concurrency 32 --num-requests 96 --prompt-tokens 128 --output-tokens 64 --baseline none"
+_AB_SHAPE = "--prompt-tokens 128 --output-tokens 64 --baseline none"
+_GRAMMAR_AB = f"--concurrency 32 --num-requests 96 {_AB_SHAPE}"
 _HELD = f"{_DUMMY} --baseline none --workload multi-turn --turns 3 --conversations 16 --concurrency 4"
 _HELD += " --prompt-tokens 300 --output-tokens 32 --history tokens --local-prefill on --handoff-held-prefix both"
 
@@ -103,8 +104,22 @@ SUITES: dict[str, tuple[Recipe, ...]] = {
         _module("engine_ceiling_c32", "engine_ceiling", "--concurrency 32 --requests 64"),
         _module("engine_ceiling_c64", "engine_ceiling", "--concurrency 64 --requests 64"),
     ),
-    # The native model runner (issue 23): its decode step, prefill and joins against HF's, both models.
-    "engine_step": (_module("engine_step", "engine_step", "--stalls --compile --prefill"),),
+    # The native model runner (issue 23): its decode step, prefill and joins against HF's, both models; the greedy
+    # screen's head prepacked (b5ad5bf) against the commit before it, under disagg bench.
+    "engine_step": (
+        _module("engine_step", "engine_step", "--stalls --compile --prefill"),
+        *(
+            Recipe(
+                f"screen_packed_ab_c{concurrency}",
+                (
+                    *("python", "-m", "benchmarks.git_ab", "--refs", "bf081b5,b5ad5bf", "--rounds", "3"),
+                    *("--out", f"{RESULTS}/screen_packed_ab_c{concurrency}", "--", *shlex.split(_DUMMY)),
+                    *shlex.split(f"--concurrency {concurrency} --num-requests {requests} {_AB_SHAPE}"),
+                ),
+            )
+            for concurrency, requests in ((1, 12), (32, 96))
+        ),
+    ),
     # bfloat16: the cluster against generate() in bf16, and greedy agreement with fp32 on the bundled real model.
     "bf16": (
         _disagg_bench(
