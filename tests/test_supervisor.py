@@ -224,3 +224,10 @@ def test_a_childs_grace_comes_from_its_command_then_its_environment():
     assert child(["decode", "--grace-seconds", "3"], {"DISAGG_GRACE_SECONDS": "7"}).grace_seconds == 3.0
     assert child(["decode", "--grace-seconds=4", "--grace-seconds", "5"], {}).grace_seconds == 5.0  # the last wins
     assert child(["decode"], {"DISAGG_GRACE_SECONDS": "7"}).grace_seconds == 7.0
+
+
+def test_no_two_children_are_told_the_same_port():
+    """A child binds its ports only after loading its model, so the kernel may offer a port again meanwhile (a
+    prefill worker's gRPC port once became a decode worker's /metrics port); each port is handed out once."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

@@ -27,10 +27,19 @@ log = logging.getLogger(__name__)
 STOP_MARGIN_SECONDS = 5.0
 
 
+_handed_out: set[int] = set()  # ports this process has given a child: a child binds its ports only once its model is
+# loaded, so until then the kernel may offer one of them again, and two children would be told the same port
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free now and not yet handed out by this process."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @dataclass
