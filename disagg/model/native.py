@@ -4,7 +4,8 @@ HF's modules run a decode step as a dozen small eager ops per layer and, for gro
 copies every layer's K/V to the query heads' count each step. Here the same math runs as few, larger ops:
 - projections fused where it pays (Llama's q/k/v as one matmul and gate/up as one; GPT-2's `c_attn` is fused
   already) and prepacked for oneDNN's matmul (disagg/model/native_weights.py);
-- RoPE from cos/sin tables computed once, indexed by position (HF recomputes them every step);
+- RoPE from cos/sin tables computed once, indexed by position once per forward pass (HF recomputes them every
+  step), applied to q and k in one go, with `rotate_half(x) * sin` as `roll(x) * sin_signed` (the same floats);
 - attention with native GQA over the pool's layout (disagg/model/paged_kv.py): the query heads of a group are the
   rows of one matmul against their KV head's keys, nothing repeated.
 
@@ -34,6 +35,7 @@ from disagg.model.paged_kv import PagedKvStorage
 
 _FAMILIES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 ATTENTION_KINDS = ("kernel", "matmul", "sdpa")
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin_signed) [tokens, 1, D] of one pass's positions; None: GPT-2
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> [tokens, heads * D]
 # (tokens, positions, block_tables, keys, values) -> hidden: `NativeModel.decode`, eager or compiled
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
@@ -138,6 +140,7 @@ class NativeModel:
         weights = take_weights(model, family, self.packed)
         self.embed, self.positions, self.cos, self.sin = weights.embed, weights.positions, weights.cos, weights.sin
         self.norm_w, self.norm_b, self.layers = weights.norm_w, weights.norm_b, weights.layers
+        self.sin_signed = None if self.sin is None else _signed_sin(self.sin)
 
     # -- the pieces of a block -----------------------------------------------------------------------------------
 
@@ -147,21 +150,24 @@ class NativeModel:
         variance = x.float().pow(2).mean(-1, keepdim=True)  # LlamaRMSNorm, in float32 like HF's
         return weight * (x.float() * torch.rsqrt(variance + self.shape.eps)).to(x.dtype)
 
-    def _qkv(
-        self, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [T, heads, D], k and v [T, kv_heads, D] of tokens `x` [T, hidden] at `positions` [T]."""
+    def _rope(self, positions: torch.Tensor) -> Rope:
+        """The RoPE tables' rows for `positions` [T], shared by every layer of one forward pass."""
+        if self.cos is None or self.sin_signed is None:
+            return None
+        return self.cos[positions][:, None], self.sin_signed[positions][:, None]
+
+    def _qkv(self, layer: LayerWeights, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, heads, D], k and v [T, kv_heads, D] of tokens `x` [T, hidden], RoPE applied (`rope`: their rows)."""
         s = self.shape
         qkv = layer.qkv(x)
-        q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
-        q = q.view(-1, s.heads, s.head_dim)
-        k = k.view(-1, s.kv_heads, s.head_dim)
-        v = v.view(-1, s.kv_heads, s.head_dim)
-        if self.cos is not None and self.sin is not None:
-            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-        return q, k, v
+        q_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        v = qkv[:, q_width + kv_width :].view(-1, s.kv_heads, s.head_dim)
+        if rope is None:
+            return qkv[:, :q_width].view(-1, s.heads, s.head_dim), qkv[:, q_width : q_width + kv_width].view_as(v), v
+        cos, sin_signed = rope  # q's heads and k's turned together
+        qk = qkv[:, : q_width + kv_width].view(-1, s.heads + s.kv_heads, s.head_dim)
+        qk = qk * cos + qk.roll(s.head_dim // 2, dims=-1) * sin_signed  # HF: q * cos + rotate_half(q) * sin
+        return qk[:, : s.heads], qk[:, s.heads :], v
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         if self.family == "gpt2":
@@ -175,11 +181,9 @@ class NativeModel:
             hidden = hidden + F.embedding(positions, self.positions)
         return hidden
 
-    def _block(
-        self, layer: LayerWeights, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend
-    ) -> torch.Tensor:
+    def _block(self, layer: LayerWeights, hidden: torch.Tensor, rope: Rope, attend: Attend) -> torch.Tensor:
         """One pre-norm block: attention (`attend(q, k, v)` -> [T, heads * D]) and MLP, each with its residual."""
-        q, k, v = self._qkv(layer, self._norm(hidden, layer.norm1_w, layer.norm1_b), positions)
+        q, k, v = self._qkv(layer, self._norm(hidden, layer.norm1_w, layer.norm1_b), rope)
         hidden = hidden + layer.o(attend(q, k, v))
         return hidden + self._mlp(layer, self._norm(hidden, layer.norm2_w, layer.norm2_b))
 
@@ -208,10 +212,10 @@ class NativeModel:
             hidden_span = span[None, :] > positions[:, None]  # [rows, span]: the slots each row must not see
             mask = torch.zeros(hidden_span.shape, dtype=keys[0].dtype, device=tokens.device)
             step = _DecodeStep(slots, block_tables, positions, mask.masked_fill(hidden_span, -torch.inf))
-        hidden = self._embed(tokens, positions)
+        hidden, rope = self._embed(tokens, positions), self._rope(positions)
         for key_cache, value_cache, layer in zip(keys, values, self.layers):
             attend = functools.partial(self._paged_attention, step, key_cache, value_cache)
-            hidden = self._block(layer, hidden, positions, attend)
+            hidden = self._block(layer, hidden, rope, attend)
         return self._norm(hidden, self.norm_w, self.norm_b)
 
     def _paged_attention(
@@ -282,10 +286,10 @@ class NativeModel:
         )
         lengths = [len(seq) - start for seq, start in zip(sequences, starts)]
         plan = _PrefillPlan.of(storage, tables, starts, lengths, slots)
-        hidden = self._embed(tokens, positions)
+        hidden, rope = self._embed(tokens, positions), self._rope(positions)
         for i, layer in enumerate(self.layers):
             attend = functools.partial(self._prefill_attention, storage, i, plan)
-            hidden = self._block(layer, hidden, positions, attend)
+            hidden = self._block(layer, hidden, rope, attend)
             if after_layer is not None:
                 after_layer(i)
         if not every_position:
@@ -321,6 +325,8 @@ class NativeModel:
         return out
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """`sin` [positions, D] with its first half negated: HF's `rotate_half(x) * sin` (x's halves swapped, the
+    first negated) is then `x.roll(D // 2) * sin_signed`, float for float, since (-a) * b == a * (-b) exactly."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
