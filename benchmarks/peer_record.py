@@ -115,8 +115,44 @@ def render_markdown(record: dict[str, Any]) -> str:
         "## Greedy agreement with float32",
         "",
         agreement_line(record["agreement"]),
+        "",
+        *floor_lines(record.get("floor") or {"measured": False}, record["runs"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def floor_lines(floor: dict[str, Any], runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The host's ceilings (benchmarks/matmul_floor.py) beside what each server reached: its output tok/s as a share
+    of the ceiling with the full head, and at concurrency 1 its TPOT beside the floor's."""
+    lines = ["## The host's ceilings (benchmarks/matmul_floor.py)", ""]
+    if not floor.get("measured"):
+        return [*lines, "Not measured in this run."]
+    servers = list(dict.fromkeys(r["server"] for r in runs))
+    reached = {(r["server"], r["concurrency"]): r["metrics"] for r in runs}
+    lines += [
+        f"Measured after the servers stopped, {floor['threads']} threads, {floor['dtype']}: a prompt token's "
+        f"projections {floor['prefill_token_ms']:.3f} ms, memory read at {floor['read_gb_per_s']:.1f} GB/s. A "
+        "decode step's floor is its projections' matmuls plus reading its rows' K/V; the ceilings leave out "
+        "everything else (attention's arithmetic, norms, sampling, scheduling, the network).",
+        "",
+        "| concurrency | step floor (ms): matmuls + KV read + full head | ceiling, full head (tok/s) | ceiling, body "
+        "only (tok/s) | " + " | ".join(f"{name}: share of the full-head ceiling" for name in servers) + " |",
+        "|---|---|---|---|" + "---|" * len(servers),
+    ]
+    for row in floor["concurrencies"]:
+        shares = []
+        for name in servers:
+            metrics = reached.get((name, row["concurrency"]), {})
+            got = metrics.get("output_throughput")
+            share = f"{got / row['ceiling_full_head']:.0%}" if got else "n/a"
+            if row["concurrency"] == 1 and metrics.get("p50_tpot_ms"):
+                share += f" (TPOT p50 {metrics['p50_tpot_ms']:.1f} vs floor {row['tpot_floor_ms']:.1f} ms)"
+            shares.append(share)
+        lines.append(
+            f"| {row['concurrency']} | {row['step_ms']:.1f} + {row['kv_read_ms']:.1f} + {row['head_step_ms']:.1f} | "
+            f"{row['ceiling_full_head']:.0f} | {row['ceiling_body_only']:.0f} | " + " | ".join(shares) + " |"
+        )
+    return lines
 
 
 def agreement_line(agreement: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.matmul_floor import measure_floor
 from benchmarks.peer_record import DISAGG, ratios, summarize, write_record
 from benchmarks.peer_servers import Server, running
 from disagg.tools.cluster import free_port
@@ -36,6 +37,7 @@ from disagg.tools.cluster import free_port
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_VLLM_VENV = REPO / ".venv-vllm"
+DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "disagg" / "peer"
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 DUMMY_SEED = 0  # disagg's `--load-format dummy` seeds torch with 0 (load_model's default)
 
@@ -217,8 +219,11 @@ def load_run(server: str, concurrency: int, num_prompts: int, command: str, resu
     )
 
 
-def assemble_record(header: dict[str, Any], servers: Sequence[Server], agreement: dict[str, Any]) -> dict[str, Any]:
-    """`header` (command, date, machine, versions, model, workload) plus every server, run and ratio."""
+def assemble_record(
+    header: dict[str, Any], servers: Sequence[Server], agreement: dict[str, Any], floor: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`header` (command, date, machine, versions, model, workload) plus every server, run and ratio, and the
+    matmul floor of the workload (benchmarks/matmul_floor.py) measured after them."""
     runs = [run for server in servers for run in server.runs]
     return dict(
         header,
@@ -228,6 +233,7 @@ def assemble_record(header: dict[str, Any], servers: Sequence[Server], agreement
         runs=runs,
         ratios=ratios(runs),
         agreement=agreement,
+        floor=floor or {"measured": False},
     )
 
 
@@ -308,7 +314,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--raw-dir", type=pathlib.Path, default=REPO / "bench_out" / "peer_vllm", help="raw results, logs"
     )
-    parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path.home() / ".cache" / "disagg" / "peer")
+    parser.add_argument("--cache", type=pathlib.Path, default=DEFAULT_CACHE)
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
     parser.add_argument("--agreement", default=True, action=argparse.BooleanOptionalAction, help="bf16 vs fp32 greedy")
     parser.add_argument("--note", default="", help="a line for the record, e.g. that the machine was shared")
@@ -343,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for server in servers:  # one at a time: each has the whole machine
         measure(server, args.vllm_venv, model, workload, raw_dir, args.start_timeout)
     agreement = greedy_agreement(args.model, args.dtype, args.agreement)  # both servers are down by now
+    floor = measure_floor(
+        str(model.folder), workload.input_len, workload.output_len, workload.concurrencies, args.dtype
+    )
     header = dict(
         command="python -m benchmarks.peer_vllm " + shlex.join(argv),
         date=date,
@@ -357,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         workload=dict(input_len=workload.input_len, output_len=workload.output_len, seed=workload.seed),
         wall_seconds=time.perf_counter() - started,
     )
-    record = assemble_record(header, servers, agreement)
+    record = assemble_record(header, servers, agreement, floor)
     write_record(record, prefix)
 
 
