@@ -135,11 +135,16 @@ def vllm_servers(venv: pathlib.Path, model: PeerModel, dtype: str, settings: Seq
     return servers
 
 
-def disagg_server(model: PeerModel, dtype: str) -> Server:
-    """`disagg up` with its default flags: only the model, its dtype and the ports."""
+def disagg_server(model: PeerModel, dtype: str, openmp: str = "intel") -> Server:
+    """`disagg up` with its default flags: only the model, its dtype and the ports. `openmp`: "intel", the
+    workers' default runtime (disagg/tools/launch.py), or "gnu" (DISAGG_OPENMP=gnu), a server of its own name."""
     port = free_port()
     argv = [str(pathlib.Path(sys.executable).parent / "disagg"), "up", *model.disagg_flags, "--dtype", dtype]
     argv += ["--port", str(free_port()), "--http-port", str(port)]
+    if openmp not in ("intel", "gnu"):
+        raise SystemExit(f"--disagg-openmp takes intel and gnu, got {openmp!r}")
+    if openmp == "gnu":
+        return Server(f"{DISAGG}_gnu_openmp", argv, {"HF_HUB_OFFLINE": "1", "DISAGG_OPENMP": "gnu"}, port)
     return Server(DISAGG, argv, {"HF_HUB_OFFLINE": "1"}, port)
 
 
@@ -316,6 +321,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--cache", type=pathlib.Path, default=DEFAULT_CACHE)
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
+    parser.add_argument(
+        "--disagg-openmp", default="intel", help="intel (the workers' default), gnu, or both: intel,gnu (an A/B)"
+    )
     parser.add_argument("--agreement", default=True, action=argparse.BooleanOptionalAction, help="bf16 vs fp32 greedy")
     parser.add_argument("--note", default="", help="a line for the record, e.g. that the machine was shared")
     args = parser.parse_args(argv)
@@ -344,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     servers = [
         *vllm_servers(args.vllm_venv, model, args.dtype, args.vllm_settings.split(",")),
-        disagg_server(model, args.dtype),
+        *(disagg_server(model, args.dtype, openmp) for openmp in args.disagg_openmp.split(",")),
     ]
     for server in servers:  # one at a time: each has the whole machine
         measure(server, args.vllm_venv, model, workload, raw_dir, args.start_timeout)

@@ -12,22 +12,34 @@ import sys
 import pytest
 
 from disagg.tools.cluster import free_port, role_threads, with_threads
-from disagg.tools.launch import apply_process_env, process_env_defaults
+from disagg.tools.launch import apply_process_env, openmp_preload, process_env_defaults
 
 
 def test_workers_default_to_a_short_openmp_spin_and_keep_the_users_choice():
-    assert process_env_defaults(["decode", "--port", "1"]) == {"GOMP_SPINCOUNT": "10000"}
-    assert process_env_defaults(["--verbose", "prefill"]) == {"GOMP_SPINCOUNT": "10000"}
+    short_spin = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
+    assert process_env_defaults(["decode", "--port", "1"]) == short_spin
+    assert process_env_defaults(["--verbose", "prefill"]) == short_spin
     assert process_env_defaults(["gateway"]) == {} and process_env_defaults(["bench"]) == {}
     env: dict[str, str] = {}
     apply_process_env(["decode"], env)
-    assert env == {"GOMP_SPINCOUNT": "10000"}
+    assert env == short_spin
     env = {"GOMP_SPINCOUNT": "300000"}
     apply_process_env(["decode"], env)
-    assert env == {"GOMP_SPINCOUNT": "300000"}
-    env = {"GOMP_SPINCOUNT": ""}  # "" = OpenMP's own default: the variable is removed
+    assert env == {"GOMP_SPINCOUNT": "300000", "KMP_BLOCKTIME": "1"}
+    env = {"GOMP_SPINCOUNT": "", "KMP_BLOCKTIME": ""}  # "" = OpenMP's own default: the variable is removed
     apply_process_env(["prefill"], env)
     assert env == {}
+
+
+def test_workers_preload_intel_openmp_once_unless_told_not_to(tmp_path: pathlib.Path):
+    library = tmp_path / "libiomp5.so"
+    assert openmp_preload(["decode"], {}, library) is None  # not installed: nothing changes
+    library.write_bytes(b"")
+    assert openmp_preload(["decode", "--port", "1"], {}, library) == str(library)
+    assert openmp_preload(["prefill"], {"LD_PRELOAD": "/x/libtcmalloc.so"}, library) == f"{library}:/x/libtcmalloc.so"
+    assert openmp_preload(["prefill"], {"LD_PRELOAD": f"/x/a.so {library}"}, library) is None  # already: no loop
+    assert openmp_preload(["decode"], {"DISAGG_OPENMP": "gnu"}, library) is None
+    assert openmp_preload(["gateway"], {}, library) is None and openmp_preload(["bench"], {}, library) is None
 
 
 def test_the_entry_point_sets_the_environment_before_torch_is_imported():

@@ -6,6 +6,7 @@ the default 8000, which a test beside this one may hold; the default itself is c
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import sys
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.cli import build_parser
 from disagg.tools.client import channel, complete, scrape_metrics
 from disagg.tools.cluster import free_port
+from disagg.tools.launch import INTEL_OPENMP
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.processes import RunningUp, children_of, command_of, start_up
 
@@ -75,6 +77,18 @@ def test_no_process_runs_conditional_disaggregation(up_cluster):
     gateway, decode = commands["gateway"], commands["decode"]
     assert gateway[gateway.index("--local-prefill-tokens") + 1] == "0"
     assert "--no-local-prefill" in decode and "--local-prefill" not in decode
+
+
+def _maps(pid: int) -> str:
+    return pathlib.Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not INTEL_OPENMP.exists(), reason="intel-openmp is not installed (x86_64 Linux only)")
+def test_workers_run_on_intel_openmp_and_the_gateway_does_not_load_it(up_cluster):
+    up_cluster.up.wait_for_line("cluster ready", 0)
+    pids = {command_of(pid)[3]: pid for pid in children_of(up_cluster.up.process.pid)}
+    assert str(INTEL_OPENMP) in _maps(pids["prefill"]) and str(INTEL_OPENMP) in _maps(pids["decode"])
+    assert "libiomp5" not in _maps(pids["gateway"])
 
 
 def _trace(spans: list[ReceivedSpan], request_id: str) -> list[ReceivedSpan]:

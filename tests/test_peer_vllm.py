@@ -159,6 +159,16 @@ def test_disagg_up_gets_only_model_dtype_and_ports():
     server = peer.disagg_server(peer.PeerModel("distilgpt2", MODEL.folder, ("--model", "distilgpt2")), "bfloat16")
     assert server.argv[1:7] == ["up", "--model", "distilgpt2", "--dtype", "bfloat16", "--port"]
     assert server.argv[8:] == ["--http-port", str(server.port)]
+    assert server.name == peer_record.DISAGG and "DISAGG_OPENMP" not in server.env
+
+
+def test_the_gnu_openmp_variant_is_a_server_of_its_own_with_the_same_flags():
+    model = peer.PeerModel("distilgpt2", MODEL.folder, ("--model", "distilgpt2"))
+    gnu = peer.disagg_server(model, "float32", "gnu")
+    assert gnu.name == "disagg_gnu_openmp" and gnu.env["DISAGG_OPENMP"] == "gnu"
+    assert gnu.argv[1:6] == ["up", "--model", "distilgpt2", "--dtype", "float32"]
+    with pytest.raises(SystemExit, match="intel and gnu"):
+        peer.disagg_server(model, "float32", "llvm")
 
 
 def test_quick_mode_is_one_small_round_against_tuned_vllm():

@@ -9,16 +9,27 @@ GOMP_SPINCOUNT=10000: a spin short enough to be free when the other process need
 the next operation of the same step (a step as fast as with spinning). The A/B is recorded in
 benchmarks/results/threads_* (indexed in benchmarks/results/README.md). A value the user set is kept; one set to
 the empty string is removed (OpenMP's own default).
+
+A worker steps its model on an engine thread, not the main thread that loaded it, so its process holds two OpenMP
+thread pools; GNU OpenMP then counts more threads than cores and spins only ~100 iterations (whatever
+GOMP_SPINCOUNT says) before sleeping, a futex wake-up per parallel region: a SmolLM2 decode step at batch 1 took
+~28% longer on the engine thread than on the main thread. Intel's OpenMP runtime (the `intel-openmp` package, what
+vLLM's CPU docs preload too) has no such penalty, so a worker re-executes itself once with it in LD_PRELOAD (same
+pid, same arguments) and KMP_BLOCKTIME=1 (ms of spinning after a region: short, for the same reason as above).
+DISAGG_OPENMP=gnu keeps GNU OpenMP; where the library is not installed nothing changes. The A/B is recorded in
+benchmarks/results/openmp_runtime_*.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 WORKER_COMMANDS = frozenset({"prefill", "decode"})
-WORKER_ENV_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
+WORKER_ENV_DEFAULTS = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
+INTEL_OPENMP = pathlib.Path(sys.prefix) / "lib" / "libiomp5.so"  # where the intel-openmp wheel puts it
 
 
 def process_env_defaults(argv: list[str]) -> dict[str, str]:
@@ -36,8 +47,24 @@ def apply_process_env(argv: list[str], environ: MutableMapping[str, str] = os.en
             environ.setdefault(name, value)
 
 
+def openmp_preload(argv: list[str], environ: Mapping[str, str], library: pathlib.Path = INTEL_OPENMP) -> str | None:
+    """The LD_PRELOAD a worker must be re-executed with to run on Intel's OpenMP; None when it need not be (not a
+    worker, DISAGG_OPENMP=gnu, no library, or it is preloaded already)."""
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    preload = [entry for entry in environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if entry]
+    if command not in WORKER_COMMANDS or environ.get("DISAGG_OPENMP", "intel") != "intel":
+        return None
+    if not library.exists() or str(library) in preload:
+        return None
+    return ":".join([str(library), *preload])
+
+
 def main() -> None:
     apply_process_env(sys.argv[1:])
+    preload = openmp_preload(sys.argv[1:], os.environ)
+    if preload is not None:  # once: the new image finds the library in LD_PRELOAD
+        os.environ["LD_PRELOAD"] = preload
+        os.execv(sys.executable, sys.orig_argv)
     from disagg.tools.cli import main as cli_main  # imports torch: only now
 
     cli_main()
