@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from disagg.model.loading import attention_heads
 from disagg.model.native_weights import can_pack
 
 Shape = tuple[int, int]  # (out, in) of one projection's weight
@@ -41,8 +42,7 @@ def projection_shapes(config: PretrainedConfig) -> list[Shape]:
         inner = config.n_inner or 4 * hidden
         return [(3 * hidden, hidden), (hidden, hidden), (inner, hidden), (hidden, inner)]
     if config.model_type == "llama":
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        heads, kv_heads, head_dim = attention_heads(config)
         inter = config.intermediate_size
         return [
             ((heads + 2 * kv_heads) * head_dim, hidden),
@@ -78,9 +78,7 @@ def read_bytes_per_second(gib: float = 1.0) -> float:
 
 def kv_bytes_per_step(config: PretrainedConfig, rows: int, context: int, dtype: torch.dtype) -> int:
     """The K and V every decode step must read: `rows` sequences of `context` cached tokens, every layer."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    _, kv_heads, head_dim = attention_heads(config)
     return rows * context * config.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize
 
 

@@ -62,10 +62,17 @@ class LoadedModel:
     def kv_shape(self) -> tuple[int, int, int]:
         """(num_layers, kv_heads, head_dim) of the model's standard KV cache."""
         cfg = self.config.get_text_config(decoder=True)
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        _, kv_heads, head_dim = attention_heads(cfg)
         return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def attention_heads(cfg: PreTrainedConfig) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of a decoder's config: as many KV heads as query heads unless it groups
+    them, and hidden_size / heads per head unless it says otherwise."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return heads, kv_heads, head_dim
 
 
 def gpt2_tokenizer() -> PreTrainedTokenizerFast:

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from disagg.model import paged_attention
 from disagg.model.block_pool import BlockTable
+from disagg.model.loading import attention_heads
 from disagg.model.native_weights import LayerWeights, can_pack, take_weights
 from disagg.model.paged_kv import PagedKvStorage
 
@@ -130,9 +131,7 @@ class NativeModel:
             attention = "matmul"
         self.family, self.attention = family, attention
         cfg = model.config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        heads, kv_heads, head_dim = attention_heads(cfg)
         eps = cfg.layer_norm_epsilon if family == "gpt2" else cfg.rms_norm_eps
         self.shape = Shape(cfg.num_hidden_layers, cfg.hidden_size, heads, kv_heads, head_dim, eps)
         self.scale = 1.0 / math.sqrt(head_dim)

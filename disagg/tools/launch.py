@@ -32,10 +32,14 @@ WORKER_ENV_DEFAULTS = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
 INTEL_OPENMP = pathlib.Path(sys.prefix) / "lib" / "libiomp5.so"  # where the intel-openmp wheel puts it
 
 
+def _is_worker(argv: list[str]) -> bool:
+    """Whether `disagg ARGV...` runs a prefill or decode worker (its first argument that is not a flag)."""
+    return next((arg for arg in argv if not arg.startswith("-")), "") in WORKER_COMMANDS
+
+
 def process_env_defaults(argv: list[str]) -> dict[str, str]:
     """The environment defaults for the process `disagg ARGV...` is about to become (workers only)."""
-    command = next((arg for arg in argv if not arg.startswith("-")), "")
-    return dict(WORKER_ENV_DEFAULTS) if command in WORKER_COMMANDS else {}
+    return dict(WORKER_ENV_DEFAULTS) if _is_worker(argv) else {}
 
 
 def apply_process_env(argv: list[str], environ: MutableMapping[str, str] = os.environ) -> None:
@@ -50,9 +54,8 @@ def apply_process_env(argv: list[str], environ: MutableMapping[str, str] = os.en
 def openmp_preload(argv: list[str], environ: Mapping[str, str], library: pathlib.Path = INTEL_OPENMP) -> str | None:
     """The LD_PRELOAD a worker must be re-executed with to run on Intel's OpenMP; None when it need not be (not a
     worker, DISAGG_OPENMP=gnu, no library, or it is preloaded already)."""
-    command = next((arg for arg in argv if not arg.startswith("-")), "")
     preload = [entry for entry in environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if entry]
-    if command not in WORKER_COMMANDS or environ.get("DISAGG_OPENMP", "intel") != "intel":
+    if not _is_worker(argv) or environ.get("DISAGG_OPENMP", "intel") != "intel":
         return None
     if not library.exists() or str(library) in preload:
         return None
