@@ -12,11 +12,15 @@ import sys
 import pytest
 
 from disagg.tools.cluster import free_port, role_threads, with_threads
-from disagg.tools.launch import apply_process_env, openmp_preload, process_env_defaults
+from disagg.tools.launch import WORKER_ENV_DEFAULTS, apply_process_env, openmp_preload, process_env_defaults
+
+PRIMITIVE_CACHES = {
+    name: WORKER_ENV_DEFAULTS[name] for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+}
 
 
 def test_workers_default_to_a_short_openmp_spin_and_keep_the_users_choice():
-    short_spin = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
+    short_spin = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1", **PRIMITIVE_CACHES}
     assert process_env_defaults(["decode", "--port", "1"]) == short_spin
     assert process_env_defaults(["--verbose", "prefill"]) == short_spin
     assert process_env_defaults(["gateway"]) == {} and process_env_defaults(["bench"]) == {}
@@ -25,10 +29,38 @@ def test_workers_default_to_a_short_openmp_spin_and_keep_the_users_choice():
     assert env == short_spin
     env = {"GOMP_SPINCOUNT": "300000"}
     apply_process_env(["decode"], env)
-    assert env == {"GOMP_SPINCOUNT": "300000", "KMP_BLOCKTIME": "1"}
-    env = {"GOMP_SPINCOUNT": "", "KMP_BLOCKTIME": ""}  # "" = OpenMP's own default: the variable is removed
+    assert env == {"GOMP_SPINCOUNT": "300000", "KMP_BLOCKTIME": "1", **PRIMITIVE_CACHES}
+    env = {name: "" for name in short_spin}  # "" = the library's own default: the variable is removed
     apply_process_env(["prefill"], env)
     assert env == {}
+
+
+NEW_MATMUL_SHAPES = """
+import torch
+from disagg.engine.memory import release_free_memory, rss_bytes
+packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(256, 128), None)  # how the native runner's linears run
+def growth(rows):
+    release_free_memory()
+    before = rss_bytes()
+    for m in rows:  # a matmul shape seen for the first time each
+        torch.ops.mkldnn._linear_pointwise(torch.randn(m, 128), packed, None, "none", [], "")
+    release_free_memory()
+    return (rss_bytes() - before) >> 20
+growth(range(1, 600))
+print(growth(range(600, 1200)))  # after the first 600 shapes: does memory still grow with new shapes?
+"""
+
+
+def test_a_workers_matmul_primitive_caches_are_bounded():
+    def growth_mib(env: dict[str, str]) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", NEW_MATMUL_SHAPES], env={**os.environ, **env}, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    assert growth_mib(PRIMITIVE_CACHES) < 16  # full at 64 shapes: new ones replace old ones
+    assert growth_mib({name: "1024" for name in PRIMITIVE_CACHES}) > 100  # the libraries' default keeps growing
 
 
 def test_workers_preload_intel_openmp_once_unless_told_not_to(tmp_path: pathlib.Path):

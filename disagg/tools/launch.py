@@ -28,7 +28,17 @@ import sys
 from collections.abc import Mapping, MutableMapping
 
 WORKER_COMMANDS = frozenset({"prefill", "decode"})
-WORKER_ENV_DEFAULTS = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
+# The native runner's linears run through oneDNN (disagg/model/native_weights.py), which keeps a compiled primitive
+# per matmul shape (~0.6 MiB each), and PyTorch's ideep an LRU of them too; both hold 1024 by default. Batch sizes
+# and prompt lengths vary, so a worker met new shapes until both were full: its resident size crept up by tens of
+# MiB per few hundred requests, toward ~600 MiB. 64 (LRU) holds a few batch sizes' shapes; a new shape costs ~1 ms.
+PRIMITIVE_CACHE = "64"
+WORKER_ENV_DEFAULTS = {
+    "GOMP_SPINCOUNT": "10000",
+    "KMP_BLOCKTIME": "1",
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": PRIMITIVE_CACHE,
+    "LRU_CACHE_CAPACITY": PRIMITIVE_CACHE,
+}
 INTEL_OPENMP = pathlib.Path(sys.prefix) / "lib" / "libiomp5.so"  # where the intel-openmp wheel puts it
 
 
