@@ -135,17 +135,24 @@ def vllm_servers(venv: pathlib.Path, model: PeerModel, dtype: str, settings: Seq
     return servers
 
 
-def disagg_server(model: PeerModel, dtype: str, openmp: str = "intel") -> Server:
+def disagg_server(model: PeerModel, dtype: str, openmp: str = "intel", env: str = "") -> Server:
     """`disagg up` with its default flags: only the model, its dtype and the ports. `openmp`: "intel", the
-    workers' default runtime (disagg/tools/launch.py), or "gnu" (DISAGG_OPENMP=gnu), a server of its own name."""
+    workers' default runtime (disagg/tools/launch.py), or "gnu" (DISAGG_OPENMP=gnu), a server of its own name.
+    `env`: "NAME=VALUE ..." for an A/B of the environment, a server named after it (disagg_name_value)."""
     port = free_port()
     argv = [str(pathlib.Path(sys.executable).parent / "disagg"), "up", *model.disagg_flags, "--dtype", dtype]
     argv += ["--port", str(free_port()), "--http-port", str(port)]
     if openmp not in ("intel", "gnu"):
         raise SystemExit(f"--disagg-openmp takes intel and gnu, got {openmp!r}")
+    settings = dict(item.split("=", 1) for item in env.split()) if env else {}
+    if any(not name.isidentifier() for name in settings):
+        raise SystemExit(f"--disagg-env takes NAME=VALUE settings, got {env!r}")
     if openmp == "gnu":
-        return Server(f"{DISAGG}_gnu_openmp", argv, {"HF_HUB_OFFLINE": "1", "DISAGG_OPENMP": "gnu"}, port)
-    return Server(DISAGG, argv, {"HF_HUB_OFFLINE": "1"}, port)
+        settings["DISAGG_OPENMP"] = "gnu"
+    name = "_".join([DISAGG, *(f"{k}_{v}".lower() for k, v in settings.items())]) if env else DISAGG
+    if openmp == "gnu" and not env:
+        name = f"{DISAGG}_gnu_openmp"
+    return Server(name, argv, {"HF_HUB_OFFLINE": "1", **settings}, port)
 
 
 def bench_command(
@@ -324,6 +331,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--disagg-openmp", default="intel", help="intel (the workers' default), gnu, or both: intel,gnu (an A/B)"
     )
+    parser.add_argument(
+        "--disagg-env",
+        action="append",
+        default=[],
+        help="another disagg server with these settings, e.g. 'KMP_BLOCKTIME=0' (repeatable; an A/B)",
+    )
     parser.add_argument("--agreement", default=True, action=argparse.BooleanOptionalAction, help="bf16 vs fp32 greedy")
     parser.add_argument("--note", default="", help="a line for the record, e.g. that the machine was shared")
     args = parser.parse_args(argv)
@@ -353,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     servers = [
         *vllm_servers(args.vllm_venv, model, args.dtype, args.vllm_settings.split(",")),
         *(disagg_server(model, args.dtype, openmp) for openmp in args.disagg_openmp.split(",")),
+        *(disagg_server(model, args.dtype, env=env) for env in args.disagg_env),
     ]
     for server in servers:  # one at a time: each has the whole machine
         measure(server, args.vllm_venv, model, workload, raw_dir, args.start_timeout)

@@ -169,6 +169,11 @@ def test_the_gnu_openmp_variant_is_a_server_of_its_own_with_the_same_flags():
     assert gnu.argv[1:6] == ["up", "--model", "distilgpt2", "--dtype", "float32"]
     with pytest.raises(SystemExit, match="intel and gnu"):
         peer.disagg_server(model, "float32", "llvm")
+    spin = peer.disagg_server(model, "float32", env="KMP_BLOCKTIME=0 OMP_NUM_THREADS=2")
+    assert spin.name == "disagg_kmp_blocktime_0_omp_num_threads_2" and spin.argv[1:6] == gnu.argv[1:6]
+    assert spin.env["KMP_BLOCKTIME"] == "0" and spin.env["OMP_NUM_THREADS"] == "2" and "DISAGG_OPENMP" not in spin.env
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        peer.disagg_server(model, "float32", env="-x=1")
 
 
 def test_quick_mode_is_one_small_round_against_tuned_vllm():
