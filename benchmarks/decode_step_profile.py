@@ -18,7 +18,7 @@ import time
 import torch
 from torch.profiler import profile
 
-from benchmarks.report import module_command, publish, run_header
+from benchmarks.report import header_lines, module_command, publish, run_header
 from disagg.config import ModelOptions, WorkerConfig, add_flags
 from disagg.model.decode_batch import DecodeBatch
 from disagg.model.lm_head import greedy_head
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     lines = [
         "# Decode step profile\n",
-        f"Command: `{record['command']}`  ",
-        f"Date: {record['date']}; {record['hardware']}; load average before {record['load_average_before'][0]:.2f}\n",
+        *header_lines(record),
         f"Batch {args.batch}, 128-token caches, {args.dtype}, {args.threads} torch threads, greedy tokens from "
         f"{record['head']} (`--greedy-screen {args.greedy_screen}`): **{step_ms:.1f} ms** a step (unprofiled mean).\n",
         "| operator | share of self CPU time | calls per step |",

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.report import module_command, publish, run_header
+from benchmarks.report import header_lines, module_command, publish, run_header
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     lines = [
         "# A/B of two commits under one load\n",
-        f"Command: `{record['command']}`  ",
-        f"Date: {record['date']}; {record['hardware']}; load average before {record['load_average_before'][0]:.2f}"
-        " (a shared machine: the commits take turns, so both see it alike)\n",
+        *header_lines(record, remark=" (a shared machine: the commits take turns, so both see it alike)"),
         f"Each round runs `disagg bench {' '.join(bench_args)}` once per commit, from a worktree of it.\n",
         "| commit | output tokens/s per round | median |",
         "|---|---|---|",

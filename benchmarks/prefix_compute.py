@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.report import module_command, publish, run_header
+from benchmarks.report import header_lines, module_command, publish, run_header
 from disagg.config import BatchPolicy
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
 from disagg.kv.prefix_cache import PrefixCache
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     lines = [
         "# Prefill compute per request with a shared system prompt\n",
-        f"Command: `{record['command']}`  ",
-        f"Date: {record['date']}; {record['hardware']}; torch threads {args.threads}; load average before "
-        f"{record['load_average_before'][0]:.2f}\n",
+        *header_lines(record, f"torch threads {args.threads}; "),
         f"A {args.system_tokens}-token system prompt (cached) + a {args.user_tokens}-token user turn, "
         f"{args.repeats} rounds interleaved, medians (distilgpt2 shapes, dummy weights, fp32). Cached tokens per "
         f"request: {sorted(set(cached_tokens))}.\n",

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from benchmarks.report import module_command, publish, run_header
+from benchmarks.report import header_lines, module_command, publish, run_header
 from disagg.model.loading import BUNDLED_MODEL, load_tokenizer
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.client import Completion, channel, complete
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios = ", ".join(f"{model} **{r['cold_over_cached_ttft']}x**" for model, r in models.items())
     lines = [
         "# Time to first token: a cached long prefix against cold (issue 23)\n",
-        f"Command: `{record['command']}`  ",
-        f"Date: {record['date']}; {record['hardware']}; load average before {record['load_average_before'][0]:.2f}"
-        " (a shared machine: ratios within one run are the measurement)\n",
+        *header_lines(record, remark=" (a shared machine: ratios within one run are the measurement)"),
         f"`disagg up`'s default path (1 prefill + 1 decode worker, fp32). Each of {args.rounds} rounds: a prompt of "
         f"{args.prefix_tokens} + {args.suffix_tokens} new random tokens (cold), then the same prefix with a new "
         "suffix (cached), one request at a time, 2 output tokens; medians. Prefill is the prefill worker's forward "

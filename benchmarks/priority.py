@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from benchmarks.report import module_command, publish, run_header
+from benchmarks.report import header_lines, module_command, publish, run_header
 from disagg.model.loading import load_tokenizer
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.client import channel, complete
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     lines = [
         "# Request priority under a saturating burst (1 prefill + 1 decode worker)\n",
-        f"Command: `{record['command']}`  ",
-        f"Date: {record['date']}; {record['hardware']}; load average before {record['load_average_before'][0]:.2f}"
-        " (a shared machine: other work ran beside it)\n",
+        *header_lines(record, remark=" (a shared machine: other work ran beside it)"),
         f"Each round sends {args.requests} requests at once ({args.prompt_tokens} prompt tokens, "
         f"{args.output_tokens} output tokens, distinct random prompts); every {args.high_every}th is high priority "
         f"({HIGH}), the rest low ({LOW}). The control rounds send the same shape with every priority {LOW} (the "

@@ -126,6 +126,16 @@ def run_header(command: str) -> dict[str, Any]:
     )
 
 
+def header_lines(header: dict[str, Any], detail: str = "", remark: str = "") -> list[str]:
+    """A record's first Markdown lines from `run_header`'s fields: the command, then date, machine and load.
+    `detail` goes before the load average (e.g. "torch threads 2; "), `remark` after it."""
+    load = header["load_average_before"][0]
+    return [
+        f"Command: `{header['command']}`  ",
+        f"Date: {header['date']}; {header['hardware']}; {detail}load average before {load:.2f}{remark}\n",
+    ]
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One system at one request rate of a `--request-rates` sweep: what the table and the plot are made of."""

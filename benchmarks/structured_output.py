@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.report import module_command, publish, run_header
+from benchmarks.report import header_lines, module_command, publish, run_header
 from disagg.config import BatchPolicy, ModelOptions
 from disagg.engine.decode import DecodeEngine, DecodeSequence, TokenEvent
 from disagg.engine.prefill import PrefillEngine, PrefillJob, PrefillResult
@@ -183,11 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     header = run_header(module_command("benchmarks.structured_output", argv))
     lm = load_for_serving(ModelOptions(load_format="dummy", threads=args.threads))
     record, lines = (step_part if args.part == "step" else prompt_logprobs_part)(lm, args)
-    intro = [
-        f"Command: `{header['command']}`  ",
-        f"Date: {header['date']}; {header['hardware']}; torch threads {torch.get_num_threads()}; load average "
-        f"before {header['load_average_before'][0]:.2f} (a shared machine)\n",
-    ]
+    intro = header_lines(header, f"torch threads {torch.get_num_threads()}; ", " (a shared machine)")
     publish({**header, **record}, "\n".join([lines[0], *intro, *lines[1:]]) + "\n", args.out)
 
 

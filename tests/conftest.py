@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from disagg.model.loading import BUNDLED_MODEL, LoadedModel, load_model
-from disagg.tools.cluster import Cluster
+from disagg.tools.cluster import Child, Cluster, free_port, spawn, stop, wait_healthy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,6 +59,53 @@ def llama_cluster() -> Iterator[RunningCluster]:
     running = start_cluster(LLAMA_ARGS)
     yield running
     running.cluster.stop()
+
+
+@dataclass
+class HttpGateway:
+    running: RunningCluster
+    child: Child
+    base_url: str
+    model: str
+
+    @property
+    def grpc_address(self) -> str:
+        return self.child.address
+
+
+def start_http_gateway(running: RunningCluster, model: str, *extra: str) -> HttpGateway:
+    http_port = free_port()
+    cluster = running.cluster
+    child = spawn(
+        "gateway-http",
+        [
+            "gateway",
+            "--prefill",
+            ",".join(c.address for c in cluster.prefill),
+            "--decode",
+            ",".join(c.address for c in cluster.decode),
+            "--http-port",
+            str(http_port),
+            "--served-model-name",
+            model,
+            *extra,
+        ],
+        free_port(),
+    )
+    try:
+        asyncio.run(wait_healthy([child], 120))
+    except BaseException:
+        stop([child])
+        raise
+    return HttpGateway(running, child, f"http://127.0.0.1:{http_port}/v1", model)
+
+
+@pytest.fixture(scope="session")
+def llama_http(llama_cluster) -> Iterator[HttpGateway]:
+    """An HTTP (OpenAI) gateway over the SmolLM2 cluster."""
+    gateway = start_http_gateway(llama_cluster, "smollm2-135m-instruct")
+    yield gateway
+    stop([gateway.child])
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.plots import plot_sweep
 from benchmarks.ratios import comparison
-from benchmarks.report import SweepPoint, sweep_rows, sweep_table
+from benchmarks.report import SweepPoint, header_lines, run_header, sweep_rows, sweep_table
 from benchmarks.stats import RequestRecord, RunResult, meets_slos, parse_goodput, summarize
 from benchmarks.variants import Baseline, RunKey, Variant
 
@@ -187,3 +187,11 @@ def test_sweep_table_and_plot_are_written_from_the_runs(tmp_path):
     assert "| n/a |" in sweep_table(no_slos)
     plot_sweep(str(tmp_path / "sweep.png"), points, "tiny sweep")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_records_header_names_its_command_machine_and_load():
+    header = run_header("python -m benchmarks.x --flag 1")
+    command, when = header_lines(header, "torch threads 2; ", " (a shared machine)")
+    assert command == "Command: `python -m benchmarks.x --flag 1`  "
+    assert when.startswith(f"Date: {header['date']}; {header['hardware']}; torch threads 2; load average before ")
+    assert when.endswith(f"{header['load_average_before'][0]:.2f} (a shared machine)\n")

@@ -11,7 +11,6 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx2
 import openai
@@ -22,61 +21,15 @@ from disagg.model.loading import LoadedModel, load_tokenizer
 from disagg.model.logprobs import token_text
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from disagg.tools.client import channel
-from disagg.tools.cluster import Child, free_port, spawn, stop, wait_healthy
-from tests.conftest import RunningCluster
+from disagg.tools.cluster import stop
+from tests.conftest import HttpGateway, RunningCluster, start_http_gateway
 
 PROMPT = "Q: Explain why batching improves GPU utilization.\nA:"
-
-
-@dataclass
-class HttpGateway:
-    running: RunningCluster
-    child: Child
-    base_url: str
-    model: str
-
-    @property
-    def grpc_address(self) -> str:
-        return self.child.address
-
-
-def start_http_gateway(running: RunningCluster, model: str, *extra: str) -> HttpGateway:
-    http_port = free_port()
-    cluster = running.cluster
-    child = spawn(
-        "gateway-http",
-        [
-            "gateway",
-            "--prefill",
-            ",".join(c.address for c in cluster.prefill),
-            "--decode",
-            ",".join(c.address for c in cluster.decode),
-            "--http-port",
-            str(http_port),
-            "--served-model-name",
-            model,
-            *extra,
-        ],
-        free_port(),
-    )
-    try:
-        asyncio.run(wait_healthy([child], 120))
-    except BaseException:
-        stop([child])
-        raise
-    return HttpGateway(running, child, f"http://127.0.0.1:{http_port}/v1", model)
 
 
 @pytest.fixture(scope="module")
 def gpt2_http(gpt2_cluster) -> Iterator[HttpGateway]:
     gateway = start_http_gateway(gpt2_cluster, "distilgpt2")
-    yield gateway
-    stop([gateway.child])
-
-
-@pytest.fixture(scope="module")
-def llama_http(llama_cluster) -> Iterator[HttpGateway]:
-    gateway = start_http_gateway(llama_cluster, "smollm2-135m-instruct")
     yield gateway
     stop([gateway.child])
 

@@ -28,9 +28,8 @@ from disagg.telemetry.decode import decode_times
 from disagg.tools.client import channel, complete
 from disagg.tools.cluster import Child, free_port, stop
 from gateway import openai_responses as bodies
-from tests.conftest import GPT2_ARGS, RunningCluster, start_cluster
+from tests.conftest import GPT2_ARGS, HttpGateway, RunningCluster, start_cluster, start_http_gateway
 from tests.reliability_helpers import start_extra, worker_load
-from tests.test_openai_api import HttpGateway, start_http_gateway
 
 LOCAL_PREFILL_TOKENS = 64  # the module gateway prefills prompts up to this many tokens on a decode worker
 SHORT, LONG = 24, 100  # prompt tokens: local on the module gateway / remote everywhere

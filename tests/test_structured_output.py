@@ -23,9 +23,9 @@ from disagg.model.loading import LoadedModel
 from disagg.pb.disagg.v1 import gateway_pb2, gateway_pb2_grpc
 from disagg.tools.client import channel, complete
 from disagg.tools.cluster import stop
-from tests.conftest import GPT2_ARGS, RunningCluster, start_cluster
+from tests.conftest import GPT2_ARGS, HttpGateway, RunningCluster, start_cluster, start_http_gateway
 from tests.test_failover import busy_decode_worker, revive
-from tests.test_openai_api import HttpGateway, start_http_gateway, sync_client
+from tests.test_openai_api import sync_client
 
 # Every string bounded, every number bounded, every array bounded: a finite language, so even a model with random
 # weights sampling at temperature 1 ends it (an unbounded string rarely closes when every token is about as likely).
@@ -60,18 +60,11 @@ def gpt2_front(structured_cluster) -> Iterator[HttpGateway]:
     stop([gateway.child])
 
 
-@pytest.fixture(scope="module")
-def llama_front(llama_cluster) -> Iterator[HttpGateway]:
-    gateway = start_http_gateway(llama_cluster, "smollm2-135m-instruct")
-    yield gateway
-    stop([gateway.child])
-
-
 def sampling_cases() -> list[dict]:
     return [{"temperature": 0}, *({"temperature": 1.0, "seed": seed} for seed in SEEDS)]
 
 
-FRONTS = {"distilgpt2": "gpt2_front", "smollm2-135m-instruct": "llama_front"}
+FRONTS = {"distilgpt2": "gpt2_front", "smollm2-135m-instruct": "llama_http"}
 
 
 @pytest.mark.parametrize("model", FRONTS)
@@ -105,10 +98,10 @@ def test_json_schema_outputs_validate_greedy_and_sampled_on_both_routes(request,
             jsonschema.validate(json.loads(text), PERSON)
 
 
-def test_json_object_outputs_are_json_objects(llama_front):
+def test_json_object_outputs_are_json_objects(llama_http):
     """json_object on SmolLM2 (real weights: an unbounded grammar that a model with random weights rarely closes),
     greedy and sampled, both routes."""
-    client = sync_client(llama_front)
+    client = sync_client(llama_http)
     model = "smollm2-135m-instruct"
     ask = "Give the capital of France as a JSON object with a single key capital."
     for case in sampling_cases():
