@@ -144,14 +144,14 @@ def disagg_server(model: PeerModel, dtype: str, openmp: str = "intel", env: str 
     argv += ["--port", str(free_port()), "--http-port", str(port)]
     if openmp not in ("intel", "gnu"):
         raise SystemExit(f"--disagg-openmp takes intel and gnu, got {openmp!r}")
-    settings = dict(item.split("=", 1) for item in env.split()) if env else {}
+    settings = dict(item.split("=", 1) for item in env.split())
     if any(not name.isidentifier() for name in settings):
         raise SystemExit(f"--disagg-env takes NAME=VALUE settings, got {env!r}")
+    name = (
+        DISAGG + ("_gnu_openmp" if openmp == "gnu" else "") + "".join(f"_{k}_{v}".lower() for k, v in settings.items())
+    )
     if openmp == "gnu":
         settings["DISAGG_OPENMP"] = "gnu"
-    name = "_".join([DISAGG, *(f"{k}_{v}".lower() for k, v in settings.items())]) if env else DISAGG
-    if openmp == "gnu" and not env:
-        name = f"{DISAGG}_gnu_openmp"
     return Server(name, argv, {"HF_HUB_OFFLINE": "1", **settings}, port)
 
 

@@ -29,9 +29,10 @@ from collections.abc import Mapping, MutableMapping
 
 WORKER_COMMANDS = frozenset({"prefill", "decode"})
 # The native runner's linears run through oneDNN (disagg/model/native_weights.py), which keeps a compiled primitive
-# per matmul shape (~0.6 MiB each), and PyTorch's ideep an LRU of them too; both hold 1024 by default. Batch sizes
-# and prompt lengths vary, so a worker met new shapes until both were full: its resident size crept up by tens of
-# MiB per few hundred requests, toward ~600 MiB. 64 (LRU) holds a few batch sizes' shapes; a new shape costs ~1 ms.
+# per matmul shape, and PyTorch's ideep an LRU of them too; both hold 1024 by default. Batch sizes and prompt
+# lengths vary, so at that size a worker's resident memory crept up with every new shape until both were full
+# (tests/test_cli.py). 64 (LRU) holds the shapes of a few batch sizes; the throughput A/B against 1024 is
+# benchmarks/results/primitive_caches_smollm2.
 PRIMITIVE_CACHE = "64"
 WORKER_ENV_DEFAULTS = {
     "GOMP_SPINCOUNT": "10000",
